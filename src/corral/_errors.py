@@ -1,0 +1,56 @@
+"""corral's errors.
+
+    CorralError                  anything corral raises on purpose
+    ├── PolicyError              the policy is wrong: names the file, the key and what is accepted
+    ├── HostError                this host can't enforce what the policy asks (missing kernel feature,
+    │                            not root, missing device); the policy may allow degrading some features
+    └── SandboxError             a sandbox failed at run time
+        ├── SandboxStartError    setting the sandbox up failed; nothing was left running
+        ├── SandboxClosedError   the sandbox is closed (by the user, its lifetime, or a failure)
+        └── ExecError            a command could not be started (not: it exited non-zero)
+
+Command failures are not exceptions: `Sandbox.exec` returns an `ExecResult` with the exit code, and
+`timed_out`/`killed_by` say why it ended.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Base class of every error corral raises on purpose."""
+
+
+class PolicyError(CorralError):
+    """The policy file or object is invalid.
+
+    `str(err)` is one line per problem, each ``FILE: KEY: what is wrong; what is accepted``.
+    Fix the policy; retrying won't help.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class HostError(CorralError):
+    """The host cannot enforce something the policy requires (kernel feature, privilege, device).
+
+    Run on a host that has it, or list the feature under the policy's ``degrade:`` key where corral
+    allows running without it (the degradation is then reported in the ``sandbox.start`` event).
+    """
+
+
+class SandboxError(CorralError):
+    """A sandbox failed at run time."""
+
+
+class SandboxStartError(SandboxError):
+    """Setting up the sandbox failed at a named step; everything created so far was torn down."""
+
+
+class SandboxClosedError(SandboxError):
+    """The sandbox was already closed (by `close()`, its lifetime budget, or its supervisor)."""
+
+
+class ExecError(SandboxError):
+    """A command could not be started in the sandbox (for example: the sandbox's init is gone)."""

@@ -1,0 +1,29 @@
+"""corral's event stream: one schema (versioned), JSON lines on disk."""
+
+from corral.events.model import (
+    SCHEMA_VERSION,
+    Deny,
+    Event,
+    ExecExit,
+    ExecStart,
+    ProcessRef,
+    SandboxStart,
+    SandboxStop,
+    event_json_schema,
+    parse_event,
+)
+from corral.events.sink import JsonlSink
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Deny",
+    "Event",
+    "ExecExit",
+    "ExecStart",
+    "JsonlSink",
+    "ProcessRef",
+    "SandboxStart",
+    "SandboxStop",
+    "event_json_schema",
+    "parse_event",
+]

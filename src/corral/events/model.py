@@ -1,0 +1,103 @@
+"""The event schema. Every event has `v` (schema version), `time` (RFC 3339, UTC), `sandbox` and
+`type`; the other fields depend on the type. Adding a field is backwards compatible; renaming or
+removing one bumps SCHEMA_VERSION. docs/events.md describes each type; `corral events schema` prints
+the JSON Schema.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = SCHEMA_VERSION
+    time: datetime = Field(default_factory=now, description="when it happened, RFC 3339 UTC")
+    sandbox: str = Field(description="the sandbox's id")
+
+
+class ProcessRef(BaseModel):
+    """A process, as seen from the host (the agent can't forge these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pid: int = Field(description="pid on the host")
+    ns_pid: int | None = Field(None, description="pid inside the sandbox")
+    exe: str | None = Field(None, description="executable path inside the sandbox")
+    cmdline: list[str] = Field(default_factory=list)
+    started: datetime | None = None
+
+
+class SandboxStart(_Base):
+    type: Literal["sandbox.start"] = "sandbox.start"
+    policy: str = Field(description="the policy's source file, or <policy>")
+    cgroup_version: int
+    uid: int = Field(description="the agent's uid (same inside and on the host)")
+    limits: dict[str, float] = Field(
+        description="memory/disk bytes, cpu cores, processes, timeout/lifetime s"
+    )
+    degraded: list[str] = Field(default_factory=list, description="protections the host could not apply")
+    workspace: str = Field(description="host directory the workspace is saved to when the sandbox closes")
+
+
+class SandboxStop(_Base):
+    type: Literal["sandbox.stop"] = "sandbox.stop"
+    reason: Literal["closed", "lifetime", "failed"]
+    duration: float = Field(description="seconds since start")
+    leftover: list[ProcessRef] = Field(default_factory=list, description="processes killed by the close")
+
+
+class ExecStart(_Base):
+    type: Literal["exec.start"] = "exec.start"
+    exec: int = Field(description="command number within the sandbox")
+    command: list[str]
+
+
+class ExecExit(_Base):
+    type: Literal["exec.exit"] = "exec.exit"
+    exec: int
+    exit_code: int = Field(description="the command's status; 128+N when killed by signal N")
+    signal: int | None = None
+    duration: float = Field(description="wall seconds")
+    cpu_seconds: float = Field(description="user+system CPU of the command and the children it waited for")
+    peak_memory: int = Field(description="bytes: the sandbox's peak memory while the command ran")
+    timed_out: bool = False
+    leftover: list[ProcessRef] = Field(
+        default_factory=list,
+        description="processes the command started that were still running when it returned",
+    )
+
+
+class Deny(_Base):
+    type: Literal["deny"] = "deny"
+    layer: Literal["seccomp", "landlock", "cgroup", "timeout", "lifetime", "egress", "dns"]
+    what: str = Field(
+        description="the refused syscall, or the budget: memory, processes, disk, timeout, lifetime"
+    )
+    exec: int | None = Field(None, description="the command running when it happened, if any")
+    process: ProcessRef | None = None
+    detail: str = ""
+
+
+Event = Annotated[SandboxStart | SandboxStop | ExecStart | ExecExit | Deny, Field(discriminator="type")]
+_adapter: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def parse_event(data: dict[str, Any] | str) -> Any:
+    return _adapter.validate_json(data) if isinstance(data, str) else _adapter.validate_python(data)
+
+
+def event_json_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = _adapter.json_schema()
+    schema["title"] = f"corral event (schema version {SCHEMA_VERSION})"
+    return schema

@@ -1,0 +1,341 @@
+"""The only module that forks: builds a sandbox from a Plan and runs its init.
+
+    supervisor ──fork──> A: join cgroup, unshare(mount,pid,ipc,uts,net,cgroup) ──fork──> B (PID 1)
+                         A reports B's pid and exits          B: mounts, hostname, loopback,
+                                                                 drop privileges, no_new_privs,
+                                                                 Landlock, seccomp -> "ready"
+                                                                 then serves exec requests
+
+B, the sandbox's init, is corral code, not agent code, and is hardened against the agent that shares
+its uid: as PID 1 of its namespace it ignores every signal sent from inside it, it is not dumpable (so
+/proc/1/mem and /proc/1/fd are closed to the agent), ptrace is refused by seccomp, and its control
+socket is close-on-exec so no command inherits it. Evidence the supervisor records (CPU, memory,
+leftover processes, refused syscalls) comes from the host side (cgroups, seccomp notifications), not
+from init. When the supervisor dies, the control socket closes, init exits, and the kernel kills every
+process in the PID namespace: a sandbox never outlives its guard.
+
+Control protocol: JSON messages on a SOCK_SEQPACKET socketpair, file descriptors by SCM_RIGHTS.
+    -> {"op": "exec", "id", "argv", "env", "cwd"} + [stdin, stdout, stderr]
+    <- {"op": "started", "id", "pid"} | {"op": "exit", "id", "status", "cpu", "error"}
+    -> {"op": "kill", "id"}
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from corral.isolation import _linux as L
+from corral.isolation import landlock, mounts, seccomp
+from corral.isolation.plan import Plan
+
+MAX_MESSAGE = 1 << 20
+SETUP_FAILED = 125
+
+
+@dataclass
+class Launched:
+    init_pid: int  # host pid of the sandbox's PID 1
+    pidfd: int
+    control: socket.socket
+    notify_fd: int | None
+
+
+class LaunchError(Exception):
+    def __init__(self, step: str, message: str) -> None:
+        self.step = step
+        super().__init__(f"{step}: {message}")
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message and the fds that came with it; (None, []) when the other side is gone."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    except (ConnectionResetError, OSError):
+        return None, []
+    if not data:
+        return None, list(fds)
+    return json.loads(data), list(fds)
+
+
+def launch(
+    plan: Plan,
+    *,
+    join_files: list[str],
+    state_dir: str,
+    landlock_abi: int,
+    notify: bool,
+    setup_timeout: float = 10.0,
+) -> Launched:
+    seccomp._lib()  # load libseccomp before forking: the children must not dlopen
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    rules = seccomp.default_rules()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
+        parent_sock.close()
+        _child_a(plan, child_sock, join_files, state_dir, landlock_abi, notify, rules)
+    child_sock.close()
+    try:
+        _, status = os.waitpid(pid, 0)
+        parent_sock.settimeout(setup_timeout)
+        init_pid = -1
+        while True:
+            try:
+                msg, fds = recv(parent_sock)
+            except TimeoutError:
+                raise LaunchError(
+                    "setup", f"the sandbox did not finish setting up in {setup_timeout:g}s"
+                ) from None
+            if msg is None:
+                raise LaunchError("setup", f"the sandbox's init exited during setup (status {status})")
+            if msg["op"] == "error":
+                raise LaunchError(msg["step"], msg["error"])
+            if msg["op"] == "pid":
+                init_pid = msg["pid"]
+            elif msg["op"] == "ready":
+                parent_sock.settimeout(None)
+                pidfd = os.pidfd_open(init_pid)
+                return Launched(init_pid, pidfd, parent_sock, fds[0] if fds else None)
+    except BaseException:
+        parent_sock.close()
+        raise
+
+
+# --- the children (everything below runs after fork, in the sandbox's new namespaces) -----------
+
+
+def _fail(sock: socket.socket, step: str, err: BaseException) -> NoReturn:
+    try:
+        send(sock, {"op": "error", "step": step, "error": str(err) or type(err).__name__})
+    finally:
+        os._exit(SETUP_FAILED)
+
+
+def _child_a(
+    plan: Plan,
+    sock: socket.socket,
+    join_files: list[str],
+    state_dir: str,
+    landlock_abi: int,
+    notify: bool,
+    rules: list[seccomp.Rule],
+) -> NoReturn:
+    gc.freeze()  # keep the collector off the pages shared with the supervisor (copy-on-write)
+    step = "cgroup"
+    try:
+        for path in join_files:
+            with open(path, "w") as f:
+                f.write(str(os.getpid()))
+        step = "namespaces"
+        L.unshare(plan.namespaces)
+        pid = os.fork()
+        if pid == 0:
+            _child_b(plan, sock, state_dir, landlock_abi, notify, rules)
+        send(sock, {"op": "pid", "pid": pid})
+    except BaseException as e:
+        _fail(sock, step, e)
+    os._exit(0)
+
+
+def _child_b(
+    plan: Plan,
+    sock: socket.socket,
+    state_dir: str,
+    landlock_abi: int,
+    notify: bool,
+    rules: list[seccomp.Rule],
+) -> NoReturn:
+    step = "fds"
+    try:
+        # Nothing the supervisor holds (other sandboxes' sockets, files) may reach this sandbox.
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 20)
+        step = "mounts"
+        mounts.apply_in_child(plan, state_dir)
+        step = "cmdline"
+        L.set_cmdline("corral-init")
+        step = "hostname"
+        socket.sethostname(plan.hostname)
+        step = "loopback"
+        _loopback_up()
+        step = "privileges"
+        L.drop_capability_bounding_set()
+        os.setgroups([])
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+        L.prctl(L.PR_SET_DUMPABLE, 0)  # after setresuid, which may reset it
+        if landlock_abi > 0:
+            step = "landlock"
+            landlock.apply_in_child(list(plan.writable), landlock_abi)
+        step = "seccomp"
+        notify_fd = seccomp.load(rules, notify=notify)
+        step = "ready"
+        send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
+        if notify_fd is not None:
+            os.close(notify_fd)
+    except BaseException as e:
+        _fail(sock, step, e)
+    _serve(sock, plan.env)
+
+
+def _loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = bytearray(struct.pack("16sH", b"lo", 0).ljust(40, b"\0"))
+        fcntl.ioctl(s.fileno(), siocgifflags, ifr, True)
+        flags = struct.unpack_from("H", ifr, 16)[0] | iff_up
+        struct.pack_into("H", ifr, 16, flags)
+        fcntl.ioctl(s.fileno(), siocsifflags, ifr, True)
+
+
+_SIGNALS_TO_RESET = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
+    """The init loop: spawn commands, reap every child (orphans too), report exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from its namespace
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    running: dict[int, int] = {}  # pid -> request id
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_r:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                _reap(sock, running)
+                continue
+            msg, fds = recv(sock)
+            if msg is None:
+                # The supervisor is gone: exiting as PID 1 makes the kernel kill everything here.
+                os._exit(0)
+            if msg["op"] == "exec":
+                _spawn(sock, msg, fds, default_env, running)
+            elif msg["op"] == "kill":
+                for pid, rid in running.items():
+                    if rid == msg["id"]:
+                        for target in (-pid, pid):
+                            try:
+                                os.kill(target, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+            for fd_ in fds:
+                os.close(fd_)
+
+
+def _spawn(
+    sock: socket.socket,
+    msg: dict[str, Any],
+    fds: list[int],
+    default_env: dict[str, str],
+    running: dict[int, int],
+) -> None:
+    env = msg.get("env") or default_env
+    argv: list[str] = msg["argv"]
+    path = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", ""))
+    if path is None:
+        send(
+            sock,
+            {
+                "op": "exit",
+                "id": msg["id"],
+                "status": 127 << 8,
+                "cpu": 0.0,
+                "error": f"{argv[0]}: command not found",
+            },
+        )
+        return
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds[:3])]
+    try:
+        if msg.get("cwd"):
+            pid = _fork_exec(path, argv, env, fds, msg["cwd"])
+        else:
+            pid = os.posix_spawn(
+                path, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGNALS_TO_RESET, setsigmask=[]
+            )
+    except OSError as e:
+        code = 126 if e.errno in (13, 8) else 127  # EACCES / ENOEXEC, like a shell
+        send(
+            sock,
+            {
+                "op": "exit",
+                "id": msg["id"],
+                "status": code << 8,
+                "cpu": 0.0,
+                "error": f"{argv[0]}: {e.strerror}",
+            },
+        )
+        return
+    running[pid] = msg["id"]
+    send(sock, {"op": "started", "id": msg["id"], "pid": pid})
+
+
+def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], cwd: str) -> int:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        try:
+            os.close(r)
+            os.chdir(cwd)
+            for i, fd in enumerate(fds[:3]):
+                os.dup2(fd, i)
+            os.setsid()
+            for sig in _SIGNALS_TO_RESET:
+                try:
+                    signal.signal(sig, signal.SIG_DFL)
+                except (OSError, ValueError):
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execve(path, argv, env)
+        except OSError as e:
+            os.write(w, str(e.errno).encode())
+        os._exit(127)
+    os.close(w)
+    err = os.read(r, 16)
+    os.close(r)
+    if err:
+        os.waitpid(pid, 0)
+        raise OSError(int(err), os.strerror(int(err)))
+    return pid
+
+
+def _reap(sock: socket.socket, running: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        rid = running.pop(pid, None)
+        if rid is not None:
+            send(sock, {"op": "exit", "id": rid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})

@@ -1,0 +1,133 @@
+"""The sandbox's filesystem view, built inside its new mount namespace.
+
+Phases (run by `launcher` in this order):
+- `prepare_host(state_dir)`: the staging directories and generated files, on the host, as root.
+- `apply_in_child(plan, state_dir)`: in the child, after unshare(CLONE_NEWNS) and inside the new
+  PID namespace (procfs must be mounted by a member of it); ends with pivot_root into the new root.
+- nothing to clean up: the mount namespace and every mount in it vanish with the last process.
+
+Why a fresh tmpfs root with host directories bound into it, instead of binding all of `/`: the
+sandbox then only ever sees what the plan names, /workspace can be created without touching the host,
+and host-only mounts (/proc, /sys, /run with its runtime sockets) are never reachable underneath.
+"""
+
+from __future__ import annotations
+
+import os
+
+from corral.isolation import _linux as L
+from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, Plan, ReplaceFile, Symlink
+
+_RO_ATTRS = L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+
+
+def prepare_host(state_dir: str, uid: int, gid: int) -> None:
+    """Staging mount points and the files bound into the sandbox (owned by root, outside any sandbox)."""
+    os.makedirs(f"{state_dir}/root", mode=0o700)
+    os.mkdir(f"{state_dir}/storage", mode=0o700)
+    with open(f"{state_dir}/passwd", "w") as f:
+        f.write(
+            f"root:x:0:0:root:/root:/usr/sbin/nologin\nagent:x:{uid}:{gid}:corral agent:/tmp:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        )
+    with open(f"{state_dir}/group", "w") as f:
+        f.write(f"root:x:0:\nagent:x:{gid}:\nnogroup:x:65534:\n")
+    # The target of every hidden file: empty, and unreadable even by its owner.
+    fd = os.open(f"{state_dir}/empty", os.O_CREAT | os.O_WRONLY, 0o000)
+    os.close(fd)
+    os.mkdir(f"{state_dir}/emptydir", mode=0o000)
+
+
+def apply_in_child(plan: Plan, state_dir: str) -> None:
+    """Build the new root under `state_dir/root` and pivot into it. Needs root in the new mount ns."""
+    root = f"{state_dir}/root"
+    # Nothing we mount may propagate back to the host, and nothing the host mounts later leaks in.
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    L.mount("corral-root", root, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755,size=64k,nr_inodes=4096")
+
+    for op in plan.root_ops:
+        target = root + op.path
+        match op:
+            case Mkdir(_, mode):
+                os.mkdir(target)
+                os.chmod(target, mode)  # mkdir's mode is filtered by umask
+            case Symlink(_, link_target):
+                os.symlink(link_target, target)
+            case Bind(source, _):
+                L.mount(source, target, None, L.MS_BIND | L.MS_REC)
+            case HideDir(_):
+                L.mount(f"{state_dir}/emptydir", target, None, L.MS_BIND)
+            case HideFile(_):
+                L.mount(f"{state_dir}/empty", target, None, L.MS_BIND)
+            case ReplaceFile(_, generated):
+                L.mount(f"{state_dir}/{generated}", target, None, L.MS_BIND)
+
+    # One atomic, recursive call: every host bind (and every mount below it) becomes read-only,
+    # nosuid and nodev, so no setuid binary or device node from the host works in the sandbox.
+    L.mount_setattr_recursive(root, _RO_ATTRS)
+
+    _mount_dev(plan, root)
+    L.mount("proc", f"{root}/proc", "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    L.mount("sysfs", f"{root}/sys", "sysfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    L.mount("corral-run", f"{root}/run", "tmpfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV, "mode=0755,size=4k")
+    _mount_storage(plan, root, f"{state_dir}/storage")
+
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves only ours.
+    L.pivot_root(".", ".")
+    L.umount2(".", L.MNT_DETACH)
+    os.chdir(plan.cwd)
+
+
+def _mount_dev(plan: Plan, root: str) -> None:
+    dev = f"{root}/dev"
+    L.mount("corral-dev", dev, "tmpfs", L.MS_NOSUID | L.MS_NOEXEC, "mode=0755,size=64k,nr_inodes=256")
+    for d in plan.devices:
+        os.mknod(f"{dev}/{d.path}", 0o666 | 0o020000, os.makedev(d.major, d.minor))
+        os.chmod(f"{dev}/{d.path}", 0o666)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/pts")
+    os.mkdir(f"{dev}/shm")
+    # A private devpts instance: the sandbox's ptys are its own, the host's are invisible.
+    L.mount(
+        "devpts", f"{dev}/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"
+    )
+    L.mount(
+        "corral-shm",
+        f"{dev}/shm",
+        "tmpfs",
+        L.MS_NOSUID | L.MS_NODEV,
+        f"mode=1777,size={min(plan.storage_bytes, 64 << 20)}",
+    )
+    L.mount(None, dev, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID | L.MS_NOEXEC)
+
+
+def _mount_storage(plan: Plan, root: str, staging: str) -> None:
+    """One size-limited tmpfs backs every writable path, so `resources.disk` caps them together."""
+    inodes = max(1024, plan.storage_bytes // 4096)
+    L.mount(
+        "corral-storage",
+        staging,
+        "tmpfs",
+        L.MS_NOSUID | L.MS_NODEV,
+        f"mode=0755,size={plan.storage_bytes},nr_inodes={inodes}",
+    )
+    for i, path in enumerate(plan.writable):
+        sub = f"{staging}/{i}"
+        os.mkdir(sub)
+        if path == "/tmp":
+            os.chmod(sub, 0o1777)
+        else:
+            os.chown(sub, plan.uid, plan.gid)
+        target = root + path
+        if not os.path.isdir(target):
+            raise OSError(2, f"writable path {path}: no such directory in the sandbox to mount over")
+        L.mount(sub, target, None, L.MS_BIND)
+    L.umount2(staging, L.MNT_DETACH)

@@ -1,0 +1,274 @@
+"""Policy -> Plan: the ordered setup steps of one sandbox, computed before any system call.
+
+Like bubblewrap's list of setup operations, a `Plan` is plain data: it can be printed
+(`corral policy plan FILE`), compared in unit tests on a fake host tree, and only then executed by
+`launcher` (which hands the mount steps to `mounts.apply_in_child`). Paths in mount steps are paths
+inside the sandbox; the executor prefixes its staging root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+from dataclasses import dataclass, field
+
+from corral.isolation import _linux
+from corral.policy import Policy
+
+WORKSPACE = "/workspace"
+
+# Host top-level entries the sandbox never sees from the host: each is replaced by a fresh,
+# sandbox-private mount (proc, sys, dev, run, tmp) or makes no sense inside (lost+found, boot media).
+_REPLACED_TOP_LEVEL = frozenset(
+    {"proc", "sys", "dev", "run", "tmp", "workspace", "lost+found", "media", "mnt"}
+)
+
+# Secrets hidden by default: user homes (SSH keys, cloud CLIs' credentials, shell history), password
+# hashes, SSH host keys, container-runtime and orchestrator state, cloud-init user data (often holds
+# bootstrap secrets), logs, and corral's own state. Sockets of container runtimes live under /run,
+# which is always replaced by an empty one.
+DEFAULT_HIDDEN: tuple[str, ...] = (
+    "/root",
+    "/home",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssh/ssh_host_*_key",
+    "/etc/ssl/private",
+    "/etc/kubernetes",
+    "/etc/docker",
+    "/etc/boto.cfg",
+    "/etc/corral",
+    "/var/lib/corral",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/var/lib/cloud",
+    "/var/log",
+    "/var/mail",
+    "/var/spool/cron",
+    "/var/backups",
+)
+
+# Character devices every program expects; GPU nodes are added only when the policy grants them.
+_BASE_DEVICES: tuple[tuple[str, int, int], ...] = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+_NVIDIA_SHARED = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+    mode: int = 0o755
+
+
+@dataclass(frozen=True)
+class Symlink:
+    path: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: str  # host path
+    path: str
+
+
+@dataclass(frozen=True)
+class HideDir:
+    path: str
+
+
+@dataclass(frozen=True)
+class HideFile:
+    path: str
+
+
+@dataclass(frozen=True)
+class ReplaceFile:
+    """Bind a file corral generated (in the sandbox's state directory) over a host file."""
+
+    path: str
+    generated: str
+
+
+@dataclass(frozen=True)
+class Device:
+    path: str
+    major: int
+    minor: int
+
+
+MountOp = Mkdir | Symlink | Bind | HideDir | HideFile | ReplaceFile
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `launcher` needs to build one sandbox, in the order it happens."""
+
+    namespaces: int
+    hostname: str
+    root_ops: tuple[MountOp, ...]  # built on a fresh tmpfs root, then made read-only recursively
+    devices: tuple[Device, ...]
+    storage_bytes: int  # the sandbox's writable tmpfs (workspace, /tmp, extra writable paths)
+    writable: tuple[str, ...]  # mount points of that tmpfs, /workspace and /tmp first
+    uid: int
+    gid: int
+    env: dict[str, str]
+    cwd: str
+    memory_bytes: int
+    cpu_cores: float
+    max_processes: int
+    landlock: bool
+    degrade: frozenset[str] = field(default_factory=frozenset)
+
+    def describe(self) -> list[str]:
+        """One human-readable line per step, in execution order."""
+        names = [n for n, f in _NS_NAMES if self.namespaces & f]
+        lines = [
+            f"cgroup: memory {self.memory_bytes} bytes (no swap), cpu {self.cpu_cores} cores, "
+            f"{self.max_processes} processes",
+            f"namespaces: {', '.join(names)}",
+            "root: fresh tmpfs",
+        ]
+        for op in self.root_ops:
+            match op:
+                case Mkdir(path, mode):
+                    lines.append(f"  mkdir {path} (mode {mode:o})")
+                case Symlink(path, target):
+                    lines.append(f"  symlink {path} -> {target}")
+                case Bind(source, path):
+                    lines.append(f"  bind {source} -> {path} (read-only)")
+                case HideDir(path):
+                    lines.append(f"  hide directory {path} (empty, mode 000)")
+                case HideFile(path):
+                    lines.append(f"  hide file {path} (empty, mode 000)")
+                case ReplaceFile(path, generated):
+                    lines.append(f"  replace {path} with corral's {generated}")
+        lines.append("remount everything read-only, nosuid, nodev")
+        lines.append("dev: tmpfs with " + ", ".join(d.path for d in self.devices) + ", pts, shm")
+        lines.append("proc: fresh procfs for the new PID namespace; sys: fresh sysfs, read-only; run: empty")
+        lines.append(f"storage: tmpfs of {self.storage_bytes} bytes at " + ", ".join(self.writable))
+        lines.append(f"hostname: {self.hostname}; network: loopback only")
+        lines.append(f"user: uid {self.uid} gid {self.gid}, no capabilities, no_new_privs")
+        lines.append(
+            "landlock: writes only under " + ", ".join((*self.writable, "/dev"))
+            if self.landlock
+            else "landlock: off (degraded)"
+        )
+        lines.append("seccomp: refuse the default deny list, each refusal reported")
+        lines.append(f"cwd: {self.cwd}; env: {', '.join(sorted(self.env))}")
+        return lines
+
+
+_NS_NAMES = (
+    ("mount", _linux.CLONE_NEWNS),
+    ("pid", _linux.CLONE_NEWPID),
+    ("ipc", _linux.CLONE_NEWIPC),
+    ("uts", _linux.CLONE_NEWUTS),
+    ("network", _linux.CLONE_NEWNET),
+    ("cgroup", _linux.CLONE_NEWCGROUP),
+)
+
+
+def _hidden_ops(patterns: list[str], host_root: str, hidden_top: set[str]) -> list[MountOp]:
+    ops: list[MountOp] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        for host_path in sorted(glob.glob(host_root + pattern)) if "*" in pattern else [host_root + pattern]:
+            rel = "/" + os.path.relpath(os.path.realpath(host_path), os.path.realpath(host_root) or "/")
+            rel = os.path.normpath(rel)
+            parts = rel.strip("/").split("/")
+            if not parts[0] or parts[0] in _REPLACED_TOP_LEVEL:
+                continue  # a fresh, empty mount replaces it anyway
+            if len(parts) == 1 and parts[0] in hidden_top:
+                continue  # never bound in the first place
+            if any(rel == s or rel.startswith(s + "/") for s in seen):
+                continue
+            try:
+                st = os.lstat(host_root + rel)
+            except OSError:
+                continue  # absent on this host: nothing to hide
+            seen.add(rel)
+            ops.append(HideDir(rel) if stat.S_ISDIR(st.st_mode) else HideFile(rel))
+    return ops
+
+
+def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str = "") -> Plan:
+    """Turn a validated policy into a plan. `host_root` lets tests run this on a fake host tree."""
+    hidden = [*DEFAULT_HIDDEN, *policy.filesystem.hidden]
+    hidden_top = {p.strip("/") for p in hidden if p.count("/") == 1 and "*" not in p}
+
+    ops: list[MountOp] = []
+    for entry in sorted(os.scandir(host_root + "/"), key=lambda e: e.name):
+        name = entry.name
+        if name in _REPLACED_TOP_LEVEL:
+            continue
+        if entry.is_symlink():
+            ops.append(Symlink("/" + name, os.readlink(entry.path)))
+        elif entry.is_dir():
+            if name in hidden_top:
+                ops.append(Mkdir("/" + name, 0o000))
+            else:
+                ops.append(Mkdir("/" + name))
+                ops.append(Bind("/" + name, "/" + name))
+    for name in ("proc", "sys", "dev", "run", "tmp", "workspace"):
+        ops.append(Mkdir("/" + name, 0o1777 if name == "tmp" else 0o755))
+    ops.extend(_hidden_ops(hidden, host_root, hidden_top))
+    # The agent's user must resolve to a name (whoami, ssh, pip and git look it up).
+    ops.append(ReplaceFile("/etc/passwd", "passwd"))
+    ops.append(ReplaceFile("/etc/group", "group"))
+
+    devices = [Device(name, major, minor) for name, major, minor in _BASE_DEVICES]
+    devices.extend(gpu_devices(policy.gpu, host_root))
+
+    writable = [WORKSPACE, "/tmp"]
+    writable.extend(p for p in policy.filesystem.writable if p not in writable)
+    return Plan(
+        namespaces=sum(f for _, f in _NS_NAMES),
+        hostname=f"corral-{sandbox_id[:8]}",
+        root_ops=tuple(ops),
+        devices=tuple(devices),
+        storage_bytes=policy.resources.disk,
+        writable=tuple(writable),
+        uid=uid,
+        gid=gid,
+        env=dict(policy.env),
+        cwd=WORKSPACE,
+        memory_bytes=policy.resources.memory,
+        cpu_cores=policy.resources.cpu,
+        max_processes=policy.resources.processes,
+        landlock=True,
+        degrade=frozenset(policy.degrade),
+    )
+
+
+def gpu_devices(indices: list[int] | tuple[int, ...], host_root: str = "") -> list[Device]:
+    """Device nodes for the granted GPUs (and the driver's shared nodes); absent GPUs are an error."""
+    from corral._errors import HostError
+
+    if not indices:
+        return []
+    found: list[Device] = []
+    for name in [*(f"nvidia{i}" for i in indices), *_NVIDIA_SHARED]:
+        try:
+            st = os.stat(f"{host_root}/dev/{name}")
+        except FileNotFoundError:
+            if name.startswith("nvidia") and name[6:].isdigit():
+                raise HostError(
+                    f"gpu: GPU {name[6:]} is granted but /dev/{name} does not exist on this host"
+                ) from None
+            continue  # optional driver node (uvm-tools, modeset) not loaded
+        found.append(Device(name, os.major(st.st_rdev), os.minor(st.st_rdev)))
+    return found

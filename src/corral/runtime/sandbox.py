@@ -1,0 +1,764 @@
+"""`Sandbox`: one isolated environment, many commands (an agent episode).
+
+    with Sandbox(Policy.load("examples/policies/offline.yaml")) as sb:
+        r = sb.exec("echo hi > notes.txt && cat notes.txt")
+        r.exit_code, r.stdout        # 0, b"hi\n"
+
+Threading: one command at a time per sandbox (calls from several threads queue on a lock); many
+sandboxes may run in parallel. `close()` may be called from any thread, also while a command runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import secrets
+import selectors
+import shutil
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import psutil
+
+from corral._errors import HostError, SandboxClosedError, SandboxStartError
+from corral.events import Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
+from corral.events.model import Event
+from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
+from corral.isolation import plan as planning
+from corral.policy import Policy
+from corral.runtime import _supervisor
+
+STATE_ROOT = "/run/corral"
+WORKSPACE_ROOT = "/var/lib/corral/workspaces"
+_UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
+_DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
+_KILL_GRACE = 5.0
+
+_hierarchy: cgroups.Hierarchy | None = None
+_hierarchy_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+
+
+def _cgroup_hierarchy() -> cgroups.Hierarchy:
+    global _hierarchy
+    with _hierarchy_lock:
+        if _hierarchy is None:
+            _hierarchy = cgroups.detect()
+        return _hierarchy
+
+
+def _allocate_uid() -> int:
+    with _hierarchy_lock:
+        while True:
+            uid = _UID_BASE + secrets.randbelow(1_000_000)
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command did. stdout/stderr are bytes, or str when `exec(..., text=True)`."""
+
+    exit_code: int
+    stdout: bytes | str
+    stderr: bytes | str
+    duration: float
+    cpu_seconds: float
+    peak_memory: int
+    signal: int | None = None
+    timed_out: bool = False
+    terminated: str | None = None  # "lifetime" or "closed" when the sandbox ended under the command
+    leftover: list[ProcessRef] = field(default_factory=list)
+    denials: list[Deny] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Output:
+    """A chunk of a streaming command's output."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+def _process_ref(pid: int) -> ProcessRef:
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            ns_pid = None
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        ns_pid = int(line.split()[-1])
+                        break
+            try:
+                exe = p.exe()
+            except (psutil.AccessDenied, psutil.ZombieProcess):
+                exe = None
+            return ProcessRef(
+                pid=pid,
+                ns_pid=ns_pid,
+                exe=exe or None,
+                cmdline=p.cmdline(),
+                started=datetime.fromtimestamp(p.create_time(), UTC),
+            )
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+        return ProcessRef(pid=pid)
+
+
+class _Reaper:
+    """Finishes sandbox teardown off the caller's path: waiting out namespace destruction, removing
+    cgroups and state directories. One thread for all sandboxes."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="corral-reaper", daemon=True)
+                self._thread.start()
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                fn()
+            except Exception as e:  # a failed cleanup must not stop the others
+                print(f"corral: sandbox cleanup failed: {e}", file=sys.stderr)
+
+
+_reaper = _Reaper()
+
+
+class Sandbox:
+    """A running sandbox. Creating one starts it; `close()` (or leaving the `with`) destroys it.
+
+    policy: a Policy, a path to a policy file, or None for the default (offline) policy.
+    workspace: a host directory copied into /workspace at start and written back at close. Without
+        it, the workspace is saved to /var/lib/corral/workspaces/<id> at close (unless
+        keep_workspace=False).
+    events: a path; every event is appended to it as a JSON line the moment it happens.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str | os.PathLike[str] | None = None,
+        *,
+        workspace: str | os.PathLike[str] | None = None,
+        events: str | os.PathLike[str] | None = None,
+        keep_workspace: bool = True,
+    ) -> None:
+        if policy is None:
+            policy = Policy.default()
+        elif not isinstance(policy, Policy):
+            policy = Policy.load(policy)
+        self.policy = policy
+        self.id = secrets.token_hex(6)
+        self._events: list[Event] = []
+        self._events_lock = threading.Lock()
+        self._sink = JsonlSink(events) if events is not None else None
+        self._exec_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._exec_seq = 0
+        self._current_exec: int | None = None
+        self._closed: str | None = None
+        self._started = time.monotonic()
+        self._workspace_src = os.fspath(workspace) if workspace is not None else None
+        if self._workspace_src is not None and not os.path.isdir(self._workspace_src):
+            raise SandboxStartError(f"workspace: {self._workspace_src} is not a directory")
+        self.workspace = self._workspace_src or f"{WORKSPACE_ROOT}/{self.id}"
+        self._keep_workspace = keep_workspace or workspace is not None
+        self._cgroup: cgroups.SandboxCgroup | None = None
+        self._launched: launcher.Launched | None = None
+        self._state_dir = f"{STATE_ROOT}/{self.id}"
+        self._lifetime_timer: int | None = None
+        self._syscalls: dict[int, str] = {}
+        self._reaped = threading.Event()
+        self._start()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if os.geteuid() != 0:
+            raise HostError("corral must run as root to create sandboxes (namespaces, cgroups, mounts)")
+        degraded: list[str] = []
+        abi = landlock.abi_version()
+        if abi == 0:
+            if "landlock" not in self.policy.degrade:
+                raise HostError(
+                    "landlock: this kernel has no Landlock (or it is disabled); enable it, or allow running "
+                    "without it with `degrade: [landlock]` in the policy"
+                )
+            degraded.append("landlock")
+        if self.policy.network.egress:
+            raise HostError(
+                f"{self.policy.source}: network.egress: egress rules need corral's egress proxy, which this "
+                "version does not have yet; use `egress: []` for a sandbox without network"
+            )
+        hierarchy = _cgroup_hierarchy()
+        self.uid = _allocate_uid()
+        step = "plan"
+        try:
+            plan = planning.build(self.policy, uid=self.uid, gid=self.uid, sandbox_id=self.id)
+            step = "state directory"
+            os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
+            mounts.prepare_host(self._state_dir, self.uid, self.uid)
+            step = "cgroup"
+            self._cgroup = hierarchy.create(
+                f"{self.id}",
+                cgroups.Limits(plan.memory_bytes, plan.cpu_cores, plan.max_processes),
+            )
+            step = "launch"
+            self._syscalls = seccomp.syscall_numbers()
+            self._launched = launcher.launch(
+                plan,
+                join_files=self._cgroup.join_files,
+                state_dir=self._state_dir,
+                landlock_abi=abi,
+                notify="seccomp_notify" not in self.policy.degrade,
+            )
+            if self._launched.notify_fd is None:
+                degraded.append("seccomp_notify")
+            else:
+                _supervisor.get().watch_notifications(self._launched.notify_fd, self._on_seccomp)
+            if self._workspace_src is not None:
+                step = "workspace"
+                self._copy_in(self._workspace_src)
+        except BaseException as e:
+            if self._launched is not None:
+                signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
+            self._teardown()
+            if isinstance(e, HostError):
+                raise
+            raise SandboxStartError(f"sandbox {self.id}: {step}: {e}") from e
+        sup = _supervisor.get()
+        self._lifetime_timer = sup.call_at(
+            time.monotonic() + self.policy.resources.lifetime, lambda: self._terminate("lifetime")
+        )
+        r = self.policy.resources
+        self._emit(
+            SandboxStart(
+                sandbox=self.id,
+                policy=self.policy.source,
+                cgroup_version=hierarchy.version,
+                uid=self.uid,
+                limits={
+                    "memory": r.memory,
+                    "cpu": r.cpu,
+                    "processes": r.processes,
+                    "disk": r.disk,
+                    "timeout": r.timeout,
+                    "lifetime": r.lifetime,
+                },
+                degraded=degraded,
+                workspace=self.workspace,
+            )
+        )
+
+    def close(self, wait: bool = False) -> None:
+        """Destroy the sandbox. Idempotent, callable from any thread.
+
+        Before it returns, the workspace is saved (with every process frozen) and every process in
+        the sandbox has been sent SIGKILL, which no process survives or can act after. Removing the
+        cgroup and state directory waits for the kernel to finish tearing the namespaces down (an RCU
+        grace period or two); that happens in the background unless `wait=True`.
+        """
+        self._terminate("closed")
+        if wait:
+            self._reaped.wait()
+
+    def _terminate(self, reason: Literal["closed", "lifetime", "failed"]) -> None:
+        with self._state_lock:
+            if self._closed is not None:
+                return
+            self._closed = reason
+        if reason == "lifetime":
+            self._emit(
+                Deny(
+                    sandbox=self.id,
+                    layer="lifetime",
+                    what="lifetime",
+                    exec=self._current_exec,
+                    detail=f"sandbox lifetime of {self.policy.resources.lifetime:g}s reached",
+                )
+            )
+        if self._lifetime_timer is not None:
+            _supervisor.get().cancel(self._lifetime_timer)
+        leftover: list[ProcessRef] = []
+        if self._launched is not None and self._cgroup is not None:
+            init = self._launched.init_pid
+            frozen = False
+            try:
+                if self._keep_workspace:
+                    self._cgroup.freeze()  # nothing may change the workspace while we save it
+                    frozen = True
+                leftover = [_process_ref(p) for p in self._cgroup.pids() if p != init]
+                if self._keep_workspace:
+                    self._copy_out()
+            finally:
+                # Init's death makes the kernel kill every other process in its PID namespace.
+                try:
+                    signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                if frozen:
+                    self._cgroup.thaw()  # frozen tasks only act on SIGKILL once thawed
+        self._emit(
+            SandboxStop(
+                sandbox=self.id, reason=reason, duration=time.monotonic() - self._started, leftover=leftover
+            )
+        )
+        _reaper.submit(self._teardown)
+
+    def _teardown(self) -> None:
+        """Release whatever `_start` created, in reverse order; safe on a half-started sandbox."""
+        try:
+            if self._launched is not None:
+                if self._launched.notify_fd is not None:
+                    _supervisor.get().unwatch(self._launched.notify_fd)
+                    os.close(self._launched.notify_fd)
+                    self._launched.notify_fd = None
+                if self._exec_lock.acquire(blocking=False):
+                    try:
+                        self._launched.control.close()
+                    finally:
+                        self._exec_lock.release()
+                sel = selectors.DefaultSelector()
+                sel.register(self._launched.pidfd, selectors.EVENT_READ)
+                sel.select(_KILL_GRACE)
+                sel.close()
+                os.close(self._launched.pidfd)
+            if self._cgroup is not None:
+                self._cgroup.kill()  # only matters if init never started
+                self._cgroup.remove()
+                self._cgroup = None
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            with _hierarchy_lock:
+                _uids_in_use.discard(getattr(self, "uid", -1))
+            if self._sink is not None and self._exec_lock.acquire(blocking=False):
+                try:
+                    self._sink.close()
+                finally:
+                    self._exec_lock.release()
+        finally:
+            self._reaped.set()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", "x") is None:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    # --- workspace ---------------------------------------------------------------------------
+
+    def _sandbox_path(self, path: str) -> str:
+        assert self._launched is not None
+        return f"/proc/{self._launched.init_pid}/root{path}"
+
+    def _copy_in(self, src: str) -> None:
+        dst = self._sandbox_path(planning.WORKSPACE)
+        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+        for root, dirs, files in os.walk(dst):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(root, name), self.uid, self.uid)
+
+    def _copy_out(self) -> None:
+        """Save /workspace to the host. Runs with every sandbox process frozen, so nothing can swap a
+        path for a symlink while we copy; symlinks are copied as links, never followed; only regular
+        files and directories are copied, without setuid/setgid bits."""
+        src = self._sandbox_path(planning.WORKSPACE)
+
+        def copy_regular(s: str, d: str) -> None:
+            st = os.lstat(s)
+            if stat.S_ISREG(st.st_mode):
+                shutil.copyfile(s, d, follow_symlinks=False)
+                os.chmod(d, stat.S_IMODE(st.st_mode) & 0o777)
+
+        os.makedirs(self.workspace, mode=0o755, exist_ok=True)
+        shutil.copytree(src, self.workspace, symlinks=True, dirs_exist_ok=True, copy_function=copy_regular)
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        with self._events_lock:
+            self._events.append(event)
+        if self._sink is not None:
+            self._sink.write(event)
+
+    def events(self) -> list[Event]:
+        """This sandbox's events so far, oldest first."""
+        with self._events_lock:
+            return list(self._events)
+
+    def _on_seccomp(self, note: seccomp.Notification) -> None:
+        # Runs on the supervisor thread while the caller is parked in the kernel: read its identity
+        # first (it cannot exit or exec meanwhile), then refuse the call.
+        proc = _process_ref(note.pid)
+        assert self._launched is not None and self._launched.notify_fd is not None
+        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+        name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
+        detail = ""
+        if name in ("clone", "socket", "ioctl"):
+            detail = f"args {note.args[0]:#x} {note.args[1]:#x}"
+        self._emit(
+            Deny(
+                sandbox=self.id,
+                layer="seccomp",
+                what=name,
+                exec=self._current_exec,
+                process=proc,
+                detail=detail,
+            )
+        )
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        text: bool = False,
+    ) -> ExecResult:
+        """Run a command to completion. A string runs under /bin/sh -c; a list runs as is.
+
+        The command's environment is the policy's `env` plus `env` here. `timeout` defaults to the
+        policy's `resources.timeout`; on expiry the command's process group is killed and the result
+        has `timed_out=True` and exit code 137.
+        """
+        run = self.stream(command, input=input, timeout=timeout, env=env, cwd=cwd)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        for chunk in run:
+            (out if chunk.stream == "stdout" else err).append(chunk.data)
+        result = run.result
+        assert result is not None
+        if text:
+            return _replace_output(
+                result, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+            )
+        return _replace_output(result, b"".join(out), b"".join(err))
+
+    def stream(
+        self,
+        command: str | Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdio: tuple[int, int, int] | None = None,
+    ) -> _Run:
+        """Start a command and iterate over its output as it arrives; `.result` is set at the end.
+
+        `stdio` passes three host file descriptors straight through (the CLI hands over its
+        terminal this way); the iterator then yields nothing.
+        """
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        if not argv:
+            raise ValueError("command: empty")
+        data = input.encode() if isinstance(input, str) else input
+        full_env = dict(self.policy.env)
+        if env:
+            full_env.update(env)
+        return _Run(
+            self,
+            argv,
+            data,
+            self.policy.resources.timeout if timeout is None else timeout,
+            full_env,
+            cwd,
+            stdio,
+        )
+
+    def write_file(self, path: str, data: bytes | str) -> None:
+        """Write a file in the sandbox (relative paths are under /workspace), as the agent would."""
+        r = self.exec(["/bin/sh", "-c", 'cat > "$1"', "sh", path], input=data)
+        if r.exit_code != 0:
+            raise OSError(errno.EIO, f"write_file {path}: {_text(r.stderr)}")
+
+    def read_file(self, path: str) -> bytes:
+        """Read a file from the sandbox, with the agent's permissions (so hidden paths stay hidden)."""
+        r = self.exec(["/bin/cat", "--", path])
+        if r.exit_code != 0:
+            raise OSError(
+                errno.ENOENT, f"read_file {path}: {_text(r.stderr)}"
+            )
+        assert isinstance(r.stdout, bytes)
+        return r.stdout
+
+
+def _text(data: bytes | str) -> str:
+    return data.strip() if isinstance(data, str) else data.decode(errors="replace").strip()
+
+
+def _replace_output(r: ExecResult, out: bytes | str, err: bytes | str) -> ExecResult:
+    return ExecResult(
+        exit_code=r.exit_code,
+        stdout=out,
+        stderr=err,
+        duration=r.duration,
+        cpu_seconds=r.cpu_seconds,
+        peak_memory=r.peak_memory,
+        signal=r.signal,
+        timed_out=r.timed_out,
+        terminated=r.terminated,
+        leftover=r.leftover,
+        denials=r.denials,
+    )
+
+
+class _Run:
+    """One command's life: request, output pumping, timeout, exit, and the accounting around it."""
+
+    def __init__(
+        self,
+        sb: Sandbox,
+        argv: list[str],
+        data: bytes | None,
+        timeout: float,
+        env: dict[str, str],
+        cwd: str | None,
+        stdio: tuple[int, int, int] | None,
+    ) -> None:
+        self.sb, self.argv, self.data, self.timeout, self.env, self.cwd, self.stdio = (
+            sb,
+            argv,
+            data,
+            timeout,
+            env,
+            cwd,
+            stdio,
+        )
+        self.result: ExecResult | None = None
+
+    def __iter__(self) -> Iterator[Output]:
+        sb = self.sb
+        with sb._exec_lock:
+            if sb._closed is not None or sb._launched is None or sb._cgroup is None:
+                raise SandboxClosedError(f"sandbox {sb.id} is closed ({sb._closed})")
+            try:
+                yield from self._run(sb._launched, sb._cgroup)
+            finally:
+                sb._current_exec = None
+                if sb._closed is not None:
+                    sb._launched.control.close()
+
+    def _run(self, launched: launcher.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
+        sb = self.sb
+        sb._exec_seq += 1
+        exec_id = sb._exec_seq
+        sb._current_exec = exec_id
+        denials_before = len(sb._events)
+        cgroup.reset_peak()
+        before = cgroup.usage()
+        # Leftovers are told apart by pid, not start time: /proc start times are only as precise as
+        # the boot time they are relative to (whole seconds).
+        pids_before = set(cgroup.pids())
+        start = time.monotonic()
+        sel = selectors.DefaultSelector()
+        to_close: list[int] = []
+        pending_input = memoryview(self.data or b"")
+        if self.stdio is not None:
+            child_fds = list(self.stdio)
+        else:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child_fds = [in_r, out_w, err_w]
+            to_close += [in_r, out_w, err_w]
+            sel.register(out_r, selectors.EVENT_READ, "stdout")
+            sel.register(err_r, selectors.EVENT_READ, "stderr")
+            if pending_input:
+                os.set_blocking(in_w, False)
+                sel.register(in_w, selectors.EVENT_WRITE, "stdin")
+            else:
+                os.close(in_w)
+        sel.register(launched.control, selectors.EVENT_READ, "control")
+        sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
+        launcher.send(
+            launched.control,
+            {"op": "exec", "id": exec_id, "argv": self.argv, "env": self.env, "cwd": self.cwd},
+            child_fds,
+        )
+        for fd in to_close:
+            os.close(fd)
+
+        status: int | None = None
+        cpu = 0.0
+        error = ""
+        timed_out = False
+        terminated: str | None = None
+        deadline = start + self.timeout
+        drain_until: float | None = None
+        try:
+            while True:
+                streams_open = any(k.data in ("stdout", "stderr") for k in sel.get_map().values())
+                if status is not None and (not streams_open or time.monotonic() >= (drain_until or 0)):
+                    break
+                now = time.monotonic()
+                wait = (drain_until if status is not None else deadline) - now  # type: ignore[operator]
+                if wait <= 0 and status is None:
+                    if timed_out:  # killed and still no exit: init is wedged, the sandbox is unusable
+                        sb._terminate("failed")
+                        terminated = "failed"
+                        break
+                    timed_out = True
+                    launcher.send(launched.control, {"op": "kill", "id": exec_id})
+                    deadline = now + _KILL_GRACE
+                    continue
+                for key, _ in sel.select(max(wait, 0)):
+                    if key.data == "control":
+                        msg, fds = launcher.recv(launched.control)
+                        for fd in fds:
+                            os.close(fd)
+                        if msg is None:  # init is gone: the sandbox was closed under us
+                            sel.unregister(launched.control)
+                            terminated = sb._closed or "failed"
+                            status = signal.SIGKILL
+                            drain_until = time.monotonic()
+                        elif msg["op"] == "exit" and msg["id"] == exec_id:
+                            status, cpu, error = msg["status"], msg["cpu"], msg.get("error", "")
+                            drain_until = time.monotonic() + _DRAIN_GRACE
+                    elif key.data == "stdin":
+                        try:
+                            n = os.write(key.fd, pending_input[:65536])
+                            pending_input = pending_input[n:]
+                        except BrokenPipeError:
+                            pending_input = pending_input[:0]
+                        if not pending_input:
+                            sel.unregister(key.fd)
+                            os.close(key.fd)
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if chunk:
+                            yield Output(key.data, chunk)
+                        else:
+                            sel.unregister(key.fd)
+                            os.close(key.fd)
+        finally:
+            for key in list(sel.get_map().values()):
+                if key.data != "control":
+                    os.close(key.fd)
+            sel.close()
+        if error:
+            yield Output("stderr", f"corral: {error}\n".encode())
+
+        duration = time.monotonic() - start
+        assert status is not None
+        code = os.waitstatus_to_exitcode(status) if terminated is None else -signal.SIGKILL
+        sig = -code if code < 0 else None
+        exit_code = 128 + sig if sig is not None else code
+        peak = 0
+        leftover: list[ProcessRef] = []
+        if sb._closed is None:
+            after = cgroup.usage()
+            peak = after.memory_peak_bytes
+            self._budget_denials(exec_id, before, after, timed_out)
+            leftover = [_process_ref(p) for p in cgroup.pids() if p not in pids_before]
+        sb._emit(
+            ExecExit(
+                sandbox=sb.id,
+                exec=exec_id,
+                exit_code=exit_code,
+                signal=sig,
+                duration=duration,
+                cpu_seconds=cpu,
+                peak_memory=peak,
+                timed_out=timed_out,
+                leftover=leftover,
+            )
+        )
+        denials = [e for e in sb.events()[denials_before:] if isinstance(e, Deny)]
+        self.result = ExecResult(
+            exit_code=exit_code,
+            stdout=b"",
+            stderr=b"",
+            duration=duration,
+            cpu_seconds=cpu,
+            peak_memory=peak,
+            signal=sig,
+            timed_out=timed_out,
+            terminated=terminated,
+            leftover=leftover,
+            denials=denials,
+        )
+
+    def _budget_denials(
+        self, exec_id: int, before: cgroups.Usage, after: cgroups.Usage, timed_out: bool
+    ) -> None:
+        sb = self.sb
+        r = sb.policy.resources
+        if after.oom_kills > before.oom_kills:
+            sb._emit(
+                Deny(
+                    sandbox=sb.id,
+                    layer="cgroup",
+                    what="memory",
+                    exec=exec_id,
+                    detail=f"memory budget of {r.memory} bytes exhausted; the kernel killed "
+                    f"{after.oom_kills - before.oom_kills} process(es)",
+                )
+            )
+        if after.pids_refused > before.pids_refused:
+            sb._emit(
+                Deny(
+                    sandbox=sb.id,
+                    layer="cgroup",
+                    what="processes",
+                    exec=exec_id,
+                    detail=f"process budget of {r.processes} reached; "
+                    f"{after.pids_refused - before.pids_refused} fork(s) refused",
+                )
+            )
+        try:
+            vfs = os.statvfs(sb._sandbox_path(planning.WORKSPACE))
+            if vfs.f_bavail == 0:
+                sb._emit(
+                    Deny(
+                        sandbox=sb.id,
+                        layer="cgroup",
+                        what="disk",
+                        exec=exec_id,
+                        detail=f"disk budget of {r.disk} bytes is full",
+                    )
+                )
+        except OSError:
+            pass
+        if timed_out:
+            sb._emit(
+                Deny(
+                    sandbox=sb.id,
+                    layer="timeout",
+                    what="timeout",
+                    exec=exec_id,
+                    detail=f"command ran past its {self.timeout:g}s timeout and was killed",
+                )
+            )
