@@ -32,11 +32,11 @@ __all__ = [
     "Policy",
     "PolicyError",
     "ProcessRef",
+    "Sandbox",
     "SandboxClosedError",
     "SandboxError",
     "SandboxStart",
     "SandboxStartError",
-    "Sandbox",
     "SandboxStop",
     "__version__",
 ]

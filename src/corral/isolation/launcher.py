@@ -15,7 +15,7 @@ from init. When the supervisor dies, the control socket closes, init exits, and 
 process in the PID namespace: a sandbox never outlives its guard.
 
 Control protocol: JSON messages on a SOCK_SEQPACKET socketpair, file descriptors by SCM_RIGHTS.
-    -> {"op": "exec", "id", "argv", "env", "cwd"} + [stdin, stdout, stderr]
+    -> {"op": "exec", "id", "argv", "env", "cwd", "tty"} + [stdin, stdout, stderr]
     <- {"op": "started", "id", "pid"} | {"op": "exit", "id", "status", "cpu", "error"}
     -> {"op": "kill", "id"}
 """
@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import struct
+import termios
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -276,8 +277,8 @@ def _spawn(
         return
     actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds[:3])]
     try:
-        if msg.get("cwd"):
-            pid = _fork_exec(path, argv, env, fds, msg["cwd"])
+        if msg.get("cwd") or msg.get("tty"):
+            pid = _fork_exec(path, argv, env, fds, msg.get("cwd") or "", bool(msg.get("tty")))
         else:
             pid = os.posix_spawn(
                 path, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGNALS_TO_RESET, setsigmask=[]
@@ -299,16 +300,20 @@ def _spawn(
     send(sock, {"op": "started", "id": msg["id"], "pid": pid})
 
 
-def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], cwd: str) -> int:
+def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], cwd: str, tty: bool) -> int:
+    """The slow path for what posix_spawn can't do: another cwd, or a controlling terminal."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover
         try:
             os.close(r)
-            os.chdir(cwd)
+            if cwd:
+                os.chdir(cwd)
             for i, fd in enumerate(fds[:3]):
                 os.dup2(fd, i)
             os.setsid()
+            if tty:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
             for sig in _SIGNALS_TO_RESET:
                 try:
                     signal.signal(sig, signal.SIG_DFL)

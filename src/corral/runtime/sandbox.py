@@ -475,11 +475,14 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdio: tuple[int, int, int] | None = None,
+        tty: bool = False,
     ) -> _Run:
         """Start a command and iterate over its output as it arrives; `.result` is set at the end.
 
         `stdio` passes three host file descriptors straight through (the CLI hands over its
-        terminal this way); the iterator then yields nothing.
+        terminal this way); the iterator then yields nothing. `tty=True` makes stdin (a pty the
+        caller opened) the command's controlling terminal, for interactive shells. `tty=True` makes stdin (a pty the
+        caller opened) the command's controlling terminal, for interactive shells.
         """
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         if not argv:
@@ -496,6 +499,7 @@ class Sandbox:
             full_env,
             cwd,
             stdio,
+            tty,
         )
 
     def write_file(self, path: str, data: bytes | str) -> None:
@@ -508,9 +512,7 @@ class Sandbox:
         """Read a file from the sandbox, with the agent's permissions (so hidden paths stay hidden)."""
         r = self.exec(["/bin/cat", "--", path])
         if r.exit_code != 0:
-            raise OSError(
-                errno.ENOENT, f"read_file {path}: {_text(r.stderr)}"
-            )
+            raise OSError(errno.ENOENT, f"read_file {path}: {_text(r.stderr)}")
         assert isinstance(r.stdout, bytes)
         return r.stdout
 
@@ -547,16 +549,10 @@ class _Run:
         env: dict[str, str],
         cwd: str | None,
         stdio: tuple[int, int, int] | None,
+        tty: bool = False,
     ) -> None:
-        self.sb, self.argv, self.data, self.timeout, self.env, self.cwd, self.stdio = (
-            sb,
-            argv,
-            data,
-            timeout,
-            env,
-            cwd,
-            stdio,
-        )
+        self.sb, self.argv, self.data, self.timeout = sb, argv, data, timeout
+        self.env, self.cwd, self.stdio, self.tty = env, cwd, stdio, tty
         self.result: ExecResult | None = None
 
     def __iter__(self) -> Iterator[Output]:
@@ -605,7 +601,14 @@ class _Run:
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
         launcher.send(
             launched.control,
-            {"op": "exec", "id": exec_id, "argv": self.argv, "env": self.env, "cwd": self.cwd},
+            {
+                "op": "exec",
+                "id": exec_id,
+                "argv": self.argv,
+                "env": self.env,
+                "cwd": self.cwd,
+                "tty": self.tty,
+            },
             child_fds,
         )
         for fd in to_close:
@@ -669,7 +672,11 @@ class _Run:
                     os.close(key.fd)
             sel.close()
         if error:
-            yield Output("stderr", f"corral: {error}\n".encode())
+            message = f"corral: {error}\n".encode()
+            if self.stdio is not None:
+                os.write(self.stdio[2], message)
+            else:
+                yield Output("stderr", message)
 
         duration = time.monotonic() - start
         assert status is not None

@@ -1,0 +1,69 @@
+"""A short agent episode in a corral sandbox: useful work succeeds, escape attempts are refused and
+reported. Run with `make demo` (as root)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from corral import Deny, ExecExit, Policy, Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STEPS: list[tuple[str, str]] = [
+    ("work: write and run a program", "printf 'print(sum(range(10)))\\n' > sum.py && python3 sum.py"),
+    ("work: files persist between commands", "cat sum.py | wc -l"),
+    ("work: tools are there", "python3 --version; git --version | head -1; id -un"),
+    ("escape: read the host's password hashes", "cat /etc/shadow"),
+    ("escape: read root's SSH keys", "ls /root/.ssh"),
+    ("escape: plant a binary on the host", "cp /bin/sh /usr/local/bin/backdoor"),
+    ("escape: see the host's processes", "ps -e | wc -l"),
+    ("escape: new user namespace (root inside)", "unshare -Ur id"),
+    (
+        "escape: mount a filesystem",
+        "python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); "
+        'print(l.mount(b"none", b"/mnt", b"tmpfs", 0, None), ctypes.get_errno())\'',
+    ),
+    (
+        "escape: raw socket for a network scan",
+        "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)'",
+    ),
+    (
+        "escape: reach the network",
+        "python3 -c 'import socket; socket.create_connection((\"192.0.2.1\", 22), 2)'",
+    ),
+    ("resources: memory bomb", "python3 -c 'b = bytearray(2 << 30)'"),
+    ("resources: fork bomb", "python3 -c 'import os\nwhile True: os.fork()' 2>/dev/null"),
+    ("lingering: start a background job and return", "nohup sleep 600 >/dev/null 2>&1 & echo started"),
+]
+
+
+def main() -> int:
+    policy = Policy.load(ROOT / "examples/policies/strict.yaml")
+    print(f"corral demo: one agent episode under {policy.source}\n")
+    with Sandbox(policy, keep_workspace=False) as sb:
+        for title, command in STEPS:
+            r = sb.exec(command, timeout=20, text=True)
+            out = (str(r.stdout).strip() or str(r.stderr).strip()).splitlines()
+            print(f"$ {command.splitlines()[0][:90]}")
+            print(f"  {title}: exit {r.exit_code}" + (f" | {out[-1][:100]}" if out else ""))
+            for d in r.denials:
+                who = f" by {d.process.exe} (pid {d.process.ns_pid} inside)" if d.process else ""
+                print(f"  -> refused by {d.layer}: {d.what}{who}")
+            for p in r.leftover:
+                print(f"  -> left running: {' '.join(p.cmdline)} (pid {p.ns_pid} inside)")
+        events = sb.events()
+    denies = [e for e in events if isinstance(e, Deny)]
+    execs = [e for e in events if isinstance(e, ExecExit)]
+    print(
+        f"\n{len(execs)} commands, {len(denies)} refusals recorded; the sandbox is gone and so is "
+        "everything it left running."
+    )
+    print("Every event is JSON; the last few:")
+    for e in events[-3:]:
+        print("  " + e.model_dump_json()[:160])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

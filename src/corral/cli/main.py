@@ -1,0 +1,194 @@
+"""`corral`: run commands in sandboxes, check policies, print schemas.
+
+Exit codes of `corral run`: the command's own code; 128+N when a signal N killed it; 125 when corral
+itself failed (the reason is on stderr) — the same convention as `docker run` and `env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Sequence
+from types import FrameType
+
+from corral import __version__
+from corral._errors import CorralError, PolicyError
+from corral.events import Deny, event_json_schema
+from corral.isolation import plan as planning
+from corral.policy import Policy
+from corral.runtime.sandbox import ExecResult, Sandbox
+
+CORRAL_FAILED = 125
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corral", description="Permission-scoped Linux sandboxes for AI agents.")
+    p.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one command in a fresh sandbox and exit with its code")
+    run.add_argument("--policy", required=True, metavar="FILE", help="policy YAML file")
+    run.add_argument("--events", metavar="OUT.jsonl", help="append the sandbox's events to this file")
+    run.add_argument("--workspace", metavar="DIR", help="host directory copied in and saved back at exit")
+    run.add_argument("--timeout", metavar="SECONDS", type=float, help="override resources.timeout")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    shell = sub.add_parser("shell", help="an interactive shell in a sandbox")
+    shell.add_argument("--policy", required=True, metavar="FILE")
+    shell.add_argument("--events", metavar="OUT.jsonl")
+    shell.add_argument("--workspace", metavar="DIR")
+
+    pol = sub.add_parser("policy", help="check a policy, show its plan, or print the schema")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    check = psub.add_parser("check", help="validate a policy file (exit 0, or 1 with each problem)")
+    check.add_argument("file")
+    show = psub.add_parser("plan", help="print the setup steps a policy turns into on this host")
+    show.add_argument("file")
+    psub.add_parser("schema", help="print the policy file's JSON Schema")
+
+    ev = sub.add_parser("events", help="the event stream's schema")
+    esub = ev.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    esub.add_parser("schema", help="print the events' JSON Schema")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"corral: {message}", file=sys.stderr)
+    return CORRAL_FAILED
+
+
+def _summary(result: ExecResult) -> None:
+    """One stderr line when something was refused or stopped, so a human sees it without the log."""
+    notes = [f"{d.layer} refused {d.what}" for d in result.denials if isinstance(d, Deny)]
+    if result.leftover:
+        notes.append(f"{len(result.leftover)} process(es) left running were killed")
+    if notes:
+        print(f"corral: {'; '.join(dict.fromkeys(notes))}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        return _fail("run: no command given; use: corral run --policy FILE -- CMD [ARG...]")
+    policy = Policy.load(args.policy)
+    with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
+        run = sb.stream(argv, timeout=args.timeout, stdio=(0, 1, 2))
+        for _ in run:
+            pass
+        assert run.result is not None
+    _summary(run.result)
+    if run.result.timed_out:
+        print(f"corral: timed out after {run.result.duration:.1f}s", file=sys.stderr)
+    return run.result.exit_code
+
+
+def _shell(args: argparse.Namespace) -> int:
+    """Relay the terminal through a pty whose other end is the shell's controlling terminal.
+
+    The host terminal itself never enters the sandbox: a shell holding it could push keystrokes into
+    the host's session (TIOCSTI) or read what the user types after the sandbox exits.
+    """
+    policy = Policy.load(args.policy)
+    master, slave = os.openpty()
+    interactive = os.isatty(0)
+    saved = termios.tcgetattr(0) if interactive else None
+    if interactive:
+        size = termios.tcgetwinsize(0)
+        termios.tcsetwinsize(slave, size)
+    code = CORRAL_FAILED
+    with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
+        run = sb.stream(
+            ["/bin/bash", "-i"] if os.path.exists("/bin/bash") else ["/bin/sh", "-i"],
+            timeout=policy.resources.lifetime,
+            stdio=(slave, slave, slave),
+            tty=True,
+        )
+        done = threading.Event()
+
+        def wait() -> None:
+            for _ in run:
+                pass
+            done.set()
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        os.close(slave)
+        try:
+            if interactive:
+                tty.setraw(0)
+            while not done.is_set():
+                ready, _, _ = select.select([0, master], [], [], 0.1)
+                if master in ready:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the shell and everything on its terminal are gone
+                        break
+                    if not data:
+                        break
+                    os.write(1, data)
+                if 0 in ready:
+                    data = os.read(0, 65536)
+                    if not data:
+                        break
+                    os.write(master, data)
+        finally:
+            if saved is not None:
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        done.wait(2)
+        if run.result is not None:
+            code = run.result.exit_code
+    os.close(master)
+    return code
+
+
+def _policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "schema":
+        print(json.dumps(Policy.json_schema(), indent=2))
+        return 0
+    try:
+        policy = Policy.load(args.file)
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.policy_command == "check":
+        print(f"{args.file}: ok")
+        return 0
+    plan = planning.build(policy, uid=1_300_000, gid=1_300_000, sandbox_id="00000000")
+    print("\n".join(plan.describe()))
+    return 0
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the sandbox is closed and its events flushed.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "shell":
+            return _shell(args)
+        if args.command == "policy":
+            return _policy(args)
+        print(json.dumps(event_json_schema(), indent=2))
+        return 0
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return CORRAL_FAILED
+    except CorralError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except OSError as e:
+        return _fail(str(e))
