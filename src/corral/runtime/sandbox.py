@@ -481,7 +481,6 @@ class Sandbox:
 
         `stdio` passes three host file descriptors straight through (the CLI hands over its
         terminal this way); the iterator then yields nothing. `tty=True` makes stdin (a pty the
-        caller opened) the command's controlling terminal, for interactive shells. `tty=True` makes stdin (a pty the
         caller opened) the command's controlling terminal, for interactive shells.
         """
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
