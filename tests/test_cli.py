@@ -1,0 +1,135 @@
+"""The `corral` command, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.events import parse_event
+
+ROOT = Path(__file__).resolve().parent.parent
+OFFLINE = str(ROOT / "examples/policies/offline.yaml")
+
+
+def corral(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        capture_output=True,
+        text=True,
+        input=input.decode() if input else None,
+        timeout=60,
+    )
+
+
+def test_version() -> None:
+    r = corral("--version")
+    assert r.returncode == 0 and r.stdout.startswith("corral ")
+
+
+def test_policy_check_ok_and_precise_error(tmp_path: Path) -> None:
+    assert corral("policy", "check", OFFLINE).returncode == 0
+    bad = tmp_path / "offline.yaml"
+    bad.write_text("version: 1\nresources:\n  memory: lots\n")
+    r = corral("policy", "check", str(bad))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f'{bad}: resources.memory: "lots" is not a size; use e.g. 512MiB'
+    assert "Traceback" not in r.stderr
+
+
+def test_policy_schema_is_json_with_every_top_level_key() -> None:
+    r = corral("policy", "schema")
+    schema = json.loads(r.stdout)
+    assert {"version", "filesystem", "network", "resources", "gpu", "env", "degrade"} <= set(
+        schema["properties"]
+    )
+
+
+def test_events_schema_lists_every_type() -> None:
+    text = corral("events", "schema").stdout
+    for kind in ("sandbox.start", "sandbox.stop", "exec.start", "exec.exit", "deny"):
+        assert kind in text
+
+
+def test_policy_plan_names_the_steps() -> None:
+    out = corral("policy", "plan", OFFLINE).stdout
+    assert "namespaces: mount, pid, ipc, uts, network, cgroup" in out
+    assert "hide file /etc/shadow" in out
+    assert "seccomp:" in out
+
+
+def test_run_without_command_is_a_corral_failure() -> None:
+    r = corral("run", "--policy", OFFLINE)
+    assert r.returncode == 125
+    assert "no command given" in r.stderr
+
+
+def test_run_with_bad_policy_exits_125_with_the_reason(tmp_path: Path) -> None:
+    r = corral("run", "--policy", str(tmp_path / "missing.yaml"), "--", "true")
+    assert r.returncode == 125
+    assert "missing.yaml: cannot read policy file" in r.stderr
+
+
+@pytest.mark.root
+def test_run_passes_output_and_exit_code_through() -> None:
+    r = corral("run", "--policy", OFFLINE, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
+
+
+@pytest.mark.root
+def test_run_reports_death_by_signal_as_128_plus_n() -> None:
+    assert corral("run", "--policy", OFFLINE, "--", "sh", "-c", "kill -TERM $$").returncode == 143
+
+
+@pytest.mark.root
+def test_run_reads_stdin() -> None:
+    r = corral("run", "--policy", OFFLINE, "--", "tr", "a-z", "A-Z", input=b"hello\n")
+    assert r.stdout == "HELLO\n"
+
+
+@pytest.mark.root
+def test_run_unknown_command_is_127_with_message() -> None:
+    r = corral("run", "--policy", OFFLINE, "--", "no-such-tool")
+    assert r.returncode == 127
+    assert "no-such-tool: command not found" in r.stderr
+
+
+@pytest.mark.root
+def test_run_writes_events_and_summarises_refusals(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    r = corral("run", "--policy", OFFLINE, "--events", str(events), "--", "unshare", "-U", "true")
+    assert r.returncode == 1
+    assert "corral: seccomp refused unshare" in r.stderr
+    parsed = [parse_event(line) for line in events.read_text().splitlines()]
+    assert [e.type for e in parsed] == ["sandbox.start", "exec.start", "deny", "exec.exit", "sandbox.stop"]
+    deny = parsed[2]
+    assert deny.layer == "seccomp" and deny.what == "unshare"
+    assert deny.process is not None and deny.process.exe == "/usr/bin/unshare"
+
+
+@pytest.mark.root
+def test_run_workspace_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from the host\n")
+    r = corral(
+        "run",
+        "--policy",
+        OFFLINE,
+        "--workspace",
+        str(tmp_path),
+        "--",
+        "sh",
+        "-c",
+        "cat in.txt > out.txt; echo more >> out.txt",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.txt").read_text() == "from the host\nmore\n"
+
+
+@pytest.mark.root
+def test_run_timeout_kills_and_says_so() -> None:
+    r = corral("run", "--policy", OFFLINE, "--timeout", "0.5", "--", "sleep", "30")
+    assert r.returncode == 137
+    assert "timed out" in r.stderr
