@@ -71,7 +71,7 @@ def test_seccomp_without_notification_still_refuses() -> None:
 @pytest.mark.root
 def test_egress_rules_are_refused_until_the_proxy_exists() -> None:
     policy = Policy.from_dict({"version": 1, "network": {"egress": [{"host": "a.example", "ports": [443]}]}})
-    with pytest.raises(HostError, match="network.egress"):
+    with pytest.raises(HostError, match=r"network\.egress"):
         Sandbox(policy, keep_workspace=False)
 
 
