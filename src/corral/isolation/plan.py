@@ -235,6 +235,11 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
 
     writable = [WORKSPACE, "/tmp"]
     writable.extend(p for p in policy.filesystem.writable if p not in writable)
+    for path in writable[2:]:
+        # A new top-level directory can be made in the sandbox's own root; deeper paths must exist
+        # on the host (the launcher says which one doesn't).
+        if path.count("/") == 1 and not os.path.isdir(host_root + path):
+            ops.insert(len(ops) - 2, Mkdir(path))
     return Plan(
         namespaces=sum(f for _, f in _NS_NAMES),
         hostname=f"corral-{sandbox_id[:8]}",
