@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +137,31 @@ def test_run_timeout_kills_and_says_so() -> None:
     r = corral("run", "--policy", OFFLINE, "--timeout", "0.5", "--", "sleep", "30")
     assert r.returncode == 137
     assert "timed out" in r.stderr
+
+
+@pytest.mark.root
+def test_shell_is_interactive_through_a_pty() -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.execv(sys.executable, [sys.executable, "-m", "corral.cli", "shell", "--policy", OFFLINE])
+    os.write(fd, b"echo inside-$((6*7)); test -t 0 && echo terminal-$((2*3)); exit 5\n")
+    out = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    if time.monotonic() >= deadline:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"inside-42" in out, out
+    assert b"terminal-6" in out, out  # a terminal of its own: a pty, never the host's
+    assert os.waitstatus_to_exitcode(status) == 5

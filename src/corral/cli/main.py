@@ -119,10 +119,9 @@ def _shell(args: argparse.Namespace) -> int:
 
         waiter = threading.Thread(target=wait, daemon=True)
         waiter.start()
-        os.close(slave)
         try:
             if interactive:
-                tty.setraw(0)
+                tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop what was typed ahead
             while not done.is_set():
                 ready, _, _ = select.select([0, master], [], [], 0.1)
                 if master in ready:
@@ -144,6 +143,7 @@ def _shell(args: argparse.Namespace) -> int:
         done.wait(2)
         if run.result is not None:
             code = run.result.exit_code
+    os.close(slave)  # only now: the request that hands it to the sandbox may still be in flight above
     os.close(master)
     return code
 

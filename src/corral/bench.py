@@ -1,0 +1,521 @@
+"""corral's own benchmark: the numbers behind the targets in DESIGN.md, as ratios in one run.
+
+    sudo python -m corral.bench                  # warm exec, cold start, 100 idle sandboxes
+    sudo python -m corral.bench --idle 1000 --json bench.json
+    sudo python -m corral.bench --only warm_exec --runs 1000
+
+Every row compares corral against a baseline measured in the same process, in the same run, on the
+same machine, so the ratios mean something wherever it runs; the absolute numbers only describe this
+machine. It reports numbers and whether each target is met; it never fails because one is missed
+(exit status 1 means a benchmark could not run at all).
+
+Adding a row: write a function `Config -> list[Result]` and decorate it with `@benchmark("name")`.
+It runs in registration order; `--only name` runs just it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import psutil
+
+from corral.runtime.sandbox import Sandbox
+
+MIB = 1 << 20
+
+# --- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measure:
+    """Summary of samples (ms, MiB, ...): median, 90th percentile (nearest rank), mean, count."""
+
+    median: float
+    p90: float
+    mean: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Measure:
+        if not samples:
+            raise ValueError("no samples")
+        s = sorted(samples)
+        n = len(s)
+        mid = n // 2
+        median = s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
+        p90 = s[max(0, math.ceil(0.9 * n) - 1)]
+        return cls(median=median, p90=p90, mean=sum(s) / n, n=n)
+
+    @classmethod
+    def single(cls, value: float) -> Measure:
+        return cls(median=value, p90=value, mean=value, n=1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the design asks for.
+
+    kind "max": the headline value of corral is under `limit`.
+    kind "max_delta": corral's headline is at most `limit` above the baseline's.
+    kind "min_ratio": corral's headline is at least `limit` times the baseline's (throughputs).
+    """
+
+    kind: Literal["max", "max_delta", "min_ratio"]
+    limit: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of the table."""
+
+    key: str  # stable identifier (JSON)
+    what: str  # what the table shows
+    unit: str
+    corral: Measure
+    target: Target
+    baseline: Measure | None = None
+    baseline_name: str | None = None
+    headline: Literal["median", "mean"] = "median"  # which statistic the target is about
+    notes: dict[str, float | int | str] = field(default_factory=dict)
+
+    def value(self, m: Measure) -> float:
+        return m.median if self.headline == "median" else m.mean
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.baseline is None else self.value(self.corral) - self.value(self.baseline)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or self.value(self.baseline) == 0:
+            return None
+        return self.value(self.corral) / self.value(self.baseline)
+
+    @property
+    def met(self) -> bool | None:
+        t = self.target
+        if t.kind == "max":
+            return self.value(self.corral) < t.limit
+        if t.kind == "max_delta":
+            return None if self.delta is None else self.delta <= t.limit
+        return None if self.ratio is None else self.ratio >= t.limit
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d.update(delta=self.delta, ratio=self.ratio, met=self.met)
+        return d
+
+
+@dataclass(frozen=True)
+class Config:
+    warm_runs: int
+    cold_runs: int
+    idle: int
+    warmup: int
+    settle: float  # seconds to let memory settle before sampling it
+    quick: bool
+
+
+BenchFn = Callable[[Config], list[Result]]
+_REGISTRY: dict[str, BenchFn] = {}
+
+
+def benchmark(name: str) -> Callable[[BenchFn], BenchFn]:
+    """Register a benchmark; it runs in registration order and may return several rows."""
+
+    def register(fn: BenchFn) -> BenchFn:
+        if name in _REGISTRY:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+class BenchError(Exception):
+    """A benchmark could not run (as opposed to: ran and missed its target)."""
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _progress(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _time_ms(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    """Wall time of `runs` calls of `fn` in ms, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    out: list[float] = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _check_exec(sb: Sandbox) -> None:
+    r = sb.exec(["true"])
+    if r.exit_code != 0:
+        raise BenchError(f"`true` in a sandbox exited {r.exit_code}: {r.stderr!r}")
+
+
+def _wait_reaped(sandboxes: Sequence[Sandbox], timeout: float = 60.0) -> float:
+    """Wait until every sandbox's background teardown is done; seconds waited."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    for sb in sandboxes:
+        if not sb._reaped.wait(max(0.0, deadline - time.monotonic())):
+            raise BenchError(f"sandbox {sb.id} was not torn down within {timeout:g}s of close()")
+    return time.monotonic() - t0
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError("/proc/meminfo has no MemAvailable")
+
+
+def bwrap_argv(command: Sequence[str]) -> list[str] | None:
+    """bwrap with isolation close to a default sandbox's (all namespaces, read-only /usr), or None."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64"):
+        path = f"/{name}"
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--new-session", *command]
+    return argv
+
+
+def _run_ok(argv: list[str]) -> None:
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    if r.returncode != 0:
+        raise BenchError(f"{argv[0]} exited {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
+
+
+def _ensure_fds(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < needed:
+            raise BenchError(f"needs {needed} open files, RLIMIT_NOFILE hard limit is {hard}")
+
+
+def _ensure_pids(needed: int) -> None:
+    used = len(psutil.pids())
+    for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
+        with open(path) as f:
+            limit = int(f.read())
+        if limit - used < needed:
+            raise BenchError(f"needs {needed} more processes; {path} is {limit} and {used} are running")
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+
+@benchmark("warm_exec")
+def bench_warm_exec(cfg: Config) -> list[Result]:
+    _progress(f"warm exec: {cfg.warm_runs} runs each")
+    base = _time_ms(lambda: _run_ok(["true"]), cfg.warm_runs, cfg.warmup)
+    sb = Sandbox(keep_workspace=False)
+    try:
+        ours = _time_ms(lambda: _check_exec(sb), cfg.warm_runs, cfg.warmup)
+    finally:
+        sb.close(wait=True)
+    return [
+        Result(
+            key="warm_exec",
+            what="warm exec `true`",
+            unit="ms",
+            corral=Measure.of(ours),
+            baseline=Measure.of(base),
+            baseline_name="subprocess.run",
+            target=Target("max_delta", 2.0, "<= +2 ms"),
+        )
+    ]
+
+
+@benchmark("cold")
+def bench_cold(cfg: Config) -> list[Result]:
+    _progress(f"cold start: {cfg.cold_runs} runs each")
+    argv = bwrap_argv(["true"])
+    base: Measure | None = None
+    notes: dict[str, float | int | str] = {}
+    if argv is None:
+        notes["baseline"] = "bwrap not installed"
+    else:
+        try:
+            base = Measure.of(_time_ms(lambda: _run_ok(argv), cfg.cold_runs, cfg.warmup))
+        except BenchError as e:
+            notes["baseline"] = f"bwrap failed: {e}"
+
+    def cycle_wait() -> None:
+        sb = Sandbox(keep_workspace=False)
+        try:
+            _check_exec(sb)
+        finally:
+            sb.close(wait=True)
+
+    waited = _time_ms(cycle_wait, cfg.cold_runs, cfg.warmup)
+
+    # Default close: teardown continues on corral's reaper thread, overlapping the next runs, as it
+    # would in an agent loop. The backlog left at the end is drained untimed and reported.
+    closed: list[Sandbox] = []
+
+    def cycle() -> None:
+        sb = Sandbox(keep_workspace=False)
+        closed.append(sb)
+        try:
+            _check_exec(sb)
+        finally:
+            sb.close()
+
+    background = _time_ms(cycle, cfg.cold_runs, cfg.warmup)
+    drain = _wait_reaped(closed)
+    target = Target("max", 25.0, "< 25 ms")
+    base_name = "bwrap" if base is not None else None
+    return [
+        Result(
+            key="cold_close",
+            what="cold create+exec+close()",
+            unit="ms",
+            corral=Measure.of(background),
+            baseline=base,
+            baseline_name=base_name,
+            target=target,
+            notes={**notes, "teardown_backlog_drain_s": round(drain, 4)},
+        ),
+        Result(
+            key="cold_close_wait",
+            what="cold create+exec+close(wait=True)",
+            unit="ms",
+            corral=Measure.of(waited),
+            baseline=base,
+            baseline_name=base_name,
+            target=target,
+            notes=dict(notes),
+        ),
+    ]
+
+
+@benchmark("idle_memory")
+def bench_idle_memory(cfg: Config) -> list[Result]:
+    n = cfg.idle
+    if n <= 0:
+        return []
+    _progress(f"idle memory: opening {n} sandboxes")
+    _ensure_fds(8 * n + 1024)  # pidfd, control socket, seccomp notify fd per sandbox, plus headroom
+    _ensure_pids(n + 64)
+    Sandbox(keep_workspace=False).close(wait=True)  # load everything the first sandbox loads
+    gc.collect()
+    time.sleep(cfg.settle)
+    before = _mem_available()
+    sandboxes: list[Sandbox] = []
+    create_ms: list[float] = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            try:
+                sandboxes.append(Sandbox(keep_workspace=False))
+            except Exception as e:
+                raise BenchError(f"idle sandbox {i + 1} of {n}: {type(e).__name__}: {e}") from e
+            create_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            if (i + 1) % 100 == 0:
+                _progress(f"idle memory: {i + 1}/{n} open")
+        gc.collect()
+        time.sleep(cfg.settle)
+        after = _mem_available()
+        pss: list[float] = []
+        uss: list[float] = []
+        for sb in sandboxes:
+            assert sb._launched is not None
+            info = psutil.Process(sb._launched.init_pid).memory_full_info()
+            pss.append(info.pss / MIB)
+            uss.append(info.uss / MIB)
+        alive = sum(
+            1 for sb in sandboxes if sb._launched is not None and psutil.pid_exists(sb._launched.init_pid)
+        )
+    finally:
+        t0 = time.perf_counter_ns()
+        for sb in sandboxes:
+            sb.close()
+        close_s = (time.perf_counter_ns() - t0) / 1e9
+        _progress(f"idle memory: closed {len(sandboxes)}, waiting for teardown")
+        reap_s = _wait_reaped(sandboxes, timeout=max(60.0, 0.5 * len(sandboxes)))
+    tenth = max(1, n // 10)
+    notes: dict[str, float | int | str] = {
+        "sandboxes": n,
+        "alive_at_sample": alive,
+        "mem_available_drop_mib": round((before - after) / MIB, 1),
+        "create_ms_median": round(Measure.of(create_ms).median, 3),
+        "create_ms_p90": round(Measure.of(create_ms).p90, 3),
+        "create_ms_first_tenth_median": round(Measure.of(create_ms[:tenth]).median, 3),
+        "create_ms_last_tenth_median": round(Measure.of(create_ms[-tenth:]).median, 3),
+        "close_all_s": round(close_s, 3),
+        "teardown_all_s": round(reap_s, 3),
+    }
+    target = Target("max", 4.0, "< 4 MiB")
+    return [
+        Result(
+            key="idle_mem_available",
+            what=f"idle sandbox, host MemAvailable drop / {n}",
+            unit="MiB",
+            corral=Measure.single((before - after) / MIB / n),
+            target=target,
+            headline="mean",
+            notes=notes,
+        ),
+        Result(
+            key="idle_init_pss",
+            what=f"idle sandbox, init PSS (sum / {n})",
+            unit="MiB",
+            corral=Measure.of(pss),
+            target=target,
+            headline="mean",
+            notes={
+                "uss_mib_mean": round(Measure.of(uss).mean, 3),
+                "uss_mib_median": round(Measure.of(uss).median, 3),
+            },
+        ),
+    ]
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _fmt(value: float, unit: str) -> str:
+    digits = 3 if abs(value) < 10 else 1 if abs(value) < 1000 else 0
+    return f"{value:.{digits}f} {unit}"
+
+
+def _cell(r: Result, m: Measure | None) -> str:
+    if m is None:
+        return "-"
+    if m.n == 1:
+        return _fmt(r.value(m), r.unit)
+    stat = "" if r.headline == "median" else "mean "
+    return f"{stat}{_fmt(r.value(m), r.unit)} (p90 {_fmt(m.p90, '').strip()})"
+
+
+def _compare(r: Result) -> str:
+    if r.baseline is None or r.delta is None:
+        return "-"
+    ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+    if r.target.kind == "max_delta":
+        return f"{r.delta:+.3f} {r.unit}, {ratio}"
+    return f"{ratio}, {r.delta:+.3f} {r.unit}"
+
+
+def format_table(results: Sequence[Result]) -> str:
+    header = ("what", "corral median (p90)", "baseline median (p90)", "ratio / delta", "target", "met?")
+    rows = [header]
+    for r in results:
+        base = _cell(r, r.baseline)
+        if r.baseline_name and r.baseline is not None:
+            base = f"{base} {r.baseline_name}"
+        met = {True: "yes", False: "NO", None: "-"}[r.met]
+        rows.append((r.what, _cell(r, r.corral), base, _compare(r), r.target.text, met))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in results:
+        if r.notes:
+            lines.append(f"  {r.key}: " + ", ".join(f"{k}={v}" for k, v in r.notes.items()))
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "cpus": os.cpu_count(),
+        "memory_mib": psutil.virtual_memory().total // MIB,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "bwrap": shutil.which("bwrap"),
+    }
+
+
+# --- entry --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m corral.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, help="timed runs per row (default: 200 warm, 50 cold; --quick: 10/5)")
+    p.add_argument(
+        "--idle", type=int, help="idle sandboxes to open for the memory rows (default 100; 0 skips)"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--quick", action="store_true", help="few runs and short settling, for tests")
+    p.add_argument(
+        "--only", action="append", choices=list(_REGISTRY), help="run just this benchmark (repeatable)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(None if argv is None else [os.fspath(a) for a in argv])
+    if os.geteuid() != 0:
+        print("corral.bench: must run as root (sandboxes need namespaces, cgroups, mounts)", file=sys.stderr)
+        return 2
+    cfg = Config(
+        warm_runs=args.runs or (10 if args.quick else 200),
+        cold_runs=args.runs or (5 if args.quick else 50),
+        idle=args.idle if args.idle is not None else (5 if args.quick else 100),
+        warmup=2 if args.quick else 10,
+        settle=0.2 if args.quick else 2.0,
+        quick=args.quick,
+    )
+    results: list[Result] = []
+    errors: dict[str, str] = {}
+    for name, fn in _REGISTRY.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            results += fn(cfg)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+            _progress(f"{name} failed: {errors[name]}")
+    print(format_table(results))
+    for name, err in errors.items():
+        print(f"FAILED {name}: {err}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "machine": _machine(),
+                    "config": asdict(cfg),
+                    "results": [r.to_json() for r in results],
+                    "errors": errors,
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
