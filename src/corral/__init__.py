@@ -1,22 +1,54 @@
 """corral: permission-scoped Linux sandboxes for AI agents.
 
-Users import from here; everything else is private and may change.
+Users import from here; everything else is private and may change. Names are loaded on first use,
+so corral's small helper processes (the zygote that forks sandboxes) can import the isolation code
+without pulling in pydantic and the rest of the library.
 """
 
-from corral._errors import (
-    CorralError,
-    ExecError,
-    HostError,
-    PolicyError,
-    SandboxClosedError,
-    SandboxError,
-    SandboxStartError,
-)
-from corral.events import SCHEMA_VERSION, Deny, ExecExit, ExecStart, ProcessRef, SandboxStart, SandboxStop
-from corral.policy import Policy
-from corral.runtime import AsyncSandbox, ExecResult, Output, Sandbox
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral._errors import (
+        CorralError,
+        ExecError,
+        HostError,
+        PolicyError,
+        SandboxClosedError,
+        SandboxError,
+        SandboxStartError,
+    )
+    from corral.events import SCHEMA_VERSION, Deny, ExecExit, ExecStart, ProcessRef, SandboxStart, SandboxStop
+    from corral.policy import Policy
+    from corral.runtime import AsyncSandbox, ExecResult, Output, Sandbox
 
 __version__ = "0.1.0"
+
+_HOME = {
+    "corral._errors": [
+        "CorralError",
+        "ExecError",
+        "HostError",
+        "PolicyError",
+        "SandboxClosedError",
+        "SandboxError",
+        "SandboxStartError",
+    ],
+    "corral.events": [
+        "SCHEMA_VERSION",
+        "Deny",
+        "ExecExit",
+        "ExecStart",
+        "ProcessRef",
+        "SandboxStart",
+        "SandboxStop",
+    ],
+    "corral.policy": ["Policy"],
+    "corral.runtime": ["AsyncSandbox", "ExecResult", "Output", "Sandbox"],
+}
+_WHERE = {name: module for module, names in _HOME.items() for name in names}
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -40,3 +72,15 @@ __all__ = [
     "SandboxStop",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'corral' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -35,6 +35,7 @@ import psutil
 from corral.runtime.sandbox import Sandbox
 
 MIB = 1 << 20
+_START_ATTEMPTS = 3  # per idle sandbox
 
 # --- results ------------------------------------------------------------------------------------
 
@@ -170,6 +171,27 @@ def _time_ms(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
     return out
 
 
+def _open(failures: list[str], what: str) -> Sandbox:
+    """A new sandbox. A failed start is recorded in `failures` (shown in the row's notes) and retried,
+    so one flaky start does not lose a row; the same start failing repeatedly stops the benchmark."""
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        try:
+            return Sandbox(keep_workspace=False)
+        except Exception as e:
+            failures.append(f"{what}: {type(e).__name__}: {e}")
+            _progress(f"start failed (attempt {attempt}): {failures[-1]}")
+            if attempt == _START_ATTEMPTS:
+                raise BenchError(failures[-1]) from e
+    raise AssertionError("unreachable")
+
+
+def _failure_notes(failures: list[str]) -> dict[str, float | int | str]:
+    notes: dict[str, float | int | str] = {"start_failures_retried": len(failures)}
+    if failures:
+        notes["first_start_failure"] = failures[0]
+    return notes
+
+
 def _check_exec(sb: Sandbox) -> None:
     r = sb.exec(["true"])
     if r.exit_code != 0:
@@ -241,7 +263,8 @@ def _ensure_pids(needed: int) -> None:
 def bench_warm_exec(cfg: Config) -> list[Result]:
     _progress(f"warm exec: {cfg.warm_runs} runs each")
     base = _time_ms(lambda: _run_ok(["true"]), cfg.warm_runs, cfg.warmup)
-    sb = Sandbox(keep_workspace=False)
+    failures: list[str] = []
+    sb = _open(failures, "warm sandbox")
     try:
         ours = _time_ms(lambda: _check_exec(sb), cfg.warm_runs, cfg.warmup)
     finally:
@@ -255,6 +278,7 @@ def bench_warm_exec(cfg: Config) -> list[Result]:
             baseline=Measure.of(base),
             baseline_name="subprocess.run",
             target=Target("max_delta", 2.0, "<= +2 ms"),
+            notes=_failure_notes(failures),
         )
     ]
 
@@ -273,8 +297,11 @@ def bench_cold(cfg: Config) -> list[Result]:
         except BenchError as e:
             notes["baseline"] = f"bwrap failed: {e}"
 
+    failures_wait: list[str] = []
+    failures: list[str] = []
+
     def cycle_wait() -> None:
-        sb = Sandbox(keep_workspace=False)
+        sb = _open(failures_wait, "cold sandbox")
         try:
             _check_exec(sb)
         finally:
@@ -287,15 +314,17 @@ def bench_cold(cfg: Config) -> list[Result]:
     closed: list[Sandbox] = []
 
     def cycle() -> None:
-        sb = Sandbox(keep_workspace=False)
+        sb = _open(failures, "cold sandbox")
         closed.append(sb)
         try:
             _check_exec(sb)
         finally:
             sb.close()
 
-    background = _time_ms(cycle, cfg.cold_runs, cfg.warmup)
-    drain = _wait_reaped(closed)
+    try:
+        background = _time_ms(cycle, cfg.cold_runs, cfg.warmup)
+    finally:
+        drain = _wait_reaped(closed)
     target = Target("max", 25.0, "< 25 ms")
     base_name = "bwrap" if base is not None else None
     return [
@@ -307,7 +336,7 @@ def bench_cold(cfg: Config) -> list[Result]:
             baseline=base,
             baseline_name=base_name,
             target=target,
-            notes={**notes, "teardown_backlog_drain_s": round(drain, 4)},
+            notes={**notes, "teardown_backlog_drain_s": round(drain, 4), **_failure_notes(failures)},
         ),
         Result(
             key="cold_close_wait",
@@ -317,7 +346,7 @@ def bench_cold(cfg: Config) -> list[Result]:
             baseline=base,
             baseline_name=base_name,
             target=target,
-            notes=dict(notes),
+            notes={**notes, **_failure_notes(failures_wait)},
         ),
     ]
 
@@ -330,7 +359,8 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
     _progress(f"idle memory: opening {n} sandboxes")
     _ensure_fds(8 * n + 1024)  # pidfd, control socket, seccomp notify fd per sandbox, plus headroom
     _ensure_pids(n + 64)
-    Sandbox(keep_workspace=False).close(wait=True)  # load everything the first sandbox loads
+    failures: list[str] = []
+    _open(failures, "warm-up sandbox").close(wait=True)  # load everything the first sandbox loads
     gc.collect()
     time.sleep(cfg.settle)
     before = _mem_available()
@@ -339,10 +369,7 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
     try:
         for i in range(n):
             t0 = time.perf_counter_ns()
-            try:
-                sandboxes.append(Sandbox(keep_workspace=False))
-            except Exception as e:
-                raise BenchError(f"idle sandbox {i + 1} of {n}: {type(e).__name__}: {e}") from e
+            sandboxes.append(_open(failures, f"idle sandbox {i + 1} of {n}"))
             create_ms.append((time.perf_counter_ns() - t0) / 1e6)
             if (i + 1) % 100 == 0:
                 _progress(f"idle memory: {i + 1}/{n} open")
@@ -351,11 +378,13 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
         after = _mem_available()
         pss: list[float] = []
         uss: list[float] = []
+        charged: list[float] = []
         for sb in sandboxes:
-            assert sb._launched is not None
+            assert sb._launched is not None and sb._cgroup is not None
             info = psutil.Process(sb._launched.init_pid).memory_full_info()
             pss.append(info.pss / MIB)
             uss.append(info.uss / MIB)
+            charged.append(sb._cgroup.usage().memory_bytes / MIB)
         alive = sum(
             1 for sb in sandboxes if sb._launched is not None and psutil.pid_exists(sb._launched.init_pid)
         )
@@ -377,6 +406,7 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
         "create_ms_last_tenth_median": round(Measure.of(create_ms[-tenth:]).median, 3),
         "close_all_s": round(close_s, 3),
         "teardown_all_s": round(reap_s, 3),
+        **_failure_notes(failures),
     }
     target = Target("max", 4.0, "< 4 MiB")
     return [
@@ -399,6 +429,7 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
             notes={
                 "uss_mib_mean": round(Measure.of(uss).mean, 3),
                 "uss_mib_median": round(Measure.of(uss).median, 3),
+                "cgroup_memory_mib_mean": round(Measure.of(charged).mean, 3),
             },
         ),
     ]
@@ -448,14 +479,33 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict[str, object]:
-    return {
-        "cpus": os.cpu_count(),
-        "memory_mib": psutil.virtual_memory().total // MIB,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "bwrap": shutil.which("bwrap"),
-    }
+@dataclass(frozen=True)
+class Machine:
+    cpus: int | None
+    memory_mib: int
+    kernel: str
+    python: str
+    bwrap: str | None
+    loadavg: tuple[float, float, float]  # at the end of the run: others' load skews the numbers
+
+    @classmethod
+    def here(cls) -> Machine:
+        one, five, fifteen = os.getloadavg()
+        return cls(
+            cpus=os.cpu_count(),
+            memory_mib=psutil.virtual_memory().total // MIB,
+            kernel=platform.release(),
+            python=platform.python_version(),
+            bwrap=shutil.which("bwrap"),
+            loadavg=(round(one, 2), round(five, 2), round(fifteen, 2)),
+        )
+
+    def describe(self) -> str:
+        load = " ".join(f"{x:.2f}" for x in self.loadavg)
+        return (
+            f"corral bench: {self.cpus} CPUs, {self.memory_mib} MiB, kernel {self.kernel}, "
+            f"Python {self.python}; load average {load} (1/5/15 min, at the end)"
+        )
 
 
 # --- entry --------------------------------------------------------------------------------------
@@ -498,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"
             _progress(f"{name} failed: {errors[name]}")
+    machine = Machine.here()
+    print(machine.describe())
     print(format_table(results))
     for name, err in errors.items():
         print(f"FAILED {name}: {err}")
@@ -505,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(
                 {
-                    "machine": _machine(),
+                    "machine": asdict(machine),
                     "config": asdict(cfg),
                     "results": [r.to_json() for r in results],
                     "errors": errors,

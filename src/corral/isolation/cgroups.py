@@ -73,6 +73,7 @@ class SandboxCgroup(Protocol):
     def usage(self) -> Usage: ...
     def reset_peak(self) -> None: ...
     def pids(self) -> list[int]: ...
+    def empty(self) -> bool: ...
     def freeze(self) -> None: ...
     def thaw(self) -> None: ...
     def kill(self) -> None: ...
@@ -83,6 +84,9 @@ class Hierarchy(Protocol):
     version: int
 
     def create(self, name: str, limits: Limits) -> SandboxCgroup: ...
+    def existing(self) -> dict[str, SandboxCgroup]:
+        """Sandbox cgroups under corral's parent, by name (for sweeping what a dead supervisor left)."""
+        ...
 
 
 def _wait_until(done: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -150,6 +154,11 @@ class V2Cgroup:
     def pids(self) -> list[int]:
         return [int(p) for p in _read(f"{self.path}/cgroup.procs").split()]
 
+    def empty(self) -> bool:
+        return (
+            not os.path.exists(f"{self.path}/cgroup.procs") or not _read(f"{self.path}/cgroup.procs").strip()
+        )
+
     def freeze(self) -> None:
         _write(f"{self.path}/cgroup.freeze", "1")
         _wait_until(lambda: _keyed(f"{self.path}/cgroup.events", "frozen") == 1)
@@ -179,6 +188,13 @@ class V2Hierarchy:
             os.makedirs(self.parent, exist_ok=True)
             _write(f"{self.parent}/cgroup.subtree_control", " ".join(f"+{c}" for c in _V2_REQUIRED))
             self._prepared = True
+
+    def existing(self) -> dict[str, SandboxCgroup]:
+        try:
+            names = [e.name for e in os.scandir(self.parent) if e.is_dir()]
+        except FileNotFoundError:
+            return {}
+        return {n: V2Cgroup(f"{self.parent}/{n}") for n in names}
 
     def create(self, name: str, limits: Limits) -> V2Cgroup:
         self._prepare()
@@ -225,6 +241,12 @@ class V1Cgroup:
     def pids(self) -> list[int]:
         return [int(p) for p in _read(f"{self.paths['pids']}/cgroup.procs").split()]
 
+    def empty(self) -> bool:
+        return all(
+            not os.path.exists(f"{p}/cgroup.procs") or not _read(f"{p}/cgroup.procs").strip()
+            for p in self.paths.values()
+        )
+
     def freeze(self) -> None:
         state = f"{self.paths['freezer']}/freezer.state"
         _write(state, "FROZEN")
@@ -254,6 +276,15 @@ class V1Hierarchy:
 
     def __init__(self, mounts: dict[str, str], own: dict[str, str]) -> None:
         self.parents = {c: os.path.normpath(f"{mounts[c]}/{own.get(c, '/')}/corral") for c in _V1_CONTROLLERS}
+
+    def existing(self) -> dict[str, SandboxCgroup]:
+        names: set[str] = set()
+        for parent in self.parents.values():
+            try:
+                names.update(e.name for e in os.scandir(parent) if e.is_dir())
+            except FileNotFoundError:
+                pass
+        return {n: V1Cgroup({c: f"{p}/{n}" for c, p in self.parents.items()}) for n in names}
 
     def create(self, name: str, limits: Limits) -> V1Cgroup:
         paths = {c: f"{p}/{name}" for c, p in self.parents.items()}

@@ -1,7 +1,8 @@
 """The only module that forks: builds a sandbox from a Plan and runs its init.
 
-    supervisor ──fork──> A: join cgroup, unshare(mount,pid,ipc,uts,net,cgroup) ──fork──> B (PID 1)
-                         A reports B's pid and exits          B: mounts, hostname, loopback,
+    supervisor -(request)-> zygote -fork-> A: join cgroup, unshare(mount,pid,ipc,uts,net,cgroup)
+                                           A: fork B (PID 1), report B's pid, exit
+                                                              B: mounts, hostname, loopback,
                                                                  drop privileges, no_new_privs,
                                                                  Landlock, seccomp -> "ready"
                                                                  then serves exec requests
@@ -31,7 +32,10 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import termios
+import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -76,6 +80,43 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(data), list(fds)
 
 
+class _Zygote:
+    """A small helper process that forks every sandbox.
+
+    Forking the supervisor itself would copy a large, multi-threaded interpreter: each sandbox's init
+    would then dirty ~4 MiB of copied pages, and fork time would grow with the supervisor's heap. The
+    zygote imports only this package's isolation modules, so an idle init costs far less, and it
+    never has threads, so fork is safe. It exits when the supervisor's end of its socket closes.
+    Sandboxes don't depend on it once started: each talks to the supervisor over its own socket.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "corral.isolation.launcher", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        theirs.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+_zygote: _Zygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def _get_zygote() -> _Zygote:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            _zygote = _Zygote()
+        return _zygote
+
+
 def launch(
     plan: Plan,
     *,
@@ -85,19 +126,27 @@ def launch(
     notify: bool,
     setup_timeout: float = 10.0,
 ) -> Launched:
-    seccomp._lib()  # load libseccomp before forking: the children must not dlopen
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    rules = seccomp.default_rules()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
-        parent_sock.close()
-        _child_a(plan, child_sock, join_files, state_dir, landlock_abi, notify, rules)
-    child_sock.close()
     try:
-        _, status = os.waitpid(pid, 0)
+        request = {
+            "op": "launch",
+            "plan": plan.to_dict(),
+            "join_files": join_files,
+            "state_dir": state_dir,
+            "landlock_abi": landlock_abi,
+            "notify": notify,
+        }
+        try:
+            send(_get_zygote().sock, request, [child_sock.fileno()])
+        except OSError as e:
+            raise LaunchError("zygote", f"cannot reach corral's zygote process ({e})") from None
+        child_sock.close()
         parent_sock.settimeout(setup_timeout)
-        init_pid = -1
-        while True:
+        init_pid: int | None = None
+        notify_fd: int | None = None
+        ready = False
+        # "pid" comes from the intermediate child and "ready" from init: either may arrive first.
+        while init_pid is None or not ready:
             try:
                 msg, fds = recv(parent_sock)
             except TimeoutError:
@@ -105,18 +154,46 @@ def launch(
                     "setup", f"the sandbox did not finish setting up in {setup_timeout:g}s"
                 ) from None
             if msg is None:
-                raise LaunchError("setup", f"the sandbox's init exited during setup (status {status})")
+                raise LaunchError("setup", "the sandbox's init exited during setup")
             if msg["op"] == "error":
                 raise LaunchError(msg["step"], msg["error"])
             if msg["op"] == "pid":
                 init_pid = msg["pid"]
             elif msg["op"] == "ready":
-                parent_sock.settimeout(None)
-                pidfd = os.pidfd_open(init_pid)
-                return Launched(init_pid, pidfd, parent_sock, fds[0] if fds else None)
+                ready = True
+                notify_fd = fds[0] if fds else None
+        parent_sock.settimeout(None)
+        return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd)
     except BaseException:
         parent_sock.close()
+        child_sock.close()
         raise
+
+
+def _zygote_main(fd: int) -> NoReturn:
+    sock = socket.socket(fileno=fd)
+    seccomp._lib()  # load libseccomp once, before any fork: the children must not dlopen
+    rules = seccomp.default_rules()
+    gc.freeze()
+    while True:
+        msg, fds = recv(sock)
+        if msg is None:
+            os._exit(0)  # the supervisor is gone
+        child = socket.socket(fileno=fds[0])
+        try:
+            plan = Plan.from_dict(msg["plan"])
+            pid = os.fork()
+        except BaseException as e:
+            send(child, {"op": "error", "step": "fork", "error": str(e)})
+            child.close()
+            continue
+        if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
+            sock.close()
+            _child_a(
+                plan, child, msg["join_files"], msg["state_dir"], msg["landlock_abi"], msg["notify"], rules
+            )
+        child.close()
+        os.waitpid(pid, 0)
 
 
 # --- the children (everything below runs after fork, in the sandbox's new namespaces) -----------
@@ -344,3 +421,7 @@ def _reap(sock: socket.socket, running: dict[int, int]) -> None:
         rid = running.pop(pid, None)
         if rid is not None:
             send(sock, {"op": "exit", "id": rid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+
+
+if __name__ == "__main__":
+    _zygote_main(int(sys.argv[1]))

@@ -11,10 +11,13 @@ from __future__ import annotations
 import glob
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from corral.isolation import _linux
-from corral.policy import Policy
+
+if TYPE_CHECKING:
+    from corral.policy import Policy
 
 WORKSPACE = "/workspace"
 
@@ -111,6 +114,9 @@ class Device:
 
 
 MountOp = Mkdir | Symlink | Bind | HideDir | HideFile | ReplaceFile
+_OPS: dict[str, type[MountOp]] = {
+    t.__name__: t for t in (Mkdir, Symlink, Bind, HideDir, HideFile, ReplaceFile)
+}
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,22 @@ class Plan:
     max_processes: int
     landlock: bool
     degrade: frozenset[str] = field(default_factory=frozenset)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data, to hand the plan to the zygote process that forks the sandbox."""
+        data = asdict(self)
+        data["root_ops"] = [[type(op).__name__, asdict(op)] for op in self.root_ops]
+        data["degrade"] = sorted(self.degrade)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        data["root_ops"] = tuple(_OPS[name](**fields) for name, fields in data["root_ops"])
+        data["devices"] = tuple(Device(**d) for d in data["devices"])
+        data["writable"] = tuple(data["writable"])
+        data["degrade"] = frozenset(data["degrade"])
+        return cls(**data)
 
     def describe(self) -> list[str]:
         """One human-readable line per step, in execution order."""

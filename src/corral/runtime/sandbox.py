@@ -10,6 +10,7 @@ sandboxes may run in parallel. `close()` may be called from any thread, also whi
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import queue
@@ -52,7 +53,36 @@ def _cgroup_hierarchy() -> cgroups.Hierarchy:
     with _hierarchy_lock:
         if _hierarchy is None:
             _hierarchy = cgroups.detect()
+            _sweep_stale(_hierarchy)
         return _hierarchy
+
+
+def _sweep_stale(hierarchy: cgroups.Hierarchy, min_age: float = 60.0) -> None:
+    """Remove the cgroups and state directories of sandboxes whose supervisor died.
+
+    Their processes are already gone (init exits when its supervisor's socket closes); only empty
+    directories remain. Anything younger than `min_age` may belong to a sandbox another supervisor is
+    creating right now, so it is left alone.
+    """
+    now = time.time()
+    groups = hierarchy.existing()
+    try:
+        states = set(os.listdir(STATE_ROOT))
+    except FileNotFoundError:
+        states = set()
+    for name in states | set(groups):
+        state = f"{STATE_ROOT}/{name}"
+        try:
+            if now - os.stat(state if name in states else groups[name].path).st_mtime < min_age:
+                continue
+            cg = groups.get(name)
+            if cg is not None:
+                if not cg.empty():
+                    continue
+                cg.remove(timeout=0)
+            shutil.rmtree(state, ignore_errors=True)
+        except OSError:
+            continue  # in use, or removed by someone else meanwhile
 
 
 def _allocate_uid() -> int:
@@ -134,6 +164,12 @@ class _Reaper:
                 self._thread.start()
         self._queue.put(fn)
 
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every teardown submitted so far has finished."""
+        done = threading.Event()
+        self.submit(done.set)
+        done.wait(timeout)
+
     def _run(self) -> None:
         while True:
             fn = self._queue.get()
@@ -144,6 +180,19 @@ class _Reaper:
 
 
 _reaper = _Reaper()
+_open: set[Sandbox] = set()
+_open_lock = threading.Lock()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # The reaper is a daemon thread: without this, an interpreter that exits right after close()
+    # would leave cgroups and state directories behind.
+    with _open_lock:
+        leftover = list(_open)
+    for sb in leftover:
+        sb.close()
+    _reaper.drain()
 
 
 class Sandbox:
@@ -247,6 +296,8 @@ class Sandbox:
             if isinstance(e, HostError):
                 raise
             raise SandboxStartError(f"sandbox {self.id}: {step}: {e}") from e
+        with _open_lock:
+            _open.add(self)
         sup = _supervisor.get()
         self._lifetime_timer = sup.call_at(
             time.monotonic() + self.policy.resources.lifetime, lambda: self._terminate("lifetime")
@@ -288,6 +339,8 @@ class Sandbox:
             if self._closed is not None:
                 return
             self._closed = reason
+        with _open_lock:
+            _open.discard(self)
         if reason == "lifetime":
             self._emit(
                 Deny(
@@ -364,10 +417,6 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", "x") is None:
-            self.close()
 
     @property
     def closed(self) -> bool:
