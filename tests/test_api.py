@@ -18,6 +18,7 @@ def test_all_is_complete_and_importable() -> None:
         "policy",
         "runtime",
         "cli",
+        "bench",
     }
     assert public <= set(corral.__all__) | {"annotations"}
     for name in corral.__all__:

@@ -55,6 +55,9 @@ class SandboxStop(_Base):
     reason: Literal["closed", "lifetime", "failed"]
     duration: float = Field(description="seconds since start")
     leftover: list[ProcessRef] = Field(default_factory=list, description="processes killed by the close")
+    error: str = Field(
+        "", description="what went wrong while closing (e.g. saving the workspace), if anything"
+    )
 
 
 class ExecStart(_Base):

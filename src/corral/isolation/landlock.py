@@ -63,7 +63,9 @@ def apply_in_child(writable: list[str], abi: int) -> None:
     try:
         read_only = EXECUTE | READ_FILE | READ_DIR
         device_rw = READ_FILE | WRITE_FILE | READ_DIR | (TRUNCATE | IOCTL_DEV) & handled
-        rules = [("/", read_only), ("/dev", device_rw)] + [(p, handled) for p in writable]
+        # /dev/shm is where POSIX shared memory and semaphores live (multiprocessing needs it).
+        rules = [("/", read_only), ("/dev", device_rw), ("/dev/shm", handled)]
+        rules += [(p, handled) for p in writable]
         for path, access in rules:
             _allow(fd, path, access & handled)
         rc = L.syscall(L.SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0))

@@ -99,6 +99,8 @@ _SCMP_CMP_MASKED_EQ = 7
 _SCMP_FLTATR_CTL_NNP = 3
 _SCMP_FLTATR_ACT_BADARCH = 2
 
+_AF_INET = 2
+_AF_INET6 = 10
 _AF_PACKET = 17
 _SOCK_RAW = 3
 _TIOCSTI = 0x5412  # push bytes into a terminal's input queue: the classic sandbox-to-host escape
@@ -155,7 +157,12 @@ def default_rules() -> list[Rule]:
     # Namespace creation through clone(2) is refused by flag; plain fork/threads stay allowed.
     rules += [Rule("clone", ((0, _SCMP_CMP_MASKED_EQ, flag, flag),)) for flag in _NAMESPACE_CLONE_FLAGS]
     rules.append(Rule("socket", ((0, _SCMP_CMP_EQ, _AF_PACKET, 0),)))
-    rules.append(Rule("socket", ((1, _SCMP_CMP_MASKED_EQ, 0xF, _SOCK_RAW),)))
+    # Raw IP sockets (ping sweeps, packet forging); raw netlink sockets are how `ip` and `ss` talk to
+    # the kernel about the sandbox's own network namespace, and stay allowed.
+    rules += [
+        Rule("socket", ((0, _SCMP_CMP_EQ, family, 0), (1, _SCMP_CMP_MASKED_EQ, 0xF, _SOCK_RAW)))
+        for family in (_AF_INET, _AF_INET6)
+    ]
     # ioctl's request is an int; compare the low 32 bits so high garbage can't slip past.
     rules.append(Rule("ioctl", ((1, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCSTI),)))
     rules.append(Rule("ioctl", ((1, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCLINUX),)))

@@ -11,6 +11,7 @@ import heapq
 import itertools
 import os
 import selectors
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -89,7 +90,16 @@ class Supervisor:
                         continue
                     note = seccomp.receive(key.fd)
                     if note is not None:
-                        key.data(note)
+                        try:
+                            key.data(note)
+                        except Exception as e:
+                            # One sandbox's failure must not park its caller forever, nor stop this
+                            # thread, which every other sandbox depends on.
+                            _report("handling a refused syscall", e)
+                            try:
+                                seccomp.respond_error(key.fd, note.id)
+                            except OSError:
+                                pass
             due: list[Callable[[], None]] = []
             with self._lock:
                 now = time.monotonic()
@@ -100,7 +110,14 @@ class Supervisor:
                     else:
                         due.append(fn)
             for fn in due:
-                fn()
+                try:
+                    fn()
+                except Exception as e:
+                    _report("a sandbox timer", e)
+
+
+def _report(what: str, error: BaseException) -> None:
+    print(f"corral: supervisor: {what} failed: {error!r}", file=sys.stderr)
 
 
 _instance: Supervisor | None = None

@@ -18,7 +18,6 @@ import secrets
 import selectors
 import shutil
 import signal
-import stat
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
 from corral.isolation import plan as planning
 from corral.policy import Policy
-from corral.runtime import _supervisor
+from corral.runtime import _fscopy, _supervisor
 
 STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
@@ -299,9 +298,7 @@ class Sandbox:
         with _open_lock:
             _open.add(self)
         sup = _supervisor.get()
-        self._lifetime_timer = sup.call_at(
-            time.monotonic() + self.policy.resources.lifetime, lambda: self._terminate("lifetime")
-        )
+        self._lifetime_timer = sup.call_at(time.monotonic() + self.policy.resources.lifetime, self._expire)
         r = self.policy.resources
         self._emit(
             SandboxStart(
@@ -334,6 +331,11 @@ class Sandbox:
         if wait:
             self._reaped.wait()
 
+    def _expire(self) -> None:
+        # Saving a large workspace takes a while; the supervisor thread serves every sandbox's
+        # refused calls, so the close runs on a thread of its own.
+        threading.Thread(target=self._terminate, args=("lifetime",), name=f"corral-expire-{self.id}").start()
+
     def _terminate(self, reason: Literal["closed", "lifetime", "failed"]) -> None:
         with self._state_lock:
             if self._closed is not None:
@@ -354,6 +356,7 @@ class Sandbox:
         if self._lifetime_timer is not None:
             _supervisor.get().cancel(self._lifetime_timer)
         leftover: list[ProcessRef] = []
+        error = ""
         if self._launched is not None and self._cgroup is not None:
             init = self._launched.init_pid
             frozen = False
@@ -364,6 +367,9 @@ class Sandbox:
                 leftover = [_process_ref(p) for p in self._cgroup.pids() if p != init]
                 if self._keep_workspace:
                     self._copy_out()
+            except OSError as e:
+                # A failed save must not stop the kill and the cleanup; the stop event says what failed.
+                error = f"saving the workspace to {self.workspace} failed: {e}"
             finally:
                 # Init's death makes the kernel kill every other process in its PID namespace.
                 try:
@@ -374,7 +380,11 @@ class Sandbox:
                     self._cgroup.thaw()  # frozen tasks only act on SIGKILL once thawed
         self._emit(
             SandboxStop(
-                sandbox=self.id, reason=reason, duration=time.monotonic() - self._started, leftover=leftover
+                sandbox=self.id,
+                reason=reason,
+                duration=time.monotonic() - self._started,
+                leftover=leftover,
+                error=error,
             )
         )
         _reaper.submit(self._teardown)
@@ -436,19 +446,8 @@ class Sandbox:
                 os.lchown(os.path.join(root, name), self.uid, self.uid)
 
     def _copy_out(self) -> None:
-        """Save /workspace to the host. Runs with every sandbox process frozen, so nothing can swap a
-        path for a symlink while we copy; symlinks are copied as links, never followed; only regular
-        files and directories are copied, without setuid/setgid bits."""
-        src = self._sandbox_path(planning.WORKSPACE)
-
-        def copy_regular(s: str, d: str) -> None:
-            st = os.lstat(s)
-            if stat.S_ISREG(st.st_mode):
-                shutil.copyfile(s, d, follow_symlinks=False)
-                os.chmod(d, stat.S_IMODE(st.st_mode) & 0o777)
-
-        os.makedirs(self.workspace, mode=0o755, exist_ok=True)
-        shutil.copytree(src, self.workspace, symlinks=True, dirs_exist_ok=True, copy_function=copy_regular)
+        """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`)."""
+        _fscopy.mirror(self._sandbox_path(planning.WORKSPACE), self.workspace)
 
     # --- events ------------------------------------------------------------------------------
 
@@ -464,15 +463,13 @@ class Sandbox:
             return list(self._events)
 
     def _on_seccomp(self, note: seccomp.Notification) -> None:
-        # Runs on the supervisor thread while the caller is parked in the kernel: read its identity
-        # first (it cannot exit or exec meanwhile), then refuse the call.
+        # Runs on the supervisor thread while the caller is parked in the kernel, so its identity is
+        # read before it can exec anything else. The event is recorded before the call is answered:
+        # the command can't then finish (and its result be built) without its own denials.
         proc = _process_ref(note.pid)
         assert self._launched is not None and self._launched.notify_fd is not None
-        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
-        detail = ""
-        if name in ("clone", "socket", "ioctl"):
-            detail = f"args {note.args[0]:#x} {note.args[1]:#x}"
+        detail = f"args {note.args[0]:#x} {note.args[1]:#x}" if name in ("clone", "socket", "ioctl") else ""
         self._emit(
             Deny(
                 sandbox=self.id,
@@ -483,6 +480,7 @@ class Sandbox:
                 detail=detail,
             )
         )
+        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -637,6 +635,10 @@ class _Run:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             child_fds = [in_r, out_w, err_w]
+            for fd in child_fds:
+                # The agent's uid must own its pipes, or `echo x > /dev/stderr` (a reopen through
+                # /proc/self/fd) is refused.
+                os.fchown(fd, sb.uid, sb.uid)
             to_close += [in_r, out_w, err_w]
             sel.register(out_r, selectors.EVENT_READ, "stdout")
             sel.register(err_r, selectors.EVENT_READ, "stderr")
