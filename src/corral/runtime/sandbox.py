@@ -69,6 +69,16 @@ def _sweep_stale(hierarchy: cgroups.Hierarchy, min_age: float = 60.0) -> None:
         states = set(os.listdir(STATE_ROOT))
     except FileNotFoundError:
         states = set()
+    for name in [n for n in states if n.startswith("uid-")]:
+        link = f"{STATE_ROOT}/{name}"
+        try:
+            if now - os.lstat(link).st_mtime >= min_age and not os.path.exists(
+                f"{STATE_ROOT}/{os.readlink(link)}"
+            ):
+                os.unlink(link)
+        except OSError:
+            continue
+    states = {n for n in states if not n.startswith("uid-")}
     for name in states | set(groups):
         state = f"{STATE_ROOT}/{name}"
         try:
@@ -84,13 +94,34 @@ def _sweep_stale(hierarchy: cgroups.Hierarchy, min_age: float = 60.0) -> None:
             continue  # in use, or removed by someone else meanwhile
 
 
-def _allocate_uid() -> int:
+def _allocate_uid(sandbox_id: str) -> int:
+    """A uid no other sandbox on this host uses, from any supervisor process.
+
+    The claim is a symlink /run/corral/uid-N -> <sandbox id>, created atomically; two supervisors
+    (say, Ray workers on one node) can't both win it. Sandboxes of one uid could signal each other
+    and would share per-user kernel limits.
+    """
+    os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
     with _hierarchy_lock:
         while True:
             uid = _UID_BASE + secrets.randbelow(1_000_000)
-            if uid not in _uids_in_use:
-                _uids_in_use.add(uid)
-                return uid
+            if uid in _uids_in_use:
+                continue
+            try:
+                os.symlink(sandbox_id, f"{STATE_ROOT}/uid-{uid}")
+            except FileExistsError:
+                continue
+            _uids_in_use.add(uid)
+            return uid
+
+
+def _release_uid(uid: int) -> None:
+    with _hierarchy_lock:
+        _uids_in_use.discard(uid)
+    try:
+        os.unlink(f"{STATE_ROOT}/uid-{uid}")
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -260,7 +291,7 @@ class Sandbox:
                 "version does not have yet; use `egress: []` for a sandbox without network"
             )
         hierarchy = _cgroup_hierarchy()
-        self.uid = _allocate_uid()
+        self.uid = _allocate_uid(self.id)
         step = "plan"
         try:
             plan = planning.build(self.policy, uid=self.uid, gid=self.uid, sandbox_id=self.id)
@@ -412,8 +443,8 @@ class Sandbox:
                 self._cgroup.remove()
                 self._cgroup = None
             shutil.rmtree(self._state_dir, ignore_errors=True)
-            with _hierarchy_lock:
-                _uids_in_use.discard(getattr(self, "uid", -1))
+            if hasattr(self, "uid"):
+                _release_uid(self.uid)
             if self._sink is not None and self._exec_lock.acquire(blocking=False):
                 try:
                     self._sink.close()
