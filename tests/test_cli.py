@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from corral.events import parse_event
@@ -165,3 +166,30 @@ def test_shell_is_interactive_through_a_pty() -> None:
     assert b"inside-42" in out, out
     assert b"terminal-6" in out, out  # a terminal of its own: a pty, never the host's
     assert os.waitstatus_to_exitcode(status) == 5
+
+
+@pytest.mark.root
+def test_sigterm_closes_the_sandbox_and_exits_143() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "corral.cli",
+            "run",
+            "--policy",
+            OFFLINE,
+            "--",
+            "sh",
+            "-c",
+            "echo up; sleep 100 & sleep 100",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    proc.terminate()
+    assert proc.wait(timeout=10) == 143
+    proc.stdout.close()
+    deadline = time.monotonic() + 5
+    while any(p.info["cmdline"] == ["sleep", "100"] for p in psutil.process_iter(["cmdline"])):
+        assert time.monotonic() < deadline, "processes of a terminated `corral run` are still running"
+        time.sleep(0.05)

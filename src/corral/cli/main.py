@@ -165,9 +165,15 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the sandbox is closed and its events flushed.
-    raise KeyboardInterrupt
+    raise _Stopped(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CORRAL_FAILED
     except CorralError as e:
         return _fail(str(e))
+    except _Stopped as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except OSError as e:
