@@ -10,12 +10,12 @@ sandboxes created in this process during the test are checked, not every new ent
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from corral.runtime.sandbox import Sandbox
+from helpers import wait_until as _wait_until
 
 STATE_ROOT = "/run/corral"
 _REAP_GRACE = 5.0  # sandboxes are torn down by a background thread; give it this long
@@ -62,15 +62,6 @@ def cgroup_dirs(sandbox_id: str) -> list[str]:
 @pytest.fixture(name="cgroup_dirs")
 def cgroup_dirs_fixture() -> Callable[[str], list[str]]:
     return cgroup_dirs
-
-
-def _wait_until(done: Callable[[], bool], timeout: float = _REAP_GRACE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture(scope="session")

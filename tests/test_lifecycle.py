@@ -22,6 +22,7 @@ import pytest
 import corral
 from corral import AsyncSandbox, ExecExit, ExecResult, Output, Policy, Sandbox
 from corral.events import parse_event
+from helpers import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -50,15 +51,6 @@ def live_processes_of(uid: int) -> list[psutil.Process]:
         ):
             found.append(p)
     return found
-
-
-def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
