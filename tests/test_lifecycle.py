@@ -474,3 +474,12 @@ def test_keep_workspace_false_saves_nothing(sb: Sandbox) -> None:
     sb.exec("echo gone > result.txt")
     sb.close(wait=True)
     assert not os.path.exists(f"{WORKSPACE_ROOT}/{sb.id}")
+
+
+def test_closed_sandbox_leaves_no_zombie() -> None:
+    sb = Sandbox(keep_workspace=False)
+    assert sb._launched is not None
+    init = sb._launched.init_pid
+    sb.close(wait=True)
+    # corral's zygote is the init's subreaper and reaps it; no reliance on the host's PID 1.
+    assert wait_until(lambda: not os.path.exists(f"/proc/{init}")), f"init {init} was not reaped"

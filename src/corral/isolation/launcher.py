@@ -172,6 +172,10 @@ def launch(
 
 def _zygote_main(fd: int) -> NoReturn:
     sock = socket.socket(fileno=fd)
+    # Each sandbox's init is orphaned when its parent (A) exits. As a subreaper the zygote inherits
+    # and reaps them, instead of relying on the host's PID 1 to (a container's PID 1 often doesn't).
+    L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGCHLD, _reap_all)
     seccomp._lib()  # load libseccomp once, before any fork: the children must not dlopen
     rules = seccomp.default_rules()
     gc.freeze()
@@ -193,7 +197,16 @@ def _zygote_main(fd: int) -> NoReturn:
                 plan, child, msg["join_files"], msg["state_dir"], msg["landlock_abi"], msg["notify"], rules
             )
         child.close()
-        os.waitpid(pid, 0)
+
+
+def _reap_all(_signum: int, _frame: object) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 # --- the children (everything below runs after fork, in the sandbox's new namespaces) -----------
