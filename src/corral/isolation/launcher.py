@@ -23,6 +23,7 @@ Control protocol: JSON messages on a SOCK_SEQPACKET socketpair, file descriptors
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import gc
 import json
@@ -107,6 +108,19 @@ class _Zygote:
 
 _zygote: _Zygote | None = None
 _zygote_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_zygote() -> None:
+    # Closing our end makes the zygote exit; wait for it so no process outlives the interpreter.
+    with _zygote_lock:
+        if _zygote is not None:
+            _zygote.sock.close()
+            try:
+                _zygote.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _zygote.proc.kill()
+                _zygote.proc.wait()
 
 
 def _get_zygote() -> _Zygote:
