@@ -153,6 +153,21 @@ class Output:
     data: bytes
 
 
+def _live_processes(pids: list[int]) -> list[ProcessRef]:
+    """ProcessRefs of those pids that are still running (not exited, not a zombie awaiting init)."""
+    refs = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        ref = _process_ref(pid)
+        if ref.cmdline or ref.exe:
+            refs.append(ref)
+    return refs
+
+
 def _process_ref(pid: int) -> ProcessRef:
     try:
         p = psutil.Process(pid)
@@ -395,7 +410,7 @@ class Sandbox:
                 if self._keep_workspace:
                     self._cgroup.freeze()  # nothing may change the workspace while we save it
                     frozen = True
-                leftover = [_process_ref(p) for p in self._cgroup.pids() if p != init]
+                leftover = _live_processes([p for p in self._cgroup.pids() if p != init])
                 if self._keep_workspace:
                     self._copy_out()
             except OSError as e:
@@ -770,7 +785,7 @@ class _Run:
             after = cgroup.usage()
             peak = after.memory_peak_bytes
             self._budget_denials(exec_id, before, after, timed_out)
-            leftover = [_process_ref(p) for p in cgroup.pids() if p not in pids_before]
+            leftover = _live_processes([p for p in cgroup.pids() if p not in pids_before])
         sb._emit(
             ExecExit(
                 sandbox=sb.id,
