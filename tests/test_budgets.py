@@ -140,7 +140,7 @@ def test_disk_budget_gives_enospc_and_is_reported() -> None:
     with Sandbox(budget(disk="16MiB"), keep_workspace=False) as sb:
         r = sb.exec("dd if=/dev/zero of=big bs=1M count=100", text=True)
         assert r.exit_code != 0 and "No space left on device" in str(r.stderr), show(r)
-        assert len(denials(r, "cgroup", "disk")) == 1, show(r)
+        assert len(denials(r, "storage", "disk")) == 1, show(r)
         r = sb.exec("rm big && echo fine > small && cat small", text=True)
         assert r.stdout == "fine\n", show(r)
 

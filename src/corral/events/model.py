@@ -83,7 +83,7 @@ class ExecExit(_Base):
 
 class Deny(_Base):
     type: Literal["deny"] = "deny"
-    layer: Literal["seccomp", "landlock", "cgroup", "timeout", "lifetime", "egress", "dns"]
+    layer: Literal["seccomp", "landlock", "cgroup", "storage", "timeout", "lifetime", "egress", "dns"]
     what: str = Field(
         description="the refused syscall, or the budget: memory, processes, disk, timeout, lifetime"
     )

@@ -847,7 +847,7 @@ class _Run:
                 sb._emit(
                     Deny(
                         sandbox=sb.id,
-                        layer="cgroup",
+                        layer="storage",
                         what="disk",
                         exec=exec_id,
                         detail=f"disk budget of {r.disk} bytes is full",
