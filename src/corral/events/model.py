@@ -92,7 +92,40 @@ class Deny(_Base):
     detail: str = ""
 
 
-Event = Annotated[SandboxStart | SandboxStop | ExecStart | ExecExit | Deny, Field(discriminator="type")]
+class NetConnect(_Base):
+    """A TCP connection the sandbox opened, as the egress proxy saw it (emitted when it ends)."""
+
+    type: Literal["net.connect"] = "net.connect"
+    destination: str = Field(description="the address the program connected to (a synthetic one for names)")
+    port: int
+    name: str | None = Field(None, description="the DNS name it asked for, or the CONNECT target")
+    address: str | None = Field(None, description="the checked address corral connected to, if it did")
+    protocol: str = Field(description="tls, http, ssh, stratum or unknown, from the first bytes")
+    sni: str | None = Field(None, description="TLS server name or HTTP Host the client sent")
+    decision: Literal["allow", "deny"]
+    reason: str
+    via: Literal["transparent", "proxy"] = Field(description="caught in flight, or through HTTP(S)_PROXY")
+    bytes_out: int = 0
+    bytes_in: int = 0
+    duration: float = 0.0
+    exec: int | None = None
+    process: ProcessRef | None = None
+
+
+class DnsQuery(_Base):
+    type: Literal["dns.query"] = "dns.query"
+    name: str
+    qtype: str = Field(description="A, AAAA, TXT, ...")
+    decision: Literal["allow", "deny"]
+    answer: list[str] = Field(default_factory=list, description="addresses returned (synthetic, see docs)")
+    exec: int | None = None
+    process: ProcessRef | None = None
+
+
+Event = Annotated[
+    SandboxStart | SandboxStop | ExecStart | ExecExit | Deny | NetConnect | DnsQuery,
+    Field(discriminator="type"),
+]
 _adapter: TypeAdapter[Any] = TypeAdapter(Event)
 
 

@@ -40,6 +40,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from corral.egress import netns
 from corral.isolation import _linux as L
 from corral.isolation import landlock, mounts, seccomp
 from corral.isolation.plan import Plan
@@ -54,6 +55,7 @@ class Launched:
     pidfd: int
     control: socket.socket
     notify_fd: int | None
+    fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG (see egress.netns)
 
 
 class LaunchError(Exception):
@@ -73,7 +75,7 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None)
 def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and the fds that came with it; (None, []) when the other side is gone."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 8)
     except (ConnectionResetError, OSError):
         return None, []
     if not data:
@@ -158,6 +160,7 @@ def launch(
         parent_sock.settimeout(setup_timeout)
         init_pid: int | None = None
         notify_fd: int | None = None
+        fence_fds: list[int] = []
         ready = False
         # "pid" comes from the intermediate child and "ready" from init: either may arrive first.
         while init_pid is None or not ready:
@@ -173,11 +176,12 @@ def launch(
                 raise LaunchError(msg["step"], msg["error"])
             if msg["op"] == "pid":
                 init_pid = msg["pid"]
+                fence_fds = fds
             elif msg["op"] == "ready":
                 ready = True
                 notify_fd = fds[0] if fds else None
         parent_sock.settimeout(None)
-        return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd)
+        return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd, fence_fds)
     except BaseException:
         parent_sock.close()
         child_sock.close()
@@ -190,7 +194,8 @@ def _zygote_main(fd: int) -> NoReturn:
     # and reaps them, instead of relying on the host's PID 1 to (a container's PID 1 often doesn't).
     L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, _reap_all)
-    seccomp._lib()  # load libseccomp once, before any fork: the children must not dlopen
+    seccomp._lib()  # load libseccomp and libnftables once, before any fork: children must not dlopen
+    netns.preload()
     rules = seccomp.default_rules()
     gc.freeze()
     while True:
@@ -253,7 +258,13 @@ def _child_a(
         pid = os.fork()
         if pid == 0:
             _child_b(plan, sock, state_dir, landlock_abi, notify, rules)
-        send(sock, {"op": "pid", "pid": pid})
+        # The network fence is set up here, in the short-lived intermediate child, while init
+        # builds the mounts: libnftables' allocations then die with this process instead of
+        # staying in every idle sandbox's init.
+        step = "network fence"
+        _loopback_up()
+        fence = netns.apply_in_child()
+        send(sock, {"op": "pid", "pid": pid}, fence.fds())
     except BaseException as e:
         _fail(sock, step, e)
     os._exit(0)
@@ -279,8 +290,6 @@ def _child_b(
         L.set_cmdline("corral-init")
         step = "hostname"
         socket.sethostname(plan.hostname)
-        step = "loopback"
-        _loopback_up()
         step = "privileges"
         L.drop_capability_bounding_set()
         os.setgroups([])

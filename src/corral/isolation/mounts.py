@@ -32,6 +32,8 @@ def prepare_host(state_dir: str, uid: int, gid: int) -> None:
         )
     with open(f"{state_dir}/group", "w") as f:
         f.write(f"root:x:0:\nagent:x:{gid}:\nnogroup:x:65534:\n")
+    with open(f"{state_dir}/resolv.conf", "w") as f:
+        f.write("nameserver 127.0.0.1\noptions ndots:0 attempts:1\n")
     # The target of every hidden file: empty, and unreadable even by its owner.
     fd = os.open(f"{state_dir}/empty", os.O_CREAT | os.O_WRONLY, 0o000)
     os.close(fd)

@@ -251,6 +251,9 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
     # The agent's user must resolve to a name (whoami, ssh, pip and git look it up).
     ops.append(ReplaceFile("/etc/passwd", "passwd"))
     ops.append(ReplaceFile("/etc/group", "group"))
+    if os.path.isfile(host_root + "/etc/resolv.conf") and not os.path.islink(host_root + "/etc/resolv.conf"):
+        # Every lookup goes to corral's resolver in the sandbox's own network namespace.
+        ops.append(ReplaceFile("/etc/resolv.conf", "resolv.conf"))
 
     devices = [Device(name, major, minor) for name, major, minor in _BASE_DEVICES]
     devices.extend(gpu_devices(policy.gpu, host_root))

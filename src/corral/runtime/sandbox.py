@@ -29,6 +29,8 @@ from typing import Literal
 import psutil
 
 from corral._errors import HostError, SandboxClosedError, SandboxStartError
+from corral.egress import netns
+from corral.egress.service import Fence, Upstream
 from corral.events import Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
@@ -38,6 +40,17 @@ from corral.runtime import _fscopy, _supervisor
 
 STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
+_PROXY = f"http://127.0.0.1:{netns.PROXY_PORT}"
+# Programs that honour proxy variables name their destination to the proxy (CONNECT host:port);
+# everything else is caught in flight anyway. The policy's env may override these.
+_PROXY_ENV = {
+    **{
+        k: _PROXY
+        for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+    },
+    "NO_PROXY": "localhost,127.0.0.1,::1",
+    "no_proxy": "localhost,127.0.0.1,::1",
+}
 _UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
@@ -257,6 +270,7 @@ class Sandbox:
         workspace: str | os.PathLike[str] | None = None,
         events: str | os.PathLike[str] | None = None,
         keep_workspace: bool = True,
+        upstream: Upstream | None = None,
     ) -> None:
         if policy is None:
             policy = Policy.default()
@@ -278,6 +292,8 @@ class Sandbox:
             raise SandboxStartError(f"workspace: {self._workspace_src} is not a directory")
         self.workspace = self._workspace_src or f"{WORKSPACE_ROOT}/{self.id}"
         self._keep_workspace = keep_workspace or workspace is not None
+        self._upstream = upstream
+        self._fence: Fence | None = None
         self._cgroup: cgroups.SandboxCgroup | None = None
         self._launched: launcher.Launched | None = None
         self._state_dir = f"{STATE_ROOT}/{self.id}"
@@ -300,11 +316,6 @@ class Sandbox:
                     "without it with `degrade: [landlock]` in the policy"
                 )
             degraded.append("landlock")
-        if self.policy.network.egress:
-            raise HostError(
-                f"{self.policy.source}: network.egress: egress rules need corral's egress proxy, which this "
-                "version does not have yet; use `egress: []` for a sandbox without network"
-            )
         hierarchy = _cgroup_hierarchy()
         self.uid = _allocate_uid(self.id)
         step = "plan"
@@ -331,6 +342,16 @@ class Sandbox:
                 degraded.append("seccomp_notify")
             else:
                 _supervisor.get().watch_notifications(self._launched.notify_fd, self._on_seccomp)
+            step = "egress"
+            self._fence = Fence(
+                self.id,
+                self.policy,
+                self._launched.fence_fds,
+                self._emit,
+                self._find_process,
+                lambda: self._current_exec,
+                self._upstream,
+            )
             if self._workspace_src is not None:
                 step = "workspace"
                 self._copy_in(self._workspace_src)
@@ -457,6 +478,12 @@ class Sandbox:
                 self._cgroup.kill()  # only matters if init never started
                 self._cgroup.remove()
                 self._cgroup = None
+            if self._fence is not None:
+                self._fence.close()
+                self._fence = None
+            elif self._launched is not None:
+                for fd in self._launched.fence_fds:
+                    os.close(fd)
             shutil.rmtree(self._state_dir, ignore_errors=True)
             if hasattr(self, "uid"):
                 _release_uid(self.uid)
@@ -507,6 +534,38 @@ class Sandbox:
         """This sandbox's events so far, oldest first."""
         with self._events_lock:
             return list(self._events)
+
+    def _find_process(self, proto: str, local_port: int) -> ProcessRef | None:
+        """Who owns the sandbox socket bound to `local_port`: its inode from the sandbox's
+        /proc/net table, then the process holding that inode, all read on the host."""
+        if self._launched is None or self._cgroup is None:
+            return None
+        inode = None
+        try:
+            with open(f"/proc/{self._launched.init_pid}/net/{proto}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == local_port:
+                        inode = fields[9]
+                        break
+        except (OSError, StopIteration, ValueError, IndexError):
+            return None
+        if inode is None or inode == "0":
+            return None
+        target = f"socket:[{inode}]"
+        try:
+            pids = self._cgroup.pids()
+        except OSError:
+            return None
+        for pid in pids:
+            try:
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return _process_ref(pid)
+            except OSError:
+                continue
+        return None
 
     def _on_seccomp(self, note: seccomp.Notification) -> None:
         # Runs on the supervisor thread while the caller is parked in the kernel, so its identity is
@@ -580,7 +639,7 @@ class Sandbox:
         if not argv:
             raise ValueError("command: empty")
         data = input.encode() if isinstance(input, str) else input
-        full_env = dict(self.policy.env)
+        full_env = {**_PROXY_ENV, **self.policy.env}
         if env:
             full_env.update(env)
         return _Run(
@@ -774,6 +833,8 @@ class _Run:
             else:
                 yield Output("stderr", message)
 
+        if sb._fence is not None:
+            sb._fence.settle()
         duration = time.monotonic() - start
         assert status is not None
         code = os.waitstatus_to_exitcode(status) if terminated is None else -signal.SIGKILL

@@ -1,0 +1,200 @@
+"""The sandbox's side of the fence, set up inside its new network namespace (as root, by init).
+
+Phase `apply_in_child()` runs in the launcher before privileges are dropped, and returns the sockets
+the supervisor serves (they belong to the sandbox's namespace but are handled on the host side):
+
+- a default route through loopback, so any connect() reaches netfilter instead of failing early;
+- nftables: every TCP connection to a non-loopback address is redirected to corral's transparent
+  listener, every DNS query to corral's resolver; IPv6, other UDP and everything else is dropped,
+  and each drop is logged to an NFLOG group the supervisor reads (rate-limited, so a flood costs
+  the supervisor nothing);
+- listeners on loopback: transparent proxy, explicit HTTP proxy (for programs that honour
+  HTTP(S)_PROXY) and DNS.
+
+There is no interface between this namespace and the host's: the only way out is a socket the
+supervisor accepted, so a host that forwards packets has nothing of the sandbox's to forward, and if
+the supervisor is gone the sandbox has no network at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+TRANSPARENT_PORT = 15001
+PROXY_PORT = 3128
+DNS_PORT = 53
+NFLOG_GROUP = 7
+
+RULESET = f"""
+table inet corral {{
+    chain nat_out {{
+        type nat hook output priority -100; policy accept;
+        ip daddr 127.0.0.0/8 return
+        meta nfproto ipv4 meta l4proto tcp redirect to :{TRANSPARENT_PORT}
+        meta nfproto ipv4 udp dport 53 redirect to :{DNS_PORT}
+    }}
+    chain filter_out {{
+        type filter hook output priority 0; policy accept;
+        ip daddr 127.0.0.0/8 accept
+        ip6 daddr ::1 accept
+        ct status dnat accept
+        limit rate 20/second burst 40 packets log group {NFLOG_GROUP} snaplen 64
+        drop
+    }}
+}}
+"""
+
+
+@dataclass
+class FenceSockets:
+    transparent: socket.socket
+    proxy: socket.socket
+    dns: socket.socket
+    nflog: socket.socket
+
+    def fds(self) -> list[int]:
+        return [self.transparent.fileno(), self.proxy.fileno(), self.dns.fileno(), self.nflog.fileno()]
+
+
+@functools.cache
+def _nft() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1", use_errno=True)
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def preload() -> None:
+    """Load libnftables before forking (children must not dlopen)."""
+    _nft()
+
+
+def _apply_ruleset(text: str) -> None:
+    lib = _nft()
+    ctx = lib.nft_ctx_new(0)
+    try:
+        lib.nft_ctx_buffer_error(ctx)
+        if lib.nft_run_cmd_from_buffer(ctx, text.encode()) != 0:
+            raise OSError(0, f"nftables: {(lib.nft_ctx_get_error_buffer(ctx) or b'').decode().strip()}")
+    finally:
+        lib.nft_ctx_free(ctx)
+
+
+def _default_route_via_loopback() -> None:
+    """RTM_NEWROUTE: 0.0.0.0/0 via lo with source 127.0.0.1 (without a source the kernel would pick
+    0.0.0.0, and the proxy's replies to a redirected connection would have nowhere to go)."""
+    rtmsg = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0)  # main table, boot, unicast
+    attrs = struct.pack("=HHi", 8, 4, socket.if_nametoindex("lo"))  # RTA_OIF
+    attrs += struct.pack("=HH4s", 8, 7, socket.inet_aton("127.0.0.1"))  # RTA_PREFSRC
+    body = rtmsg + attrs
+    flags = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST | ACK | CREATE | EXCL
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.send(struct.pack("=IHHII", 16 + len(body), 24, flags, 1, 0) + body)  # RTM_NEWROUTE
+        reply = nl.recv(4096)
+    err = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else 0
+    if err:
+        raise OSError(-err, f"adding the default route: {os.strerror(-err)}")
+
+
+def _nflog_socket() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    s.bind((0, 0))
+    # NFULNL_MSG_CONFIG to group NFLOG_GROUP: bind; copy the first 64 bytes of each packet; send each
+    # one at once (the default batches 100 packets or waits a second).
+    msg_type = (4 << 8) | 1
+    nfgen = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFLOG_GROUP))
+    bind = struct.pack("=HHB3x", 5, 1, 1)
+    mode = struct.pack("=HH", 10, 2) + struct.pack(">IB3x", 64, 2)
+    qthresh = struct.pack("=HH", 8, 5) + struct.pack(">I", 1)
+    for attr in (bind, mode, qthresh):
+        body = nfgen + attr
+        s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x5, 1, 0) + body)  # NLM_F_REQUEST|ACK
+        reply = s.recv(4096)
+        err = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else 0
+        if err:
+            raise OSError(-err, "nflog: configuring the log group failed")
+    s.setblocking(False)
+    return s
+
+
+def apply_in_child() -> FenceSockets:
+    _default_route_via_loopback()
+    _apply_ruleset(RULESET)
+    transparent = socket.create_server(("127.0.0.1", TRANSPARENT_PORT), backlog=128)
+    proxy = socket.create_server(("127.0.0.1", PROXY_PORT), backlog=128)
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns.bind(("127.0.0.1", DNS_PORT))
+    for s in (transparent, proxy, dns):
+        s.setblocking(False)
+    return FenceSockets(transparent, proxy, dns, _nflog_socket())
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A packet the fence dropped, as NFLOG reported it."""
+
+    family: int
+    protocol: str
+    destination: str
+    port: int | None
+    uid: int | None
+
+
+def parse_nflog(data: bytes) -> list[Dropped]:
+    """Parse NFLOG netlink messages (each: nlmsghdr, nfgenmsg, attributes; the packet in NFULA_PAYLOAD)."""
+    out: list[Dropped] = []
+    off = 0
+    while off + 16 <= len(data):
+        length, msg_type = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            break
+        if msg_type == (4 << 8):  # NFULNL_MSG_PACKET
+            family = data[off + 16]
+            attrs = data[off + 20 : off + length]
+            payload, uid = b"", None
+            a = 0
+            while a + 4 <= len(attrs):
+                alen, atype = struct.unpack_from("=HH", attrs, a)
+                if alen < 4:
+                    break
+                value = attrs[a + 4 : a + alen]
+                if atype & 0x7FFF == 9:
+                    payload = value
+                elif atype & 0x7FFF == 11 and len(value) >= 4:
+                    uid = struct.unpack(">I", value[:4])[0]
+                a += (alen + 3) & ~3
+            dropped = _describe(family, payload, uid)
+            if dropped is not None:
+                out.append(dropped)
+        off += (length + 3) & ~3
+    return out
+
+
+_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+
+
+def _describe(family: int, packet: bytes, uid: int | None) -> Dropped | None:
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0xF) * 4
+        proto = packet[9]
+        dst = socket.inet_ntop(socket.AF_INET, packet[16:20])
+        transport = packet[ihl:]
+    elif len(packet) >= 40 and packet[0] >> 4 == 6:
+        proto = packet[6]
+        dst = socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        transport = packet[40:]
+    else:
+        return None
+    port = struct.unpack(">H", transport[2:4])[0] if proto in (6, 17, 132) and len(transport) >= 4 else None
+    return Dropped(family, _PROTOCOLS.get(proto, str(proto)), dst, port, uid)

@@ -1,0 +1,140 @@
+"""Egress decisions: which names, addresses, ports and protocols a sandbox may reach.
+
+Decisions are made on names and checked on addresses. A name is allowed by a `host` rule (exact, or
+`*.example.com` for its subdomains only) or by `network.hosts`. Whatever address an allowed name
+resolves to is then checked: loopback, private (RFC 1918, CGNAT, ULA), link-local (including the
+cloud metadata address 169.254.169.254), unspecified, multicast and the host's own addresses are
+refused unless the policy names that address itself (in `hosts`, or a `cidr` rule). The proxy then
+connects to exactly the address it checked, so a second DNS answer can't rebind the name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from corral.policy import EgressRule, Policy
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    name = name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        # Subdomains only: *.example.com covers a.example.com, never example.com itself.
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+def host_addresses() -> frozenset[IPAddress]:
+    """The host's own addresses: a sandbox must never reach services bound on them."""
+    found: set[IPAddress] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    found.add(ipaddress.ip_address(a.address.split("%")[0]))
+                except ValueError:
+                    continue
+    return frozenset(found)
+
+
+def forbidden_reason(addr: IPAddress, host_addrs: frozenset[IPAddress] = frozenset()) -> str | None:
+    """Why `addr` is off limits unless the policy names it, or None if it is a public address."""
+    if addr == METADATA:
+        return "cloud metadata address"
+    if addr.is_loopback:
+        return "loopback address"
+    if addr.is_unspecified:
+        return "unspecified address"
+    if addr.is_link_local:
+        return "link-local address"
+    if isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT:
+        return "shared (CGNAT) address"
+    if addr.is_private:
+        return "private address"
+    if addr.is_multicast or addr.is_reserved:
+        return "reserved or multicast address"
+    if addr in host_addrs:
+        return "one of this host's addresses"
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    rule: EgressRule | None = None
+    address: IPAddress | None = None  # the checked address to connect to
+
+
+class Rules:
+    """The policy's network section, compiled for fast lookups."""
+
+    def __init__(self, policy: Policy, host_addrs: frozenset[IPAddress] | None = None) -> None:
+        self.rules = policy.network.egress
+        self.hosts = {k.lower(): v for k, v in policy.network.hosts.items()}
+        self.host_addrs = host_addresses() if host_addrs is None else host_addrs
+        self.limits = policy.network.limits
+
+    def name_allowed(self, name: str) -> bool:
+        """Whether the resolver may answer for `name` at all (some rule covers it, on any port)."""
+        name = name.lower().rstrip(".")
+        return name in self.hosts or any(
+            r.host is not None and name_matches(name, r.host) for r in self.rules
+        )
+
+    def rule_for_name(self, name: str, port: int) -> EgressRule | None:
+        name = name.lower().rstrip(".")
+        for r in self.rules:
+            if r.host is not None and port in r.ports and name_matches(name, r.host):
+                return r
+        return None
+
+    def rule_for_address(self, addr: IPAddress, port: int) -> EgressRule | None:
+        for r in self.rules:
+            if r.cidr is not None and port in r.ports and addr in r.cidr:
+                return r
+        return None
+
+    def check_name(self, name: str, port: int, resolved: list[IPAddress]) -> Verdict:
+        """A connection to `name`:`port`; `resolved` is what the upstream resolver said (ignored for
+        names in `hosts`, whose address is the policy author's explicit choice)."""
+        name = name.lower().rstrip(".")
+        rule = self.rule_for_name(name, port)
+        if name in self.hosts:
+            if rule is None:
+                # hosts: says where a name is, not that it may be reached; a cidr rule may still allow it.
+                rule = self.rule_for_address(self.hosts[name], port)
+            if rule is None:
+                return Verdict(False, f"no egress rule allows {name} port {port}")
+            return Verdict(True, "allowed by policy (address from network.hosts)", rule, self.hosts[name])
+        if rule is None:
+            return Verdict(False, f"no egress rule allows {name} port {port}")
+        if not resolved:
+            return Verdict(False, f"{name} did not resolve", rule)
+        for addr in resolved:
+            reason = forbidden_reason(addr, self.host_addrs)
+            if reason is None or self.rule_for_address(addr, port) is not None:
+                return Verdict(True, "allowed by policy", rule, addr)
+        addr = resolved[0]
+        return Verdict(
+            False, f"{name} resolves to {addr}, a {forbidden_reason(addr, self.host_addrs)}", rule, addr
+        )
+
+    def check_address(self, addr: IPAddress, port: int) -> Verdict:
+        """A connection made to a bare address (no name known)."""
+        rule = self.rule_for_address(addr, port)
+        if rule is not None:
+            return Verdict(True, "allowed by a cidr rule", rule, addr)
+        reason = forbidden_reason(addr, self.host_addrs)
+        what = f"{addr} port {port}" + (f" ({reason})" if reason else "")
+        return Verdict(False, f"no egress rule allows {what}", None, addr)

