@@ -11,7 +11,15 @@ import pytest
 
 from corral import bench
 
-ROWS = {"warm_exec", "cold_close", "cold_close_wait", "idle_mem_available", "idle_init_pss"}
+ROWS = {
+    "proxy_throughput",
+    "proxy_connect",
+    "warm_exec",
+    "cold_close",
+    "cold_close_wait",
+    "idle_mem_available",
+    "idle_init_pss",
+}
 
 
 def _is_number(x: object) -> bool:
