@@ -488,7 +488,7 @@ class Fence:
             done.append(fut)
             threading.Thread(
                 target=self._splice_one,
-                args=(src, dst, counter == "bytes_out", head, loop, fut),
+                args=(src, dst, counter == "bytes_out", head, loop, fut, record),
                 name="corral-relay",
                 daemon=True,
             ).start()
@@ -507,6 +507,7 @@ class Fence:
         head: bytes,
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[int],
+        record: dict[str, Any],
     ) -> None:
         total = 0
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -525,16 +526,7 @@ class Fence:
                 if n == 0:
                     break
                 if outbound and not self.bytes_out.take(n):
-                    self.emit(
-                        Deny(
-                            sandbox=self.id,
-                            layer="egress",
-                            what="bytes_out",
-                            exec=self.current_exec(),
-                            detail=f"bytes-out budget of {self.bytes_out.limit} per minute reached; "
-                            "connection cut",
-                        )
-                    )
+                    self._over_budget(record)
                     break
                 while n:
                     moved = os.splice(r, dst, n)
@@ -637,17 +629,7 @@ class Fence:
                         self._deciding -= 1
                 if counter == "bytes_out" and not self.bytes_out.take(len(chunk)):
                     await _settle_process(record)
-                    self.emit(
-                        Deny(
-                            sandbox=self.id,
-                            layer="egress",
-                            what="bytes_out",
-                            exec=record["exec"],
-                            process=record["process"],
-                            detail=f"bytes-out budget of {self.bytes_out.limit} per minute reached; "
-                            "connection cut",
-                        )
-                    )
+                    self._over_budget(record)
                     break
                 record[counter] = record.get(counter, 0) + len(chunk)
                 dst.write(chunk)
