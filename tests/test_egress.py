@@ -247,20 +247,26 @@ def test_denied_names_get_nxdomain_without_any_upstream_query() -> None:
 
 
 def test_udp_ipv6_and_icmp_go_nowhere_and_udp_drops_are_recorded() -> None:
+    script = """
+import socket
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+try: s6.sendto(b"x", ("2001:db8::5", 53))
+except OSError: print("v6 refused")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+fails = 0
+for i in range(300):
+    try: s.sendto(b"x" * 512, ("192.0.2.9", 9))
+    except OSError: fails += 1
+print(fails)
+"""
     with Sandbox(policy([]), keep_workspace=False) as sb:
+        sb.write_file("flood.py", script)
         r = sb.exec(
-            "python3 -c '\n"
-            "import socket\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "fails = 0\n"
-            "for i in range(300):\n"
-            '    try: s.sendto(b"x" * 512, ("192.0.2.9", 9))\n'
-            "    except OSError: fails += 1\n"
-            "print(fails)'; curl -sS -m 3 -6 'http://[2001:db8::1]/'; ping -c 1 -W 1 192.0.2.1",
-            text=True,
+            "python3 flood.py; curl -sS -m 3 -6 'http://[2001:db8::1]/'; ping -c 1 -W 1 192.0.2.1", text=True
         )
+        assert wait_for(lambda: any(d.what == "udp 2001:db8::5 port 53" for d in denials(sb)))
         udp = [d for d in denials(sb) if d.what == "udp 192.0.2.9 port 9"]
-    assert str(r.stdout).splitlines()[0] == "300", show(r)
+    assert str(r.stdout).splitlines()[:2] == ["v6 refused", "300"], show(r)
     assert 1 <= len(udp) <= 100  # every drop refused; logging is rate-limited so a flood can't swamp corral
 
 

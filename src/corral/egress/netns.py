@@ -91,12 +91,15 @@ def _apply_ruleset(text: str) -> None:
         lib.nft_ctx_free(ctx)
 
 
-def _default_route_via_loopback() -> None:
-    """RTM_NEWROUTE: 0.0.0.0/0 via lo with source 127.0.0.1 (without a source the kernel would pick
-    0.0.0.0, and the proxy's replies to a redirected connection would have nowhere to go)."""
-    rtmsg = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0)  # main table, boot, unicast
+def _default_route_via_loopback(family: int = socket.AF_INET) -> None:
+    """RTM_NEWROUTE: the default route via lo (with source 127.0.0.1 for IPv4: without one the kernel
+    would pick 0.0.0.0, and the proxy's replies to a redirected connection would go nowhere). With a
+    route, every packet reaches netfilter, where it is redirected or dropped and recorded, instead of
+    failing early with "network unreachable" and leaving no trace."""
+    rtmsg = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 254, 3, 0, 1, 0)  # main table, boot, unicast
     attrs = struct.pack("=HHi", 8, 4, socket.if_nametoindex("lo"))  # RTA_OIF
-    attrs += struct.pack("=HH4s", 8, 7, socket.inet_aton("127.0.0.1"))  # RTA_PREFSRC
+    if family == socket.AF_INET:
+        attrs += struct.pack("=HH4s", 8, 7, socket.inet_aton("127.0.0.1"))  # RTA_PREFSRC
     body = rtmsg + attrs
     flags = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST | ACK | CREATE | EXCL
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
@@ -129,7 +132,9 @@ def _nflog_socket() -> socket.socket:
 
 
 def apply_in_child() -> FenceSockets:
-    _default_route_via_loopback()
+    _default_route_via_loopback(socket.AF_INET)
+    if os.path.exists("/proc/net/if_inet6"):
+        _default_route_via_loopback(socket.AF_INET6)
     _apply_ruleset(RULESET)
     transparent = socket.create_server(("127.0.0.1", TRANSPARENT_PORT), backlog=128)
     proxy = socket.create_server(("127.0.0.1", PROXY_PORT), backlog=128)
