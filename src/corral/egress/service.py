@@ -155,6 +155,7 @@ class Fence:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._deciding = 0
+        self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
         self._closed = False
         self._loop = _loop()
         # Not waited for: until the loop gets to it, connections wait in the listeners' backlog and
@@ -174,23 +175,28 @@ class Fence:
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
 
-    def settle(self, timeout: float = 2.0) -> None:
+    def settle(self, exec_id: int | None = None, timeout: float = 2.0) -> None:
         """Wait (briefly) until every connection attempt made so far has been decided and recorded,
         so a command's result lists what it tried. Called when a command exits; free when the command
         made no connection."""
-        if self._closed or self._idle():
+        if self._closed or (self._idle() and not self._relaying.get(exec_id)):
             return
         with contextlib.suppress(Exception):
-            self._loop.run(self._settle(timeout), timeout + 1)
+            self._loop.run(self._settle(exec_id, timeout), timeout + 1)
 
     def _idle(self) -> bool:
         queued, _, _ = select.select([s.fileno() for s in self.sockets[:3]], [], [], 0)
         return not queued and self._deciding == 0
 
-    async def _settle(self, timeout: float) -> None:
+    async def _settle(self, exec_id: int | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._idle():
             await asyncio.sleep(0.002)
+        # Connections still relaying get a moment to finish, so a command's own connections are
+        # usually recorded by the time it returns; long-lived ones (a server it left) don't hold it up.
+        deadline = min(deadline, time.monotonic() + 0.25)
+        while time.monotonic() < deadline and self._relaying.get(exec_id):
+            await asyncio.sleep(0.005)
 
     async def _stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -382,6 +388,7 @@ class Fence:
             "protocol": "unknown",
         }
         up_writer: asyncio.StreamWriter | None = None
+        relaying = False
         try:
             if not self.connections.take():
                 return await self._refuse(
@@ -436,6 +443,8 @@ class Fence:
                 return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
             # Who connected must be known while they still exist; by now the lookup has long finished.
             await _settle_process(record)
+            self._relaying[exec_id] = self._relaying.get(exec_id, 0) + 1
+            relaying = True
             record["bytes_out"] = len(first)
             client_sock = writer.get_extra_info("socket")
             upstream_sock = upw.get_extra_info("socket")
@@ -461,6 +470,10 @@ class Fence:
                 answer = bytes(getattr(up_reader, "_buffer", b""))
                 await self._splice(client_sock, upstream_sock, first, answer, record)
         finally:
+            if relaying:
+                self._relaying[exec_id] -= 1
+                if not self._relaying[exec_id]:
+                    del self._relaying[exec_id]
             if not decided:
                 self._deciding -= 1
             for w in (writer, up_writer):

@@ -834,7 +834,7 @@ class _Run:
                 yield Output("stderr", message)
 
         if sb._fence is not None:
-            sb._fence.settle()
+            sb._fence.settle(exec_id)
         duration = time.monotonic() - start
         assert status is not None
         code = os.waitstatus_to_exitcode(status) if terminated is None else -signal.SIGKILL
