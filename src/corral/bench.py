@@ -423,7 +423,7 @@ def _host_python(script: str, *args: str) -> str:
 def bench_egress(cfg: Config) -> list[Result]:
     from corral.policy import Policy
 
-    runs = 3 if cfg.quick else 7
+    runs = 3 if cfg.quick else 11
     size = (16 if cfg.quick else 256) << 20
     _progress(f"egress: throughput ({runs} x {size >> 20} MiB) and connection set-up")
     bulk, tiny = _LocalServer(size), _LocalServer(1)
@@ -444,9 +444,11 @@ def bench_egress(cfg: Config) -> list[Result]:
     )
     sb = Sandbox(policy, keep_workspace=False)
     try:
-        direct = [float(_host_python(_THROUGHPUT_CLIENT, "127.0.0.1", str(bulk.port))) for _ in range(runs)]
-        proxied = []
+        # Interleaved, so that whatever else the machine is doing weighs on both sides alike.
+        direct: list[float] = []
+        proxied: list[float] = []
         for _ in range(runs):
+            direct.append(float(_host_python(_THROUGHPUT_CLIENT, "127.0.0.1", str(bulk.port))))
             r = sb.exec(["python3", "-c", _THROUGHPUT_CLIENT, _EGRESS_NAME, str(bulk.port)], text=True)
             proxied.append(float(str(r.stdout)))
         n = "20" if cfg.quick else "200"

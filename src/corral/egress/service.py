@@ -495,6 +495,10 @@ class Fence:
         splice(2) moves the bytes socket to pipe to socket without copying them through Python."""
         loop = asyncio.get_running_loop()
         a, b = os.dup(client.fileno()), os.dup(upstream.fileno())
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
         done: list[asyncio.Future[int]] = []
         for src, dst, counter, head in ((a, b, "bytes_out", first), (b, a, "bytes_in", answer)):
             fut: asyncio.Future[int] = loop.create_future()
@@ -535,14 +539,14 @@ class Fence:
                     view = view[os.write(dst, view) :]
                 total += len(head)
             while True:
-                n = os.splice(src, w, 1 << 20)
+                n = os.splice(src, w, 1 << 20, flags=os.SPLICE_F_MOVE)
                 if n == 0:
                     break
                 if outbound and not self.bytes_out.take(n):
                     self._over_budget(record)
                     break
                 while n:
-                    moved = os.splice(r, dst, n)
+                    moved = os.splice(r, dst, n, flags=os.SPLICE_F_MOVE)
                     n -= moved
                     total += moved
         except OSError:
