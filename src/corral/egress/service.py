@@ -1,13 +1,15 @@
 """The host side of the fence: one asyncio loop, on one thread, serves every sandbox's egress.
 
-For each sandbox (`Fence`) it accepts on the listeners the sandbox's init created in its network
-namespace (see `netns`): the transparent listener that every outgoing TCP connection is redirected
+For each sandbox (`Fence`) it serves the sockets created in the sandbox's network namespace when it
+was built (see `netns`): the transparent listener that every outgoing TCP connection is redirected
 to, the explicit HTTP proxy, the DNS resolver, and the NFLOG socket reporting dropped packets.
 
-A connection's life: find who opened it (on the host, from the sandbox's /proc), read its first
-bytes to learn its protocol, decide (name or address, port, protocol, SNI/Host, rate and byte
-budgets), connect upstream to the address that was checked, relay while counting bytes, and record a
-`net.connect` event (plus a `deny` event when refused).
+A connection's life: look up who opened it (on the host, from the sandbox's socket table, in a
+worker thread while the rest goes on), judge the destination before reading anything (so a scan is
+recorded at its first attempt), read the first bytes to learn the protocol and judge that (SNI and
+Host against the name, the rule's protocols, Stratum never), check the rate and byte budgets,
+connect upstream to exactly the address that was checked, relay in the kernel with splice(2), and
+record a `net.connect` event (plus a `deny` event when refused).
 
 DNS answers are synthetic: an allowed name gets an address from 198.18.0.0/15 (reserved for
 benchmarking, never routed) that maps back to the name when the program connects to it. The resolver

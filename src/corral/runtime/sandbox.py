@@ -261,6 +261,8 @@ class Sandbox:
         it, the workspace is saved to /var/lib/corral/workspaces/<id> at close (unless
         keep_workspace=False).
     events: a path; every event is appended to it as a JSON line the moment it happens.
+    upstream: how the egress proxy resolves names and connects on the host
+        (`corral.egress.service.Upstream`); tests map names and ports to local servers with it.
     """
 
     def __init__(
