@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import corral
-from corral import AsyncSandbox, ExecExit, ExecResult, Output, Policy, Sandbox
+from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox
 from corral.events import parse_event
 from helpers import wait_until
 
@@ -483,3 +483,12 @@ def test_closed_sandbox_leaves_no_zombie() -> None:
     sb.close(wait=True)
     # corral's zygote is the init's subreaper and reaps it; no reliance on the host's PID 1.
     assert wait_until(lambda: not os.path.exists(f"/proc/{init}")), f"init {init} was not reaped"
+
+
+def test_exec_when_init_is_gone_raises_exec_error() -> None:
+    with Sandbox(keep_workspace=False) as sb:
+        assert sb._launched is not None
+        os.kill(sb._launched.init_pid, 9)  # from the host: the kernel tears the sandbox down
+        assert wait_until(lambda: not os.path.exists(f"/proc/{sb._launched.init_pid}/root/workspace"))
+        with pytest.raises(ExecError, match="its init is gone"):
+            sb.exec(["true"])

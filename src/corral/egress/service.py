@@ -92,9 +92,6 @@ class _Loop:
         self._thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
         self._thread.start()
 
-    def call(self, fn: Callable[[], Any]) -> None:
-        self.loop.call_soon_threadsafe(fn)
-
     def run(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 

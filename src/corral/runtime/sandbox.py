@@ -28,7 +28,7 @@ from typing import Literal
 
 import psutil
 
-from corral._errors import HostError, SandboxClosedError, SandboxStartError
+from corral._errors import ExecError, HostError, SandboxClosedError, SandboxStartError
 from corral.egress import netns
 from corral.egress.service import Fence, Upstream
 from corral.events import Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
@@ -756,18 +756,27 @@ class _Run:
                 os.close(in_w)
         sel.register(launched.control, selectors.EVENT_READ, "control")
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
-        launcher.send(
-            launched.control,
-            {
-                "op": "exec",
-                "id": exec_id,
-                "argv": self.argv,
-                "env": self.env,
-                "cwd": self.cwd,
-                "tty": self.tty,
-            },
-            child_fds,
-        )
+        try:
+            launcher.send(
+                launched.control,
+                {
+                    "op": "exec",
+                    "id": exec_id,
+                    "argv": self.argv,
+                    "env": self.env,
+                    "cwd": self.cwd,
+                    "tty": self.tty,
+                },
+                child_fds,
+            )
+        except OSError as e:
+            for fd in to_close:
+                os.close(fd)
+            for key in list(sel.get_map().values()):
+                if key.data != "control":
+                    os.close(key.fd)
+            sel.close()
+            raise ExecError(f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone ({e})") from None
         for fd in to_close:
             os.close(fd)
 
