@@ -76,7 +76,7 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message and the fds that came with it; (None, []) when the other side is gone."""
     try:
         data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 8)
-    except (ConnectionResetError, OSError):
+    except OSError:  # ConnectionResetError included: the other side is gone
         return None, []
     if not data:
         return None, list(fds)

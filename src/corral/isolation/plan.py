@@ -136,7 +136,6 @@ class Plan:
     memory_bytes: int
     cpu_cores: float
     max_processes: int
-    landlock: bool
     degrade: frozenset[str] = field(default_factory=frozenset)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,14 +181,28 @@ class Plan:
         lines.append("dev: tmpfs with " + ", ".join(d.path for d in self.devices) + ", pts, shm")
         lines.append("proc: fresh procfs for the new PID namespace; sys: fresh sysfs, read-only; run: empty")
         lines.append(f"storage: tmpfs of {self.storage_bytes} bytes at " + ", ".join(self.writable))
-        lines.append(f"hostname: {self.hostname}; network: loopback only")
+        lines.append(
+            f"hostname: {self.hostname}; network: loopback, every TCP connection to corral's proxy and "
+            "every DNS query to its resolver, everything else dropped"
+        )
         lines.append(f"user: uid {self.uid} gid {self.gid}, no capabilities, no_new_privs")
         lines.append(
-            "landlock: writes only under " + ", ".join((*self.writable, "/dev"))
-            if self.landlock
-            else "landlock: off (degraded)"
+            "landlock: writes only under "
+            + ", ".join((*self.writable, "/dev", "/dev/shm"))
+            + (
+                " (skipped where the kernel lacks Landlock: degrade allows it)"
+                if "landlock" in self.degrade
+                else ""
+            )
         )
-        lines.append("seccomp: refuse the default deny list, each refusal reported")
+        lines.append(
+            "seccomp: refuse the default deny list, each refusal reported"
+            + (
+                " (unreported where the kernel lacks user notification)"
+                if "seccomp_notify" in self.degrade
+                else ""
+            )
+        )
         lines.append(f"cwd: {self.cwd}; env: {', '.join(sorted(self.env))}")
         return lines
 
@@ -279,7 +292,6 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
         memory_bytes=policy.resources.memory,
         cpu_cores=policy.resources.cpu,
         max_processes=policy.resources.processes,
-        landlock=True,
         degrade=frozenset(policy.degrade),
     )
 
