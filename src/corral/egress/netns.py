@@ -24,6 +24,7 @@ import functools
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 TRANSPARENT_PORT = 15001
@@ -131,9 +132,31 @@ def _nflog_socket() -> socket.socket:
     return s
 
 
+def _loopback_ipv6_ready(timeout: float = 0.2) -> bool:
+    """Wait for ::1 on lo. IPv6 configures a freshly raised lo asynchronously, and a route added
+    before that is dropped when it happens; without IPv6 there is nothing to wait for."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+            if f.read().strip() == "1":
+                return False
+    except FileNotFoundError:
+        return False
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open("/proc/net/if_inet6") as f:
+                if any(line.split()[-1] == "lo" for line in f):
+                    return True
+        except FileNotFoundError:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+
+
 def apply_in_child() -> FenceSockets:
     _default_route_via_loopback(socket.AF_INET)
-    if os.path.exists("/proc/net/if_inet6"):
+    if _loopback_ipv6_ready():
         _default_route_via_loopback(socket.AF_INET6)
     _apply_ruleset(RULESET)
     transparent = socket.create_server(("127.0.0.1", TRANSPARENT_PORT), backlog=128)
