@@ -436,12 +436,12 @@ class Fence:
             if not inspect_in_flight:  # otherwise _pump says when the protocol is known
                 self._deciding -= 1
             decided = True
+            # Who connected must be known while they still exist; by now the lookup has long finished.
+            # From here on record["process"] is a ProcessRef.
+            await _settle_process(record)
             if not self.bytes_out.take(len(first)):
-                await _settle_process(record)
                 self._over_budget(record)
                 return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
-            # Who connected must be known while they still exist; by now the lookup has long finished.
-            await _settle_process(record)
             self._relaying[exec_id] = self._relaying.get(exec_id, 0) + 1
             relaying = True
             record["bytes_out"] = len(first)
@@ -461,7 +461,6 @@ class Fence:
                 # (asyncio has no public accessor for it); it goes out first.
                 extra = bytes(getattr(reader, "_buffer", b""))
                 if extra and not self.bytes_out.take(len(extra)):
-                    await _settle_process(record)
                     self._over_budget(record)
                     return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
                 first += extra
@@ -526,6 +525,7 @@ class Fence:
         record: dict[str, Any],
     ) -> None:
         total = 0
+        cut = False
         r, w = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: move up to 1 MiB per splice, not 64 KiB
@@ -543,6 +543,7 @@ class Fence:
                     break
                 if outbound and not self.bytes_out.take(n):
                     self._over_budget(record)
+                    cut = True
                     break
                 while n:
                     moved = os.splice(r, dst, n, flags=os.SPLICE_F_MOVE)
@@ -554,7 +555,9 @@ class Fence:
             os.close(r)
             os.close(w)
             with contextlib.suppress(OSError):
-                _shutdown_write(dst)  # the other side sees EOF, as it would without corral
+                # Normally the other side sees EOF, as it would without corral; a cut connection is
+                # closed both ways, so no answer to the truncated request comes back either.
+                _shutdown(dst, socket.SHUT_RDWR if cut else socket.SHUT_WR)
             loop.call_soon_threadsafe(fut.set_result, total)
 
     async def _sniff(self, reader: asyncio.StreamReader, data: bytes) -> tuple[sniff.Sniffed, bytes]:
@@ -614,6 +617,7 @@ class Fence:
         inspect: bool = False,
     ) -> None:
         seen = b""
+        cut = False
         try:
             while chunk := await src.read(1 << 20):
                 was_inspecting = inspect
@@ -639,13 +643,14 @@ class Fence:
                         self.emit(NetConnect(**record))
                         self._deciding -= 1
                         inspect = False
+                        cut = True
                         break
                     inspect = not found.complete and len(seen) < sniff.MAX_SNIFF
                     if was_inspecting and not inspect:
                         self._deciding -= 1
                 if counter == "bytes_out" and not self.bytes_out.take(len(chunk)):
-                    await _settle_process(record)
                     self._over_budget(record)
+                    cut = True
                     break
                 record[counter] = record.get(counter, 0) + len(chunk)
                 dst.write(chunk)
@@ -655,14 +660,15 @@ class Fence:
         finally:
             if inspect:
                 self._deciding -= 1
+            if cut:  # refused mid-stream: nothing more either way, not even an answer
+                dst.transport.abort()
             with contextlib.suppress(Exception):
-                if dst.can_write_eof():
+                if not cut and dst.can_write_eof():
                     dst.write_eof()
             if counter == "bytes_out":
                 dst.close()
 
     def _over_budget(self, record: dict[str, Any]) -> None:
-        process = record["process"] if isinstance(record["process"], ProcessRef) else None
         detail = f"bytes-out budget of {self.bytes_out.limit} per minute reached; connection cut"
         self.emit(
             Deny(
@@ -670,7 +676,7 @@ class Fence:
                 layer="egress",
                 what="bytes_out",
                 exec=record["exec"],
-                process=process,
+                process=record["process"],  # settled before any bytes are relayed
                 detail=detail,
             )
         )
@@ -696,10 +702,10 @@ class Fence:
         writer.close()
 
 
-def _shutdown_write(fd: int) -> None:
+def _shutdown(fd: int, how: int) -> None:
     s = socket.socket(fileno=os.dup(fd))
     try:
-        s.shutdown(socket.SHUT_WR)
+        s.shutdown(how)
     finally:
         s.close()
 
