@@ -15,11 +15,13 @@ the openssl command line, `package_index` serves a real wheel that pip installs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import http.server
 import io
+import ipaddress
 import json
 import os
 import socket
@@ -39,7 +41,10 @@ from typing import Any
 
 import psutil
 
+from corral.egress.rules import IPAddress
+
 HOST = "127.0.0.1"
+_LOCAL = ipaddress.ip_address(HOST)
 _POLL = 0.05  # serve_forever poll interval: how quickly a server notices it must stop
 _CONNECTION_TIMEOUT = 30.0  # a silent client never holds a handler thread longer than this
 
@@ -965,6 +970,7 @@ __all__ = [
     "DnsSpy",
     "HttpRequest",
     "HttpServer",
+    "LocalUpstream",
     "PackageIndex",
     "SshServer",
     "StratumPool",
@@ -987,3 +993,29 @@ __all__ = [
     "udp_sink",
     "wait_for",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The egress proxy's view of the world
+
+
+class LocalUpstream:
+    """Maps (address, port) to local servers and names to chosen addresses; records what it was asked."""
+
+    def __init__(self, ports: dict[int, int], names: dict[str, str] | None = None) -> None:
+        self.ports = ports
+        self.names = {k: [ipaddress.ip_address(v)] for k, v in (names or {}).items()}
+        self.resolved: list[str] = []
+        self.dialed: list[tuple[str, int]] = []
+
+    async def resolve(self, name: str) -> list[IPAddress]:
+        self.resolved.append(name)
+        return self.names.get(name, [])
+
+    async def connect(
+        self, address: IPAddress, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.dialed.append((str(address), port))
+        if address != _LOCAL or port not in self.ports:
+            raise ConnectionRefusedError(f"test upstream has nothing at {address} port {port}")
+        return await asyncio.open_connection("127.0.0.1", self.ports[port])

@@ -22,6 +22,7 @@ from corral.egress.rules import IPAddress
 from corral.events import DnsQuery, NetConnect
 from servers import (
     HOST_KEY_ALIAS,
+    LocalUpstream,
     http_server,
     package_index,
     ssh_server,
@@ -34,28 +35,6 @@ from servers import (
 pytestmark = pytest.mark.root
 
 LOCAL = ipaddress.ip_address("127.0.0.1")
-
-
-class LocalUpstream:
-    """Maps (address, port) to local servers and names to chosen addresses; records what it was asked."""
-
-    def __init__(self, ports: dict[int, int], names: dict[str, str] | None = None) -> None:
-        self.ports = ports
-        self.names = {k: [ipaddress.ip_address(v)] for k, v in (names or {}).items()}
-        self.resolved: list[str] = []
-        self.dialed: list[tuple[str, int]] = []
-
-    async def resolve(self, name: str) -> list[IPAddress]:
-        self.resolved.append(name)
-        return self.names.get(name, [])
-
-    async def connect(
-        self, address: IPAddress, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        self.dialed.append((str(address), port))
-        if address != LOCAL or port not in self.ports:
-            raise ConnectionRefusedError(f"test upstream has nothing at {address} port {port}")
-        return await asyncio.open_connection("127.0.0.1", self.ports[port])
 
 
 def policy(egress: list[dict[str, Any]], hosts: dict[str, str] | None = None, **limits: Any) -> Policy:
