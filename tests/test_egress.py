@@ -8,7 +8,6 @@ Nothing here leaves the test's loopback-only network namespace.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -33,8 +32,6 @@ from servers import (
 )
 
 pytestmark = pytest.mark.root
-
-LOCAL = ipaddress.ip_address("127.0.0.1")
 
 
 def policy(egress: list[dict[str, Any]], hosts: dict[str, str] | None = None, **limits: Any) -> Policy:
