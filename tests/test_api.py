@@ -20,6 +20,8 @@ def test_all_is_complete_and_importable() -> None:
         "cli",
         "bench",
         "egress",
+        "detect",
+        "monitors",
     }
     assert public <= set(corral.__all__) | {"annotations"}
     for name in corral.__all__:

@@ -108,9 +108,20 @@ def test_run_writes_events_and_summarises_refusals(tmp_path: Path) -> None:
     r = corral("run", "--policy", OFFLINE, "--events", str(events), "--", "unshare", "-U", "true")
     assert r.returncode == 1
     assert "corral: seccomp refused unshare" in r.stderr
-    parsed = [parse_event(line) for line in events.read_text().splitlines()]
-    assert [e.type for e in parsed] == ["sandbox.start", "exec.start", "deny", "exec.exit", "sandbox.stop"]
-    deny = parsed[2]
+    # The verdict names each alert: here the attempt to leave the sandbox's namespaces.
+    assert "corral: verdict: 2 alerts, worst high" in r.stderr
+    assert "corral:   privilege: refused privileged call -> alert" in r.stderr
+    parsed = [e for e in map(parse_event, events.read_text().splitlines()) if not e.type.startswith("proc.")]
+    assert [e.type for e in parsed] == [
+        "sandbox.start",
+        "exec.start",
+        "alert",
+        "deny",
+        "alert",
+        "exec.exit",
+        "sandbox.stop",
+    ]
+    deny = parsed[3]
     assert deny.layer == "seccomp" and deny.what == "unshare"
     assert deny.process is not None and deny.process.exe == "/usr/bin/unshare"
 

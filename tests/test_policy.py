@@ -237,7 +237,7 @@ def test_file_part_is_the_path_as_given(tmp_path: Path) -> None:
         (
             "version: 1\ndegrade: [landlok]\n",
             'p.yaml: degrade[0]: "landlok" is not accepted; '
-            "use one of landlock, seccomp_notify or cgroup_cpu",
+            "use one of landlock, seccomp_notify, cgroup_cpu or process_events",
         ),
         (
             "version: 1\nnetwork: []\n",
@@ -279,7 +279,7 @@ def test_every_problem_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert problems(tmp_path, monkeypatch, "version: 1\npolcy: {}\n") == [
-        "p.yaml: polcy: unknown key; allowed keys: degrade, env, filesystem, gpu, network, resources, version"
+        "p.yaml: polcy: unknown key; allowed keys: degrade, env, filesystem, gpu, network, resources, tripwires, version"
     ]
 
 

@@ -20,7 +20,19 @@ if _typing.TYPE_CHECKING:
         SandboxError,
         SandboxStartError,
     )
-    from corral.events import SCHEMA_VERSION, Deny, ExecExit, ExecStart, ProcessRef, SandboxStart, SandboxStop
+    from corral.events import (
+        SCHEMA_VERSION,
+        Alert,
+        Deny,
+        ExecExit,
+        ExecStart,
+        ProcessRef,
+        ProcExec,
+        ProcExit,
+        ResourceSample,
+        SandboxStart,
+        SandboxStop,
+    )
     from corral.policy import Policy
     from corral.runtime import AsyncSandbox, ExecResult, Output, Sandbox
 
@@ -38,10 +50,14 @@ _HOME = {
     ],
     "corral.events": [
         "SCHEMA_VERSION",
+        "Alert",
         "Deny",
         "ExecExit",
         "ExecStart",
+        "ProcExec",
+        "ProcExit",
         "ProcessRef",
+        "ResourceSample",
         "SandboxStart",
         "SandboxStop",
     ],
@@ -52,6 +68,7 @@ _WHERE = {name: module for module, names in _HOME.items() for name in names}
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Alert",
     "AsyncSandbox",
     "CorralError",
     "Deny",
@@ -63,7 +80,10 @@ __all__ = [
     "Output",
     "Policy",
     "PolicyError",
+    "ProcExec",
+    "ProcExit",
     "ProcessRef",
+    "ResourceSample",
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",

@@ -1,7 +1,8 @@
 """`corral`: run commands in sandboxes, check policies, print schemas.
 
-Exit codes of `corral run`: the command's own code; 128+N when a signal N killed it; 125 when corral
-itself failed (the reason is on stderr) — the same convention as `docker run` and `env`.
+Exit codes of `corral run`: the command's own code; 128+N when a signal N killed it; 124 when a
+tripwire terminated or froze the sandbox (stopped from outside, as timeout(1) reports); 125 when
+corral itself failed (the reason is on stderr) — the same convention as `docker run` and `env`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from types import FrameType
 
 from corral import __version__
 from corral._errors import CorralError, PolicyError
-from corral.events import Deny, event_json_schema
+from corral.detect import rules as detect_rules
+from corral.events import Alert, Deny, event_json_schema
 from corral.isolation import plan as planning
 from corral.policy import Policy
-from corral.runtime.sandbox import ExecResult, Sandbox
+from corral.runtime.sandbox import ExecResult, Sandbox, rule_files, tripwire_ruleset
 
 CORRAL_FAILED = 125
+TRIPWIRE_STOPPED = 124
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("file")
     psub.add_parser("schema", help="print the policy file's JSON Schema")
 
+    rules = sub.add_parser("rules", help="check rule files, or list the rules in force")
+    rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rcheck = rsub.add_parser("check", help="validate rule files (loaded after corral's own)")
+    rcheck.add_argument("files", nargs="+", metavar="FILE")
+    rlist = rsub.add_parser("list", help="the active rules, with the responses a policy gives them")
+    rlist.add_argument("--policy", metavar="FILE", help="apply this policy's rule files and responses")
+    rlist.add_argument("--rules", metavar="FILE", action="append", default=[], help="extra rule file")
+
     ev = sub.add_parser("events", help="the event stream's schema")
     esub = ev.add_subparsers(dest="events_command", required=True, metavar="ACTION")
     esub.add_parser("schema", help="print the events' JSON Schema")
@@ -73,6 +84,25 @@ def _summary(result: ExecResult) -> None:
         print(f"corral: {'; '.join(dict.fromkeys(notes))}", file=sys.stderr)
 
 
+def _verdict(alerts: list[Alert], stopped: str | None) -> None:
+    """The run's verdict on stderr, when a rule fired: each alert (rule, category, action) in one line.
+    A clean run prints nothing, so a command's own stderr stays its own."""
+    if not alerts:
+        return
+    worst = min(alerts, key=lambda a: _SEVERITY.index(a.severity))
+    head = f"corral: verdict: {len(alerts)} alert{'s' if len(alerts) != 1 else ''}, worst {worst.severity}"
+    if stopped:
+        head += f"; sandbox {stopped}"
+    print(head, file=sys.stderr)
+    for a in alerts[:10]:
+        print(f"corral:   {a.category}: {a.rule} -> {a.action} ({a.outcome}): {a.message}", file=sys.stderr)
+    if len(alerts) > 10:
+        print(f"corral:   ... and {len(alerts) - 10} more (see --events)", file=sys.stderr)
+
+
+_SEVERITY = ("critical", "high", "medium", "low", "info")
+
+
 def _run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -83,10 +113,13 @@ def _run(args: argparse.Namespace) -> int:
         for _ in run:
             pass
         assert run.result is not None
+        alerts = sb.alerts()
     _summary(run.result)
     if run.result.timed_out:
         print(f"corral: timed out after {run.result.duration:.1f}s", file=sys.stderr)
-    return run.result.exit_code
+    stopped = {"tripwire": "terminated", "frozen": "frozen"}.get(run.result.terminated or "")
+    _verdict(alerts, stopped)
+    return TRIPWIRE_STOPPED if stopped else run.result.exit_code
 
 
 def _shell(args: argparse.Namespace) -> int:
@@ -158,10 +191,47 @@ def _policy(args: argparse.Namespace) -> int:
         print(e, file=sys.stderr)
         return 1
     if args.policy_command == "check":
+        if policy.tripwires.enabled:
+            try:
+                tripwire_ruleset(policy)
+            except PolicyError as e:
+                print(e, file=sys.stderr)
+                return 1
         print(f"{args.file}: ok")
         return 0
     plan = planning.build(policy, uid=1_300_000, gid=1_300_000, sandbox_id="00000000")
     print("\n".join(plan.describe()))
+    return 0
+
+
+def _rules(args: argparse.Namespace) -> int:
+    if args.rules_command == "check":
+        try:
+            ruleset = detect_rules.load(args.files)
+        except PolicyError as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"ok: {len(ruleset.rules)} rules in force, {len(ruleset.disabled)} disabled")
+        return 0
+    responses: dict[str, str] = {}
+    extra = list(args.rules)
+    if args.policy:
+        policy = Policy.load(args.policy)
+        extra = [*rule_files(policy), *extra]
+        responses = dict(policy.tripwires.responses)
+        if not policy.tripwires.enabled:
+            print(f"{args.policy}: tripwires are disabled (tripwires.enabled: false)", file=sys.stderr)
+    ruleset = detect_rules.load(extra)
+    rows = [("RULE", "CATEGORY", "SEVERITY", "RESPONSE", "TAGS")]
+    for r in ruleset.rules:
+        response = responses.get(r.name) or responses.get(r.category) or r.response
+        tags = " ".join([*r.tags.mitre, *r.tags.owasp])
+        rows.append((r.name, r.category, r.severity, response, tags))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    for name in ruleset.disabled:
+        print(f"{name}  (disabled)")
     return 0
 
 
@@ -187,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _shell(args)
         if args.command == "policy":
             return _policy(args)
+        if args.command == "rules":
+            return _rules(args)
         print(json.dumps(event_json_schema(), indent=2))
         return 0
     except PolicyError as e:

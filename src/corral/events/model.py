@@ -36,6 +36,8 @@ class ProcessRef(BaseModel):
     exe: str | None = Field(None, description="executable path inside the sandbox")
     cmdline: list[str] = Field(default_factory=list)
     started: datetime | None = None
+    ppid: int | None = Field(None, description="parent's pid on the host")
+    exec: int | None = Field(None, description="the command whose process tree it was born in")
 
 
 class SandboxStart(_Base):
@@ -52,7 +54,7 @@ class SandboxStart(_Base):
 
 class SandboxStop(_Base):
     type: Literal["sandbox.stop"] = "sandbox.stop"
-    reason: Literal["closed", "lifetime", "failed"]
+    reason: Literal["closed", "lifetime", "failed", "tripwire"]
     duration: float = Field(description="seconds since start")
     leftover: list[ProcessRef] = Field(default_factory=list, description="processes killed by the close")
     error: str = Field(
@@ -122,8 +124,124 @@ class DnsQuery(_Base):
     process: ProcessRef | None = None
 
 
+class ProcExec(_Base):
+    """A program started in the sandbox, seen on the host at execve before it ran (every one, however
+    short-lived)."""
+
+    type: Literal["proc.exec"] = "proc.exec"
+    process: ProcessRef
+    cwd: str | None = Field(None, description="working directory inside the sandbox")
+    stdio: list[str] = Field(
+        default_factory=list, description="what fds 0-2 were: socket, pipe, tty, file, null or other"
+    )
+    exec: int | None = Field(None, description="the command it belongs to")
+
+
+class ProcExit(_Base):
+    type: Literal["proc.exit"] = "proc.exit"
+    pid: int = Field(description="host pid")
+    exit_code: int | None = Field(None, description="its status, when known; 128+N when killed by signal N")
+    duration: float | None = Field(None, description="seconds it ran, when known")
+    exec: int | None = None
+    cmdline: list[str] = Field(default_factory=list)
+
+
+class ProcessUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pid: int
+    cmdline: list[str] = Field(default_factory=list)
+    cpu: float = Field(description="cores used over the interval")
+    rss: int = Field(description="resident bytes")
+    exec: int | None = None
+
+
+class GpuUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: int
+    pid: int
+    memory: int | None = Field(None, description="bytes of GPU memory held")
+    sm: float | None = Field(None, description="percent of the GPU's multiprocessors kept busy")
+
+
+class ResourceSample(_Base):
+    """The sandbox's use of CPU, memory and GPUs, recorded every few seconds while processes run."""
+
+    type: Literal["resource.sample"] = "resource.sample"
+    cpu: float = Field(description="cores used by the whole sandbox over the last interval")
+    memory: int = Field(description="bytes charged to the sandbox")
+    processes: int
+    top: list[ProcessUsage] = Field(default_factory=list, description="the busiest processes")
+    gpu: list[GpuUsage] = Field(default_factory=list)
+    exec: int | None = None
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    processes: list[ProcessRef] = Field(
+        default_factory=list, description="the process, its ancestors (oldest last) and its children"
+    )
+    connections: list[dict[str, Any]] = Field(
+        default_factory=list, description="its recent connections (net.connect fields)"
+    )
+    trigger: dict[str, Any] = Field(default_factory=dict, description="what the rule fired on")
+    related: list[dict[str, Any]] = Field(
+        default_factory=list, description="for rate and window rules, the other observations counted"
+    )
+
+
+class AlertTags(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mitre: list[str] = Field(default_factory=list, description="MITRE ATT&CK technique ids")
+    owasp: list[str] = Field(default_factory=list, description="OWASP Top 10 for Agentic Applications ids")
+
+
+AlertCategory = Literal[
+    "mining",
+    "tunnel",
+    "reverse_shell",
+    "probe",
+    "exfiltration",
+    "lingering",
+    "tamper",
+    "privilege",
+    "resource",
+]
+Severity = Literal["critical", "high", "medium", "low", "info"]
+Response = Literal["log", "alert", "kill", "freeze", "terminate"]
+
+
+class Alert(_Base):
+    """A rule fired. `action` is the response taken, `outcome` what it achieved."""
+
+    type: Literal["alert"] = "alert"
+    rule: str
+    category: AlertCategory
+    severity: Severity
+    action: Response
+    outcome: str = Field(description="what the action did, e.g. 'killed 2 processes'")
+    message: str
+    exec: int | None = None
+    process: ProcessRef | None = None
+    evidence: Evidence = Evidence()
+    tags: AlertTags = AlertTags()
+
+
 Event = Annotated[
-    SandboxStart | SandboxStop | ExecStart | ExecExit | Deny | NetConnect | DnsQuery,
+    SandboxStart
+    | SandboxStop
+    | ExecStart
+    | ExecExit
+    | Deny
+    | NetConnect
+    | DnsQuery
+    | ProcExec
+    | ProcExit
+    | ResourceSample
+    | Alert,
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Any] = TypeAdapter(Event)

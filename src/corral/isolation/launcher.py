@@ -301,7 +301,7 @@ def _child_b(
             step = "landlock"
             landlock.apply_in_child(list(plan.writable), landlock_abi)
         step = "seccomp"
-        notify_fd = seccomp.load(rules, notify=notify)
+        notify_fd = seccomp.load(rules, notify=notify, watch=seccomp.WATCHED if plan.watch_exec else ())
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:

@@ -137,6 +137,7 @@ class Plan:
     cpu_cores: float
     max_processes: int
     degrade: frozenset[str] = field(default_factory=frozenset)
+    watch_exec: bool = False  # report every execve to the process monitor (tripwires)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, to hand the plan to the zygote process that forks the sandbox."""
@@ -203,6 +204,8 @@ class Plan:
                 else ""
             )
         )
+        if self.watch_exec:
+            lines.append("seccomp: report every execve/execveat to the process monitor, then let it run")
         lines.append(f"cwd: {self.cwd}; env: {', '.join(sorted(self.env))}")
         return lines
 
@@ -293,6 +296,7 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
         cpu_cores=policy.resources.cpu,
         max_processes=policy.resources.processes,
         degrade=frozenset(policy.degrade),
+        watch_exec=policy.tripwires.enabled and "seccomp_notify" not in policy.degrade,
     )
 
 

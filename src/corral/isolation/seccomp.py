@@ -173,15 +173,23 @@ def syscall_numbers(names: list[str] | None = None) -> dict[int, str]:
     """Native syscall number -> name for the names libseccomp knows on this architecture."""
     lib = _lib()
     out: dict[int, str] = {}
-    for name in names or [*DENIED, "clone", "clone3", "socket", "ioctl"]:
+    for name in names or [*DENIED, *WATCHED, "clone", "clone3", "socket", "ioctl"]:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr >= 0:
             out[nr] = name
     return out
 
 
-def load(rules: list[Rule], *, notify: bool) -> int | None:
+# Reported, then let through: the process monitor sees every program start, with its arguments, while
+# the caller is parked, before the new program runs a single instruction.
+WATCHED: tuple[str, ...] = ("execve", "execveat")
+
+
+def load(rules: list[Rule], *, notify: bool, watch: tuple[str, ...] = ()) -> int | None:
     """Install the filter on the calling thread (and its future children). Returns the listener fd.
+
+    `watch` names calls the supervisor is told about and answers with "continue" (only with
+    `notify`: without a listener they would fail).
 
     Everything not refused is allowed: the filter is a deny list of calls workloads never need,
     layered over namespaces, dropped privileges and Landlock. Foreign architectures (32-bit syscalls
@@ -202,6 +210,12 @@ def load(rules: list[Rule], *, notify: bool) -> int | None:
             rc = lib.seccomp_rule_add_array(ctx, action, nr, len(rule.args), arr)
             if rc < 0:
                 raise OSError(-rc, f"seccomp_rule_add {rule.describe()}: {os.strerror(-rc)}")
+        for name in watch if notify else ():
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr >= 0:
+                rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_NOTIFY, nr, 0, None)
+                if rc < 0:
+                    raise OSError(-rc, f"seccomp_rule_add {name}: {os.strerror(-rc)}")
         # clone3 passes its flags in memory, where a filter can't look: make libc fall back to clone.
         nr = lib.seccomp_syscall_resolve_name(b"clone3")
         if nr >= 0:
@@ -249,6 +263,20 @@ def receive(fd: int) -> Notification | None:
         raise
     nid, pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf)
     return Notification(nid, pid, nr, tuple(args))
+
+
+_FLAG_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE
+
+
+def respond_continue(fd: int, notification_id: int) -> None:
+    """Let a watched call proceed as if it had not been stopped. Only for observation: the kernel runs
+    the call with whatever its memory holds by then, so nothing may be decided from what was read."""
+    buf = bytearray(_RESP.pack(notification_id, 0, 0, _FLAG_CONTINUE))
+    try:
+        fcntl.ioctl(fd, _IOC_SEND, buf, True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
 
 
 def respond_error(fd: int, notification_id: int, err: int = errno.EPERM) -> None:

@@ -7,7 +7,17 @@
 See docs/policy.md for every key.
 """
 
-from ._schema import EgressRule, Feature, Filesystem, Limits, Network, Policy, Protocol, Resources
+from ._schema import (
+    EgressRule,
+    Feature,
+    Filesystem,
+    Limits,
+    Network,
+    Policy,
+    Protocol,
+    Resources,
+    Tripwires,
+)
 from ._units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -19,6 +29,7 @@ __all__ = [
     "Policy",
     "Protocol",
     "Resources",
+    "Tripwires",
     "format_duration",
     "format_size",
     "parse_duration",

@@ -56,15 +56,15 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(path: str | os.PathLike[str]) -> object:
+def read_yaml(path: str | os.PathLike[str], what: str = "policy file") -> object:
     """The YAML document in `path`; PolicyError when the file can't be read or isn't clean YAML."""
     source = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        raise PolicyError([f"{source}: cannot read policy file ({err.strerror or err})"]) from None
+        raise PolicyError([f"{source}: cannot read {what} ({err.strerror or err})"]) from None
     except UnicodeDecodeError as err:
-        raise PolicyError([f"{source}: cannot read policy file (not UTF-8: byte {err.start})"]) from None
+        raise PolicyError([f"{source}: cannot read {what} (not UTF-8: byte {err.start})"]) from None
     loader = _StrictLoader(text)
     try:
         data = loader.get_single_data()

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from corral.events.model import Response
+
 from ._load import read_yaml, validate
 from ._units import (
     DURATION_PATTERN,
@@ -180,7 +182,7 @@ _DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": 
 
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 Protocol = Literal["tls", "http", "ssh", "any"]
-Feature = Literal["landlock", "seccomp_notify", "cgroup_cpu"]
+Feature = Literal["landlock", "seccomp_notify", "cgroup_cpu", "process_events"]
 
 
 class _Model(BaseModel):
@@ -316,6 +318,46 @@ class Resources(_Model):
     lifetime: Duration = _duration_field("2h", "Wall-clock limit of the whole sandbox, from start to stop.")
 
 
+def _rule_path(value: str) -> str:
+    if not value or "\0" in value:
+        raise PydanticCustomError("rule_path", "a rule file path must be non-empty")
+    return value
+
+
+class Tripwires(_Model):
+    """Monitors and rules that detect mining, tunnels, reverse shells, probing, exfiltration and
+    lingering processes, and respond to them."""
+
+    enabled: bool = Field(
+        True,
+        strict=True,
+        description="Watch this sandbox's processes, resources and network events with corral's rules. "
+        "Default: true.",
+        examples=[True],
+    )
+    rules: tuple[Annotated[str, AfterValidator(_rule_path)], ...] = Field(
+        (),
+        description="Extra rule files, loaded after corral's own (relative paths are relative to the "
+        "policy file); they may add rules, override lists and change or disable rules. Default: none.",
+        examples=[["rules/local.yaml"]],
+    )
+    responses: dict[str, Response] = Field(
+        {},
+        description="What to do when a rule fires, by rule name or by category (mining, tunnel, "
+        "reverse_shell, probe, exfiltration, lingering, tamper, privilege, resource): log, alert, kill "
+        "(the process and its children), freeze (the whole sandbox, for inspection) or terminate (close "
+        "the sandbox). A rule name wins over its category. Default: each rule's own response.",
+        examples=[{"mining": "kill", "probe": "alert"}],
+    )
+    sample_interval: Duration = Field(
+        0.25,
+        ge=0.05,
+        le=5,
+        description="How often CPU, memory and GPU use are sampled, in seconds (0.05 to 5). Default: 0.25s.",
+        examples=["250ms"],
+    )
+
+
 class Policy(_Model):
     """What a sandbox may do. Load one with `Policy.load(path)`; every key but version is optional."""
 
@@ -352,10 +394,17 @@ class Policy(_Model):
         "Default: {PATH: /usr/local/bin:/usr/bin:/bin, HOME: /tmp, LANG: C.UTF-8}.",
         examples=[{"PATH": "/usr/bin:/bin", "HOME": "/tmp"}],
     )
+    tripwires: Tripwires = Field(
+        Tripwires(),
+        description="Detection rules and responses. Default: corral's rules with their own responses.",
+        examples=[{"responses": {"probe": "kill"}}],
+    )
     degrade: frozenset[Feature] = Field(
         frozenset(),
         description="Features the sandbox may run without when the host cannot enforce them: landlock, "
-        "seccomp_notify, cgroup_cpu. Default: none, so a missing feature stops the sandbox (fail closed).",
+        "seccomp_notify (also the tripwires' view of every execve), cgroup_cpu, process_events (the "
+        "kernel's fork/exit connector: without it exits are noticed at the next sample). Default: none, "
+        "so a missing feature stops the sandbox (fail closed).",
         examples=[["landlock"]],
     )
 

@@ -28,15 +28,16 @@ from typing import Literal
 
 import psutil
 
-from corral._errors import ExecError, HostError, SandboxClosedError, SandboxStartError
+from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
+from corral.detect import rules as detect_rules
 from corral.egress import netns
 from corral.egress.service import Fence, Upstream
-from corral.events import Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
+from corral.events import Alert, Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
 from corral.isolation import plan as planning
 from corral.policy import Policy
-from corral.runtime import _fscopy, _supervisor
+from corral.runtime import _fscopy, _supervisor, _tripwires
 
 STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
@@ -137,6 +138,47 @@ def _release_uid(uid: int) -> None:
         pass
 
 
+_rulesets: dict[tuple[object, ...], detect_rules.Ruleset] = {}
+_rulesets_lock = threading.Lock()
+
+
+def rule_files(policy: Policy) -> list[str]:
+    """The policy's extra rule files, relative paths taken from the policy file's directory."""
+    base = os.path.dirname(os.path.abspath(policy.source)) if os.path.isfile(policy.source) else os.getcwd()
+    return [p if os.path.isabs(p) else os.path.join(base, p) for p in policy.tripwires.rules]
+
+
+def tripwire_ruleset(policy: Policy) -> detect_rules.Ruleset:
+    """corral's rules plus the policy's, compiled once per set of file versions (a sandbox start
+    must not pay for parsing YAML)."""
+    files = [*map(str, detect_rules.builtin_files()), *rule_files(policy)]
+    key: list[object] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            key.append((f, st.st_mtime_ns, st.st_size))
+        except OSError:
+            key.append((f, None))  # the loader reports it, naming the file
+    k = tuple(key)
+    with _rulesets_lock:
+        ruleset = _rulesets.get(k)
+    if ruleset is None:
+        ruleset = detect_rules.load(rule_files(policy))
+        with _rulesets_lock:
+            _rulesets[k] = ruleset
+    names = {r.name for r in ruleset.rules} | set(ruleset.disabled)
+    bad = [k for k in policy.tripwires.responses if k not in names and k not in detect_rules.CATEGORIES]
+    if bad:
+        raise PolicyError(
+            [
+                f"{policy.source}: tripwires.responses.{k}: no rule or category of that name; use a category "
+                f"({', '.join(detect_rules.CATEGORIES)}) or a rule name (`corral rules list`)"
+                for k in bad
+            ]
+        )
+    return ruleset
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """What a command did. stdout/stderr are bytes, or str when `exec(..., text=True)`."""
@@ -149,7 +191,9 @@ class ExecResult:
     peak_memory: int
     signal: int | None = None
     timed_out: bool = False
-    terminated: str | None = None  # "lifetime" or "closed" when the sandbox ended under the command
+    # "lifetime", "closed" or "tripwire" when the sandbox ended under the command; "frozen" when a
+    # tripwire froze the sandbox (the command's processes are kept, stopped, for inspection)
+    terminated: str | None = None
     leftover: list[ProcessRef] = field(default_factory=list)
     denials: list[Deny] = field(default_factory=list)
 
@@ -302,6 +346,9 @@ class Sandbox:
         self._lifetime_timer: int | None = None
         self._syscalls: dict[int, str] = {}
         self._reaped = threading.Event()
+        self._tripwires: _tripwires.Tripwires | None = None
+        self._frozen: str | None = None  # the rule that froze the sandbox
+        self._exec_wake: int | None = None  # write end of the running command's wake-up pipe
         self._start()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -354,6 +401,9 @@ class Sandbox:
                 lambda: self._current_exec,
                 self._upstream,
             )
+            if self.policy.tripwires.enabled:
+                step = "tripwires"
+                self._start_tripwires(degraded)
             if self._workspace_src is not None:
                 step = "workspace"
                 self._copy_in(self._workspace_src)
@@ -361,7 +411,7 @@ class Sandbox:
             if self._launched is not None:
                 signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
             self._teardown()
-            if isinstance(e, HostError):
+            if isinstance(e, HostError | PolicyError):
                 raise
             raise SandboxStartError(f"sandbox {self.id}: {step}: {e}") from e
         with _open_lock:
@@ -388,6 +438,88 @@ class Sandbox:
             )
         )
 
+    def _start_tripwires(self, degraded: list[str]) -> None:
+        assert self._launched is not None and self._cgroup is not None
+        ruleset = tripwire_ruleset(self.policy)
+        tw = _tripwires.Tripwires(
+            self.id,
+            ruleset,
+            dict(self.policy.tripwires.responses),
+            init_pid=self._launched.init_pid,
+            cgroup=self._cgroup,
+            current_exec=lambda: self._current_exec,
+            emit=self._emit,
+            responder=self,
+            gpu_granted=bool(self.policy.gpu),
+            cpu_budget=self.policy.resources.cpu,
+            interval=self.policy.tripwires.sample_interval,
+        )
+        tw.start()
+        if tw.connector_error is not None:
+            if "process_events" not in self.policy.degrade:
+                tw.close()
+                raise HostError(
+                    f"tripwires: {tw.connector_error}; allow running without it (exits are then noticed "
+                    "at the next sample) with `degrade: [process_events]` in the policy"
+                )
+            degraded.append("process_events")
+        self._tripwires = tw
+
+    # --- responses (called by the tripwires) ------------------------------------------------------
+
+    def kill_processes(self, pids: list[int]) -> int:
+        """SIGKILL those of `pids` that are still in this sandbox; how many were. Never init."""
+        if self._cgroup is None or self._launched is None:
+            return 0
+        try:
+            mine = set(self._cgroup.pids())
+        except OSError:
+            return 0
+        killed = 0
+        for pid in pids:
+            # The cgroup check rules out a pid reused by another process since the rule fired.
+            if pid in mine and pid != self._launched.init_pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        return killed
+
+    def freeze_for(self, rule: str) -> None:
+        # Off the caller's thread: it may be the supervisor, which a parked execve in this very
+        # sandbox waits on, and freezing waits for every task to stop.
+        threading.Thread(target=self._freeze, args=(rule,), name=f"corral-freeze-{self.id}").start()
+
+    def _freeze(self, rule: str) -> None:
+        with self._state_lock:
+            if self._closed is not None or self._frozen is not None or self._cgroup is None:
+                return
+            self._frozen = rule
+        self._cgroup.freeze()
+        self._wake_exec()
+
+    def terminate_for(self, rule: str) -> None:
+        threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
+
+    def _wake_exec(self) -> None:
+        fd = self._exec_wake
+        if fd is not None:
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass
+
+    def alerts(self) -> list[Alert]:
+        """The alerts raised so far (rules that fired with a response other than `log`), oldest first."""
+        return [e for e in self.events() if isinstance(e, Alert) and e.action != "log"]
+
+    @property
+    def frozen(self) -> str | None:
+        """The rule that froze the sandbox, or None. A frozen sandbox runs no more commands; inspect
+        it (its processes are stopped, not killed), then close it."""
+        return self._frozen
+
     def close(self, wait: bool = False) -> None:
         """Destroy the sandbox. Idempotent, callable from any thread.
 
@@ -405,7 +537,7 @@ class Sandbox:
         # refused calls, so the close runs on a thread of its own.
         threading.Thread(target=self._terminate, args=("lifetime",), name=f"corral-expire-{self.id}").start()
 
-    def _terminate(self, reason: Literal["closed", "lifetime", "failed"]) -> None:
+    def _terminate(self, reason: Literal["closed", "lifetime", "failed", "tripwire"]) -> None:
         with self._state_lock:
             if self._closed is not None:
                 return
@@ -424,6 +556,9 @@ class Sandbox:
             )
         if self._lifetime_timer is not None:
             _supervisor.get().cancel(self._lifetime_timer)
+        if self._tripwires is not None:
+            self._tripwires.close()  # the kill below must not read as alerts
+        self._wake_exec()
         leftover: list[ProcessRef] = []
         error = ""
         if self._launched is not None and self._cgroup is not None:
@@ -531,6 +666,8 @@ class Sandbox:
             self._events.append(event)
         if self._sink is not None:
             self._sink.write(event)
+        if self._tripwires is not None:
+            self._tripwires.observe_event(event)
 
     def events(self) -> list[Event]:
         """This sandbox's events so far, oldest first."""
@@ -573,9 +710,17 @@ class Sandbox:
         # Runs on the supervisor thread while the caller is parked in the kernel, so its identity is
         # read before it can exec anything else. The event is recorded before the call is answered:
         # the command can't then finish (and its result be built) without its own denials.
-        proc = _process_ref(note.pid)
         assert self._launched is not None and self._launched.notify_fd is not None
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
+        if name in seccomp.WATCHED:
+            tw = self._tripwires
+            allow = tw is None or tw.on_exec(note.pid, name, note.args).allow
+            if allow:
+                seccomp.respond_continue(self._launched.notify_fd, note.id)
+            else:
+                seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+            return
+        proc = _process_ref(note.pid)
         detail = f"args {note.args[0]:#x} {note.args[1]:#x}" if name in ("clone", "socket", "ioctl") else ""
         self._emit(
             Deny(

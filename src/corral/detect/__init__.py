@@ -1,0 +1,1 @@
+"""Tripwire detection: rules as data (YAML), compiled conditions, a stateful per-sandbox detector."""

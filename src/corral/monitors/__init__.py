@@ -1,0 +1,1 @@
+"""Monitors: host-side observers of sandboxes (processes, resources, GPUs)."""

@@ -1,0 +1,646 @@
+"""The process monitor: every program started in a sandbox, its lineage and its end, read on the host.
+
+Three sources, each covering what the others can't:
+- execve/execveat are reported by the sandbox's seccomp filter (`seccomp.WATCHED`): the caller is
+  parked while the supervisor reads the new program's path and arguments from its memory, so even a
+  process that lives a millisecond is seen, and a miner can be killed before its first instruction.
+- the kernel's process-event connector (netlink) reports every fork and exit on the host as it
+  happens; forks give each process the command it was born in, whatever it later reparents to, and
+  exits give the status. It lives in the host's initial network namespace only, so a supervisor
+  running elsewhere (a test's namespace) opens its socket there first.
+- the resource sampler's sweep of the cgroup catches anything the other two missed (a connector
+  overrun, a host without it): `ProcessTable.adopt`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from corral.isolation import _linux
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_MAX_ARGS = 4096
+_MAX_ARG_BYTES = 256 * 1024
+
+
+@dataclass
+class ProcInfo:
+    """What the monitor knows about one process (host pid)."""
+
+    pid: int
+    ppid: int
+    exec_id: int | None
+    exe: str | None = None
+    argv: list[str] = field(default_factory=list)
+    cwd: str | None = None
+    ns_pid: int | None = None
+    started: float = field(default_factory=time.time)  # epoch seconds
+    stdio: list[str] = field(default_factory=list)
+    execed: bool = False  # seen at execve (not only forked)
+    exited: bool = False
+    exit_code: int | None = None
+
+
+class ProcessTable:
+    """One sandbox's processes. Thread-safe: the supervisor, the connector and the sampler all write."""
+
+    def __init__(self, init_pid: int, current_exec: Callable[[], int | None]) -> None:
+        self.init_pid = init_pid
+        self._current_exec = current_exec
+        self._lock = threading.Lock()
+        self._procs: dict[int, ProcInfo] = {}
+        self._recent_exits: list[ProcInfo] = []
+
+    def get(self, pid: int) -> ProcInfo | None:
+        with self._lock:
+            return self._procs.get(pid)
+
+    def alive(self) -> list[ProcInfo]:
+        with self._lock:
+            return [p for p in self._procs.values() if not p.exited]
+
+    def on_fork(self, ppid: int, pid: int) -> None:
+        with self._lock:
+            if pid in self._procs:
+                return  # the execve was handled first; it already placed the process
+            parent = self._procs.get(ppid)
+            if ppid == self.init_pid:
+                exec_id = self._current_exec()  # init forks only to run the current command
+            elif parent is not None:
+                exec_id = parent.exec_id
+            else:
+                return  # not ours
+            self._procs[pid] = ProcInfo(
+                pid=pid,
+                ppid=ppid,
+                exec_id=exec_id,
+                exe=parent.exe if parent else None,
+                argv=list(parent.argv) if parent else [],
+                cwd=parent.cwd if parent else None,
+            )
+
+    def on_exec(self, info: ProcInfo) -> ProcInfo:
+        """Record a program start; the command it belongs to comes from its fork, else its lineage."""
+        with self._lock:
+            known = self._procs.get(info.pid)
+            if known is not None:
+                info.exec_id = known.exec_id
+                info.started = known.started
+            elif info.ppid == self.init_pid:
+                info.exec_id = self._current_exec()
+            else:
+                info.exec_id = self._lineage_exec(info.ppid)
+            info.execed = True
+            self._procs[info.pid] = info
+            return info
+
+    def _lineage_exec(self, ppid: int) -> int | None:
+        seen = 0
+        pid = ppid
+        while seen < 64:
+            p = self._procs.get(pid)
+            if p is not None:
+                return p.exec_id
+            parent = _ppid(pid)
+            if parent is None or parent == pid or parent <= 1:
+                break
+            if parent == self.init_pid:
+                return self._current_exec()
+            pid = parent
+            seen += 1
+        return self._current_exec()
+
+    def on_exit(self, pid: int, code: int | None) -> ProcInfo | None:
+        with self._lock:
+            p = self._procs.pop(pid, None)
+            if p is None:
+                return None
+            p.exited = True
+            p.exit_code = code
+            self._recent_exits.append(p)
+            del self._recent_exits[:-256]
+            return p
+
+    def adopt(self, pid: int) -> ProcInfo | None:
+        """A process the sweep found that neither the filter nor the connector reported."""
+        with self._lock:
+            if pid in self._procs or pid == self.init_pid:
+                return None
+        ppid = _ppid(pid)
+        if ppid is None:
+            return None
+        info = ProcInfo(pid=pid, ppid=ppid, exec_id=None, started=_start_time(pid) or time.time())
+        info.argv = _cmdline(pid)
+        info.exe = _exe(pid)
+        with self._lock:
+            if pid in self._procs:
+                return None
+            parent = self._procs.get(ppid)
+            info.exec_id = parent.exec_id if parent is not None else self._lineage_exec(ppid)
+            self._procs[pid] = info
+        return info
+
+    def ancestors(self, pid: int) -> list[ProcInfo]:
+        """The process's parents inside the sandbox, nearest first (init excluded)."""
+        out: list[ProcInfo] = []
+        with self._lock:
+            p = self._procs.get(pid)
+            while p is not None and len(out) < 32 and p.ppid != self.init_pid:
+                p = self._procs.get(p.ppid)
+                if p is not None:
+                    out.append(p)
+        return out
+
+    def descendants(self, pid: int) -> list[ProcInfo]:
+        with self._lock:
+            children: dict[int, list[ProcInfo]] = {}
+            for p in self._procs.values():
+                children.setdefault(p.ppid, []).append(p)
+        out: list[ProcInfo] = []
+        todo = [pid]
+        while todo and len(out) < 4096:
+            for c in children.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c.pid)
+        return out
+
+    def of_exec(self, exec_id: int) -> list[ProcInfo]:
+        with self._lock:
+            return [p for p in self._procs.values() if p.exec_id == exec_id]
+
+
+# --- reading a process on the host ---------------------------------------------------------------
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
+        return _boot_time() + ticks / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_boot: float | None = None
+
+
+def _boot_time() -> float:
+    global _boot
+    if _boot is None:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    _boot = float(line.split()[1])
+                    break
+            else:
+                _boot = time.time() - time.monotonic()
+    return _boot
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in data.split(b"\0")[:-1]]
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def ns_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _read_string(mem: int, addr: int, limit: int = 4096) -> bytes:
+    out = b""
+    while len(out) < limit:
+        chunk = os.pread(mem, 512, addr + len(out))
+        if not chunk:
+            break
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            return out + chunk[:nul]
+        out += chunk
+    return out[:limit]
+
+
+def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, list[str], int | None]:
+    """The path and argv an execve/execveat caller passed, read from its memory while it is parked.
+
+    Returns (path, argv, dirfd). What the agent can change between this read and the kernel's own
+    (another thread rewriting the buffer) is why nothing here decides anything: the proc.exec event
+    is a record; the content rule reads the file the path names, and Landlock and the read-only root
+    decide what may run.
+    """
+    if syscall == "execveat":
+        dirfd, path_ptr, argv_ptr = args[0], args[1], args[2]
+        dirfd_i: int | None = dirfd - (1 << 32) if dirfd >= 1 << 31 else dirfd
+        dirfd_i = None if dirfd_i is None or dirfd_i < 0 else dirfd_i
+    else:
+        path_ptr, argv_ptr, dirfd_i = args[0], args[1], None
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        path = _read_string(fd, path_ptr).decode(errors="replace") if path_ptr else ""
+        argv: list[str] = []
+        total = 0
+        if argv_ptr:
+            ptrs = b""
+            while len(argv) < _MAX_ARGS and total < _MAX_ARG_BYTES:
+                if not ptrs:
+                    ptrs = os.pread(fd, 8 * 64, argv_ptr + 8 * len(argv))
+                    if len(ptrs) < 8:
+                        break
+                (p,) = struct.unpack_from("=Q", ptrs)
+                ptrs = ptrs[8:]
+                if p == 0:
+                    break
+                s = _read_string(fd, p)
+                total += len(s) + 1
+                argv.append(s.decode(errors="replace"))
+    finally:
+        os.close(fd)
+    return path, argv, dirfd_i
+
+
+def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> str | None:
+    """The program's path inside the sandbox, or None when the exec is bound to fail (no such file:
+    shells and execvp try each PATH directory in turn, and those misses are not program starts)."""
+    root = f"/proc/{pid}/root"
+    if path == "" and dirfd is not None:  # fexecve: the fd is the program
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{dirfd}")
+        except OSError:
+            return None
+        return target
+    if not path.startswith("/"):
+        try:
+            base = (
+                os.readlink(f"/proc/{pid}/fd/{dirfd}")
+                if dirfd is not None
+                else os.readlink(f"/proc/{pid}/cwd")
+            )
+        except OSError:
+            return None
+        path = os.path.normpath(os.path.join(base, path))
+    try:
+        st = os.stat(root + path)
+    except OSError:
+        return None
+    if not os.path.isfile(root + path) or not st.st_mode & 0o111:
+        return None
+    return path
+
+
+def stdio_kinds(pid: int) -> tuple[list[str], list[int]]:
+    """What fds 0-2 are (socket, pipe, tty, file, null, other, closed), and the pipes' inodes of 0/1."""
+    kinds: list[str] = []
+    pipes: list[int] = []
+    for fd in (0, 1, 2):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            kinds.append("closed")
+            continue
+        if target.startswith("socket:["):
+            kinds.append("socket" if _is_inet_socket(pid, int(target[8:-1])) else "unix")
+        elif target.startswith("pipe:["):
+            kinds.append("pipe")
+            if fd < 2:
+                pipes.append(int(target[6:-1]))
+        elif target.startswith(("/dev/pts/", "/dev/tty", "/dev/console")) or target == "/dev/ptmx":
+            kinds.append("tty")
+        elif target == "/dev/null":
+            kinds.append("null")
+        elif target.startswith("/"):
+            kinds.append("file")
+        else:
+            kinds.append("other")
+    return kinds, pipes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the TCP and UDP sockets in the network namespace `pid` lives in."""
+    out: set[int] = set()
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9:
+                        out.add(int(parts[9]))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _is_inet_socket(pid: int, inode: int) -> bool:
+    return inode in _socket_inodes(pid)
+
+
+def pipe_peer_has_socket(pid: int, pipes: list[int], candidates: list[int]) -> bool:
+    """Does another process holding one of `pipes` also hold a TCP/UDP socket?"""
+    if not pipes:
+        return False
+    wanted = {f"pipe:[{i}]" for i in pipes}
+    inet = _socket_inodes(pid)
+    for other in candidates:
+        if other == pid:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{other}/fd")
+        except OSError:
+            continue
+        holds_pipe = False
+        sockets: list[int] = []
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{other}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                holds_pipe = True
+            elif target.startswith("socket:["):
+                sockets.append(int(target[8:-1]))
+        if holds_pipe and any(s in inet for s in sockets):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ContentRef:
+    """The bytes of a program and of the script it runs, read on demand and identified by file
+    identity, so that a rule's verdict on /usr/bin/cc1 is computed once, not at every compile."""
+
+    paths: tuple[str, ...]  # host paths (through /proc/PID/root)
+    identity: tuple[tuple[int, int, int, int], ...]
+
+    LIMIT = 32 << 20
+
+    def read(self) -> bytes:
+        parts = []
+        for p in self.paths:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if not _is_regular(fd):
+                    continue
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    parts.append(f.read(self.LIMIT))
+            finally:
+                os.close(fd)
+        return b"\0".join(parts)
+
+
+def _is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def content_ref(pid: int, exe: str | None, argv: list[str], cwd: str | None) -> ContentRef | None:
+    """The program at `exe` plus the first argument that names a regular file (the script an
+    interpreter runs), both inside the sandbox whose root `pid` sees."""
+    root = f"/proc/{pid}/root"
+    paths: list[str] = []
+    ident: list[tuple[int, int, int, int]] = []
+    candidates = [exe] if exe else []
+    for a in argv[1:4]:
+        if a.startswith("-") or not a:
+            continue
+        candidates.append(a if a.startswith("/") else os.path.join(cwd or "/", a))
+        break
+    for c in candidates:
+        if c is None:
+            continue
+        host = root + os.path.normpath(c)
+        try:
+            st = os.stat(host)
+        except OSError:
+            continue
+        if not os.path.isfile(host):
+            continue
+        paths.append(host)
+        ident.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    if not paths:
+        return None
+    return ContentRef(tuple(paths), tuple(ident))
+
+
+# --- the kernel's process events -----------------------------------------------------------------
+
+_NETLINK_CONNECTOR = 11
+_CN_IDX_PROC = 1
+_CN_VAL_PROC = 1
+_PROC_CN_MCAST_LISTEN = 1
+_PROC_EVENT_FORK = 0x00000001
+_PROC_EVENT_EXIT = 0x80000000
+_NLMSG_HDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_EVENT_HDR = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+
+
+class Connector:
+    """Host-wide fork/exit events, dispatched to the process table that owns the parent (fork) or
+    the process (exit). One thread and one socket for every sandbox in this supervisor."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, ProcessTable] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self.error: str | None = None
+        self.exit_listeners: list[Callable[[ProcessTable, ProcInfo], None]] = []
+
+    def start(self) -> bool:
+        """Open the socket (once). False, with `error` set, if this host can't give process events."""
+        with self._lock:
+            if self._sock is not None:
+                return True
+            if self.error is not None:
+                return False
+            try:
+                self._sock = _open_connector()
+            except OSError as e:
+                self.error = f"process-event connector unavailable ({e.strerror or e})"
+                return False
+            self._thread = threading.Thread(target=self._run, name="corral-proc-events", daemon=True)
+            self._thread.start()
+            return True
+
+    def watch(self, pid: int, table: ProcessTable) -> None:
+        with self._lock:
+            self._owners[pid] = table
+
+    def forget(self, table: ProcessTable) -> None:
+        with self._lock:
+            for pid in [p for p, t in self._owners.items() if t is table]:
+                del self._owners[pid]
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    continue  # overrun: the sampler's sweep adopts what was lost
+                print(f"corral: process events stopped: {e}", file=sys.stderr)
+                return
+            off = 0
+            while off + _NLMSG_HDR.size <= len(data):
+                length = _NLMSG_HDR.unpack_from(data, off)[0]
+                if length < _NLMSG_HDR.size:
+                    break
+                self._handle(data, off + _NLMSG_HDR.size + _CN_MSG.size)
+                off += (length + 3) & ~3
+
+    def _handle(self, data: bytes, off: int) -> None:
+        if off + _EVENT_HDR.size > len(data):
+            return
+        what = _EVENT_HDR.unpack_from(data, off)[0]
+        body = off + _EVENT_HDR.size
+        if what == _PROC_EVENT_FORK:
+            _, ptgid, cpid, ctgid = struct.unpack_from("=iiii", data, body)
+            if cpid != ctgid:
+                return  # a new thread, not a process
+            with self._lock:
+                table = self._owners.get(ptgid)
+                if table is not None:
+                    self._owners[ctgid] = table
+            if table is not None:
+                table.on_fork(ptgid, ctgid)
+        elif what == _PROC_EVENT_EXIT:
+            pid, tgid, code, _sig = struct.unpack_from("=iiII", data, body)
+            if pid != tgid:
+                return
+            with self._lock:
+                table = self._owners.pop(tgid, None)
+            if table is not None:
+                info = table.on_exit(tgid, _exit_code(code))
+                if info is not None:
+                    for fn in self.exit_listeners:
+                        fn(table, info)
+
+
+def _exit_code(status: int) -> int:
+    if status & 0x7F:
+        return 128 + (status & 0x7F)
+    return (status >> 8) & 0xFF
+
+
+def _open_connector() -> socket.socket:
+    """The connector socket. The kernel serves process events only in the host's initial network
+    namespace; a supervisor running in another one (the test suite's loopback-only namespace) opens
+    its socket in the namespace of the nearest ancestor where the connector answers."""
+    try:
+        return _subscribe()
+    except OSError as first:
+        if first.errno not in (errno.ECONNREFUSED, errno.EPROTONOSUPPORT):
+            raise
+        error: OSError = first
+    own = os.stat("/proc/self/ns/net").st_ino
+    pid = os.getppid()
+    tried: set[int] = {own}
+    while pid > 1:
+        try:
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            ino = None
+        if ino is not None and ino not in tried:
+            tried.add(ino)
+            try:
+                return _subscribe_in(f"/proc/{pid}/ns/net")
+            except OSError as e:
+                error = e
+        parent = _ppid(pid)
+        if parent is None or parent == pid:
+            break
+        pid = parent
+    raise error
+
+
+def _subscribe_in(namespace: str) -> socket.socket:
+    # setns on a thread that then exits: the supervisor's other threads stay where they are.
+    result: list[socket.socket | BaseException] = []
+
+    def opener() -> None:
+        try:
+            with open(namespace, "rb") as f:
+                _linux.setns(f.fileno(), _linux.CLONE_NEWNET)
+            result.append(_subscribe())
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=opener, name="corral-connector-open")
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _subscribe() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_CONNECTOR)
+    try:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: bursts of forks
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        s.bind((0, _CN_IDX_PROC))
+        op = struct.pack("=I", _PROC_CN_MCAST_LISTEN)
+        cn = _CN_MSG.pack(_CN_IDX_PROC, _CN_VAL_PROC, 0, 0, len(op), 0) + op
+        s.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), 3, 0, 0, 0) + cn)  # NLMSG_DONE
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+_connector: Connector | None = None
+_connector_lock = threading.Lock()
+
+
+def connector() -> Connector:
+    global _connector
+    with _connector_lock:
+        if _connector is None:
+            _connector = Connector()
+        return _connector
+
+
+def started_at(info: ProcInfo) -> datetime:
+    return datetime.fromtimestamp(info.started, UTC)

@@ -1,0 +1,515 @@
+"""One sandbox's tripwires: its process table, its detector, the observations fed to it, and the
+alerts and responses that come out.
+
+Everything here runs on the host. Observations come from three threads (the supervisor's execve
+notifications, the sampler, and whichever thread emitted an event); the detector is thread-safe and
+responses that block (freeze, terminate) are handed to the sandbox, which runs them off the
+supervisor's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from corral.detect.engine import Detector, Match, Observation
+from corral.detect.rules import Ruleset
+from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
+from corral.events.model import (
+    Deny,
+    DnsQuery,
+    Event,
+    ExecExit,
+    GpuUsage,
+    NetConnect,
+    ProcessUsage,
+)
+from corral.isolation import cgroups
+from corral.monitors import process as pm
+from corral.monitors.gpu import GpuProcessUsage
+from corral.monitors.resource import CpuMeter, read_stat, sampler, uptime
+
+_RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
+_EVIDENCE_PROCS = 24
+_EVIDENCE_CONNS = 10
+_SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# Named explicitly rather than with ipaddress's is_private, which also counts the documentation
+# ranges (TEST-NET-1/2/3): those stand for the outside world in examples and tests.
+_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
+_DOCUMENTATION = [
+    ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+]
+
+
+class Responder(Protocol):
+    """What a tripwire may do to its sandbox."""
+
+    def kill_processes(self, pids: list[int]) -> int: ...
+    def freeze_for(self, rule: str) -> None: ...
+    def terminate_for(self, rule: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExecVerdict:
+    allow: bool  # False: refuse the execve (the process was killed, or the sandbox is being stopped)
+
+
+class Tripwires:
+    def __init__(
+        self,
+        sandbox_id: str,
+        ruleset: Ruleset,
+        responses: dict[str, str],
+        *,
+        init_pid: int,
+        cgroup: cgroups.SandboxCgroup,
+        current_exec: Callable[[], int | None],
+        emit: Callable[[Event], None],
+        responder: Responder,
+        gpu_granted: bool,
+        cpu_budget: float,
+        interval: float,
+    ) -> None:
+        self.id = sandbox_id
+        self.detector = Detector(ruleset, responses)
+        self.table = pm.ProcessTable(init_pid, current_exec)
+        self._cgroup = cgroup
+        self._current_exec = current_exec
+        self._emit = emit
+        self._responder = responder
+        self._gpu_granted = gpu_granted
+        self._cpu_budget = min(cpu_budget, float(os.cpu_count() or 1))
+        self._interval = interval
+        self._meter = CpuMeter()
+        self._connections: collections.deque[NetConnect] = collections.deque(maxlen=64)
+        self._last_record = 0.0
+        self._last_cpu: tuple[float, float] | None = None
+        self.connector_error: str | None = None
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        conn = pm.connector()
+        if conn.start():
+            conn.watch(self.table.init_pid, self.table)
+            if _dispatch_exit not in conn.exit_listeners:
+                conn.exit_listeners.append(_dispatch_exit)
+            _tables[id(self.table)] = self
+        else:
+            self.connector_error = conn.error
+        sampler().watch(self, self._interval, self._sample)
+
+    def close(self) -> None:
+        self._closed = True
+        sampler().unwatch(self)
+        pm.connector().forget(self.table)
+        _tables.pop(id(self.table), None)
+
+    # --- observations ----------------------------------------------------------------------------
+
+    def on_exec(self, pid: int, syscall: str, args: tuple[int, ...]) -> ExecVerdict:
+        """An execve, with its caller parked. Records it and runs the rules before the program runs."""
+        try:
+            path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
+        except OSError:
+            return ExecVerdict(True)  # the caller died meanwhile
+        exe = pm.resolve_exec_path(pid, path, dirfd)
+        if exe is None:
+            return ExecVerdict(True)  # a PATH miss: the kernel will answer ENOENT; not a program start
+        try:
+            cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = None
+        stdio, pipes = pm.stdio_kinds(pid)
+        info = pm.ProcInfo(
+            pid=pid,
+            ppid=pm._ppid(pid) or 0,
+            exec_id=None,
+            exe=exe,
+            argv=argv,
+            cwd=cwd,
+            ns_pid=pm.ns_pid(pid),
+            stdio=stdio,
+        )
+        info = self.table.on_exec(info)
+        event = ProcExec(sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id)
+        self._emit(event)
+        content = pm.content_ref(pid, exe, argv, cwd)
+        lazy: dict[str, Callable[[], Any]] = {
+            "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
+            "proc.content": lambda: content,
+        }
+        obs = self._observation(event, pid, lazy)
+        obs._values["proc.stdio_socket"] = "socket" in stdio
+        killed = self._handle(self.detector.observe(obs), parked=pid)
+        return ExecVerdict(not killed)
+
+    def observe_event(self, event: Event) -> None:
+        if self._closed or isinstance(event, Alert | ProcExec):
+            return  # alerts never feed back; proc.exec was observed at the execve itself
+        if isinstance(event, NetConnect):
+            self._connections.append(event)
+        pid = None
+        proc = getattr(event, "process", None)
+        if isinstance(proc, ProcessRef):
+            pid = proc.pid
+        self._handle(self.detector.observe(self._observation(event, pid)))
+
+    def _sample(self, gpu: dict[int, list[GpuProcessUsage]]) -> None:
+        if self._closed:
+            return
+        try:
+            pids = [p for p in self._cgroup.pids() if p != self.table.init_pid]
+        except OSError:
+            return
+        stats = [s for s in (read_stat(p) for p in pids) if s is not None]
+        up = uptime()
+        cpu = self._meter.measure(stats, up)
+        live = {s.pid for s in stats}
+        for s in stats:
+            if self.table.get(s.pid) is None:
+                self.table.adopt(s.pid)
+        if self.connector_error is not None:
+            # Without the connector, exits are noticed here, a sample late and without a status.
+            for info in self.table.alive():
+                if info.pid not in live and info.pid not in pids:
+                    gone = self.table.on_exit(info.pid, None)
+                    if gone is not None:
+                        self.record_exit(gone)
+        matches: list[Match] = []
+        for s in stats:
+            obs = self._observation(None, s.pid)
+            obs._values.update(
+                {
+                    "evt.type": "proc.sample",
+                    "proc.cpu": cpu.get(s.pid, 0.0),
+                    "proc.cpu_share": cpu.get(s.pid, 0.0) / self._cpu_budget,
+                    "proc.rss": s.rss,
+                    "proc.age": max(0.0, up - s.start_ticks / pm._CLK_TCK),
+                }
+            )
+            matches += self.detector.observe(obs)
+        gpu_rows: list[GpuUsage] = []
+        for pid in live:
+            for u in gpu.get(pid, []):
+                gpu_rows.append(GpuUsage(index=u.index, pid=pid, memory=u.memory_bytes, sm=u.sm_percent))
+                obs = self._observation(None, pid)
+                obs._values.update(
+                    {
+                        "evt.type": "gpu.sample",
+                        "gpu.index": u.index,
+                        "gpu.memory": u.memory_bytes,
+                        "gpu.sm": u.sm_percent,
+                    }
+                )
+                matches += self.detector.observe(obs)
+        self._handle(matches)
+        now = time.monotonic()
+        if stats and now - self._last_record >= _RECORD_EVERY:
+            self._last_record = now
+            self._record(stats, cpu, gpu_rows)
+
+    def _record(self, stats: list[Any], cpu: dict[int, float], gpu_rows: list[GpuUsage]) -> None:
+        try:
+            usage = self._cgroup.usage()
+        except OSError:
+            return
+        total = 0.0
+        if self._last_cpu is not None:
+            dt = time.monotonic() - self._last_cpu[1]
+            total = max(0.0, (usage.cpu_seconds - self._last_cpu[0]) / dt) if dt > 0 else 0.0
+        self._last_cpu = (usage.cpu_seconds, time.monotonic())
+        top = sorted(stats, key=lambda s: cpu.get(s.pid, 0.0), reverse=True)[:3]
+        self._emit(
+            ResourceSample(
+                sandbox=self.id,
+                cpu=round(total, 3),
+                memory=usage.memory_bytes,
+                processes=len(stats),
+                top=[
+                    ProcessUsage(
+                        pid=s.pid,
+                        cmdline=(self.table.get(s.pid) or pm.ProcInfo(s.pid, 0, None)).argv,
+                        cpu=round(cpu.get(s.pid, 0.0), 3),
+                        rss=s.rss,
+                        exec=(self.table.get(s.pid) or pm.ProcInfo(s.pid, 0, None)).exec_id,
+                    )
+                    for s in top
+                ],
+                gpu=gpu_rows,
+                exec=self._current_exec(),
+            )
+        )
+
+    def record_exit(self, info: pm.ProcInfo) -> None:
+        if not info.execed or self._closed:
+            return
+        self._emit(
+            ProcExit(
+                sandbox=self.id,
+                pid=info.pid,
+                exit_code=info.exit_code,
+                duration=round(time.time() - info.started, 6),
+                exec=info.exec_id,
+                cmdline=info.argv,
+            )
+        )
+
+    # --- observation fields --------------------------------------------------------------------
+
+    def _pids(self) -> list[int]:
+        try:
+            return self._cgroup.pids()
+        except OSError:
+            return []
+
+    def _observation(
+        self, event: Event | None, pid: int | None, lazy: dict[str, Callable[[], Any]] | None = None
+    ) -> Observation:
+        current = self._current_exec()
+        v: dict[str, Any] = {
+            "sandbox.gpu_granted": self._gpu_granted,
+            "sandbox.cpu_budget": self._cpu_budget,
+            "sandbox.command_running": current is not None,
+        }
+        lz: dict[str, Callable[[], Any]] = dict(lazy or {})
+        if event is not None:
+            v["evt.type"] = event.type
+            v["evt.exec"] = getattr(event, "exec", None)
+            _event_fields(event, v)
+        else:
+            v["evt.exec"] = current
+        info = self.table.get(pid) if pid is not None else None
+        if info is None and pid is not None and event is not None:
+            ref = getattr(event, "process", None)
+            if isinstance(ref, ProcessRef):
+                info = pm.ProcInfo(
+                    pid=pid, ppid=ref.ppid or 0, exec_id=ref.exec, exe=ref.exe, argv=list(ref.cmdline)
+                )
+        if info is not None:
+            v.update(
+                {
+                    "proc.pid": info.pid,
+                    "proc.ppid": info.ppid,
+                    "proc.name": os.path.basename(info.exe) if info.exe else None,
+                    "proc.exe": info.exe,
+                    "proc.argv0": os.path.basename(info.argv[0]) if info.argv else None,
+                    "proc.args": info.argv[1:],
+                    "proc.cmdline": " ".join(info.argv),
+                    "proc.cwd": info.cwd,
+                    "proc.exec": info.exec_id,
+                    "proc.in_command": info.exec_id is not None and info.exec_id == current,
+                    "proc.stdio": info.stdio,
+                }
+            )
+            parent = self.table.get(info.ppid)
+            v["proc.pname"] = os.path.basename(parent.exe) if parent and parent.exe else None
+            v["proc.pcmdline"] = " ".join(parent.argv) if parent else None
+            lz.setdefault(
+                "proc.anames",
+                lambda: [os.path.basename(a.exe) for a in self.table.ancestors(info.pid) if a.exe],
+            )
+        return Observation(v, lz, source=event)
+
+    def _ref(self, info: pm.ProcInfo) -> ProcessRef:
+        return ProcessRef(
+            pid=info.pid,
+            ns_pid=info.ns_pid,
+            exe=info.exe,
+            cmdline=info.argv,
+            started=pm.started_at(info),
+            ppid=info.ppid,
+            exec=info.exec_id,
+        )
+
+    # --- alerts and responses ----------------------------------------------------------------------
+
+    def _handle(self, matches: list[Match], parked: int | None = None) -> bool:
+        """Respond to and record each match; True when the parked execve's caller must not run."""
+        stop = False
+        for m in matches:
+            pid = m.observation.get("proc.pid")
+            exec_id = m.observation.get("evt.exec") or m.observation.get("proc.exec")
+            action = m.response
+            outcome = "recorded"
+            if action == "kill":
+                targets = self._kill_targets(pid, exec_id)
+                n = self._responder.kill_processes(targets) if targets else 0
+                outcome = f"killed {n} process{'es' if n != 1 else ''}" if targets else "no process to kill"
+                if parked is not None and parked in targets:
+                    stop = True
+            elif action in ("freeze", "terminate"):
+                stop = parked is not None
+            evidence = self._evidence(m, pid)
+            alert = Alert(
+                sandbox=self.id,
+                rule=m.rule.name,
+                category=m.rule.category,
+                severity=m.rule.severity,
+                action=action,
+                outcome=outcome if action not in ("freeze", "terminate") else f"sandbox {action}ing",
+                message=m.message,
+                exec=exec_id,
+                process=evidence.processes[0] if evidence.processes else None,
+                evidence=evidence,
+                tags=AlertTags(mitre=list(m.rule.tags.mitre), owasp=list(m.rule.tags.owasp)),
+            )
+            self._emit(alert)
+            if action == "freeze":
+                self._responder.freeze_for(m.rule.name)
+            elif action == "terminate":
+                self._responder.terminate_for(m.rule.name)
+        return stop
+
+    def _kill_targets(self, pid: int | None, exec_id: int | None) -> list[int]:
+        init = self.table.init_pid
+        if pid is not None and pid != init:
+            return [pid, *(p.pid for p in self.table.descendants(pid) if p.pid != init)]
+        if exec_id is not None:
+            return [p.pid for p in self.table.of_exec(exec_id) if p.pid != init and not p.exited]
+        return []
+
+    def _evidence(self, m: Match, pid: int | None) -> Evidence:
+        procs: list[ProcessRef] = []
+        if pid is not None:
+            info = self.table.get(pid)
+            if info is None:
+                ref = getattr(m.observation.source, "process", None)
+                if isinstance(ref, ProcessRef):
+                    procs.append(ref)
+            else:
+                procs.append(self._ref(info))
+                procs += [self._ref(a) for a in self.table.ancestors(pid)]
+                procs += [self._ref(d) for d in self.table.descendants(pid)]
+        conns = [
+            c.model_dump(mode="json", exclude={"v", "sandbox", "type", "process"})
+            for c in self._connections
+            if pid is None or (c.process is not None and c.process.pid == pid)
+        ][-_EVIDENCE_CONNS:]
+        return Evidence(
+            processes=procs[:_EVIDENCE_PROCS],
+            connections=conns,
+            trigger=_summary(m.observation),
+            related=[_summary(o) for o in m.related[-20:]],
+        )
+
+
+def _summary(obs: Observation) -> dict[str, Any]:
+    if obs.source is not None:
+        data: dict[str, Any] = obs.source.model_dump(mode="json", exclude={"v", "sandbox"})
+        return data
+    keys = (
+        "evt.type",
+        "proc.pid",
+        "proc.cmdline",
+        "proc.cpu",
+        "proc.cpu_share",
+        "proc.rss",
+        "proc.in_command",
+        "gpu.index",
+        "gpu.memory",
+        "gpu.sm",
+    )
+    return {k: obs.get(k) for k in keys if obs.get(k) is not None}
+
+
+def _event_fields(event: Event, v: dict[str, Any]) -> None:
+    if isinstance(event, NetConnect):
+        v.update(
+            {
+                "net.destination": event.destination,
+                "net.address": event.address,
+                "net.port": event.port,
+                "net.name": event.name,
+                "net.protocol": event.protocol,
+                "net.sni": event.sni,
+                "net.decision": event.decision,
+                "net.reason": event.reason,
+                "net.scope": address_scope(event.address or event.destination),
+                "net.bytes_out": event.bytes_out,
+                "net.bytes_in": event.bytes_in,
+            }
+        )
+    elif isinstance(event, DnsQuery):
+        labels = [x for x in event.name.rstrip(".").split(".") if x]
+        longest = max(labels, key=len) if labels else ""
+        v.update(
+            {
+                "dns.name": event.name.rstrip("."),
+                "dns.qtype": event.qtype,
+                "dns.decision": event.decision,
+                "dns.label_max": len(longest),
+                "dns.entropy": entropy(longest),
+            }
+        )
+    elif isinstance(event, Deny):
+        v.update({"deny.layer": event.layer, "deny.what": event.what, "deny.detail": event.detail})
+    elif isinstance(event, ExecExit):
+        v.update(
+            {
+                "exec.exit_code": event.exit_code,
+                "exec.leftover": len(event.leftover),
+                "exec.leftover_cmdlines": [" ".join(p.cmdline) for p in event.leftover],
+            }
+        )
+
+
+def address_scope(text: str | None) -> str | None:
+    """What kind of address a connection asked for; "name" for corral's synthetic DNS answers."""
+    if not text:
+        return None
+    try:
+        a = ipaddress.ip_address(text)
+    except ValueError:
+        return "name"
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if a in _METADATA:
+        return "metadata"
+    if isinstance(a, ipaddress.IPv4Address) and a in _SYNTHETIC:
+        return "name"
+    if isinstance(a, ipaddress.IPv4Address) and a in _CGNAT:
+        return "cgnat"
+    if a.is_loopback:
+        return "loopback"
+    if a.is_link_local:
+        return "link_local"
+    if a.is_multicast:
+        return "multicast"
+    if a.is_unspecified:
+        return "unspecified"
+    if any(a in n for n in _PRIVATE):
+        return "private"
+    if any(a in n for n in _DOCUMENTATION):
+        return "documentation"
+    if a.is_reserved or a.is_private:
+        return "reserved"
+    return "public"
+
+
+def entropy(text: str) -> float:
+    """Shannon entropy in bits per character."""
+    if not text:
+        return 0.0
+    counts = collections.Counter(text.lower())
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+# Exits reported by the connector reach the owning sandbox's tripwires through this map.
+_tables: dict[int, Tripwires] = {}
+
+
+def _dispatch_exit(table: pm.ProcessTable, info: pm.ProcInfo) -> None:
+    tw = _tables.get(id(table))
+    if tw is not None:
+        tw.record_exit(info)
