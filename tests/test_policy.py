@@ -279,7 +279,8 @@ def test_every_problem_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_unknown_top_level_key_lists_allowed_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert problems(tmp_path, monkeypatch, "version: 1\npolcy: {}\n") == [
-        "p.yaml: polcy: unknown key; allowed keys: degrade, env, filesystem, gpu, network, resources, tripwires, version"
+        "p.yaml: polcy: unknown key; allowed keys: "
+        "degrade, env, filesystem, gpu, network, resources, tripwires, version"
     ]
 
 

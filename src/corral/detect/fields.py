@@ -53,6 +53,7 @@ FIELDS: dict[str, FieldSpec] = {
     "proc.stdio": FieldSpec(
         "list", "what fds 0, 1 and 2 are, at exec: socket, pipe, tty, file, null or other, in order"
     ),
+    "proc.stdin": FieldSpec("str", "what fd 0 was at exec: socket, pipe, tty, file, null, other or closed"),
     "proc.stdio_socket": FieldSpec("bool", "fd 0, 1 or 2 is a network socket"),
     "proc.stdio_pipe_to_socket": FieldSpec(
         "bool",

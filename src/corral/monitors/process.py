@@ -296,32 +296,67 @@ def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, 
 
 
 def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> str | None:
-    """The program's path inside the sandbox, or None when the exec is bound to fail (no such file:
-    shells and execvp try each PATH directory in turn, and those misses are not program starts)."""
+    """The program's canonical path inside the sandbox, or None when the exec is bound to fail (no
+    such file: shells and execvp try each PATH directory in turn, and those misses are not program
+    starts)."""
     root = f"/proc/{pid}/root"
     if path == "" and dirfd is not None:  # fexecve: the fd is the program
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{dirfd}")
+            return os.readlink(f"/proc/{pid}/fd/{dirfd}")
         except OSError:
             return None
-        return target
     if not path.startswith("/"):
         try:
-            base = (
-                os.readlink(f"/proc/{pid}/fd/{dirfd}")
-                if dirfd is not None
-                else os.readlink(f"/proc/{pid}/cwd")
-            )
+            where = f"/proc/{pid}/fd/{dirfd}" if dirfd is not None else f"/proc/{pid}/cwd"
+            path = os.path.join(os.readlink(where), path)
         except OSError:
             return None
-        path = os.path.normpath(os.path.join(base, path))
+    canonical = in_root_realpath(root, path)
+    if canonical is None:
+        return None
     try:
-        st = os.stat(root + path)
+        st = os.stat(root + canonical, follow_symlinks=False)
     except OSError:
         return None
-    if not os.path.isfile(root + path) or not st.st_mode & 0o111:
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
         return None
-    return path
+    return canonical
+
+
+def in_root_realpath(root: str, path: str) -> str | None:
+    """`path` with every symlink resolved as the sandbox sees it: absolute targets start again at the
+    sandbox's root, not the host's (the kernel resolves them against the reader's root when walking
+    through /proc/PID/root, so the host can't be asked to do it)."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        candidate = "/" + "/".join([*done, part])
+        try:
+            st = os.lstat(root + candidate)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None  # ELOOP, as the kernel would say
+            try:
+                target = os.readlink(root + candidate)
+            except OSError:
+                return None
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        done.append(part)
+    return "/" + "/".join(done)
 
 
 def stdio_kinds(pid: int) -> tuple[list[str], list[int]]:
@@ -431,22 +466,32 @@ def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
+# Programs whose first file argument is code they run: its bytes are the program as much as theirs.
+INTERPRETERS = frozenset(
+    {"sh", "bash", "dash", "zsh", "ksh", "mksh", "busybox", "perl", "ruby", "php", "node", "nodejs", "lua"}
+    | {"python", "python2", "python3", "tclsh", "awk", "gawk", "mawk", "Rscript", "julia"}
+)
+
+
 def content_ref(pid: int, exe: str | None, argv: list[str], cwd: str | None) -> ContentRef | None:
-    """The program at `exe` plus the first argument that names a regular file (the script an
-    interpreter runs), both inside the sandbox whose root `pid` sees."""
+    """The program at `exe`, plus, for an interpreter, the first argument that names a regular file
+    (the script it runs); both inside the sandbox whose root `pid` sees."""
     root = f"/proc/{pid}/root"
     paths: list[str] = []
     ident: list[tuple[int, int, int, int]] = []
     candidates = [exe] if exe else []
-    for a in argv[1:4]:
-        if a.startswith("-") or not a:
-            continue
-        candidates.append(a if a.startswith("/") else os.path.join(cwd or "/", a))
-        break
+    name = os.path.basename(exe or "")
+    if name in INTERPRETERS or name.startswith("python"):
+        for a in argv[1:4]:
+            if a.startswith("-") or not a:
+                continue
+            candidates.append(a if a.startswith("/") else os.path.join(cwd or "/", a))
+            break
     for c in candidates:
-        if c is None:
+        resolved = in_root_realpath(root, c)
+        if resolved is None:
             continue
-        host = root + os.path.normpath(c)
+        host = root + resolved
         try:
             st = os.stat(host)
         except OSError:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
@@ -59,7 +59,10 @@ class Responder(Protocol):
 
 @dataclass(frozen=True)
 class ExecVerdict:
-    allow: bool  # False: refuse the execve (the process was killed, or the sandbox is being stopped)
+    """What to answer a parked execve: "continue"; "refuse" (its caller was killed); "hold" (no
+    answer: the sandbox is being frozen or closed, and the caller stays parked until then)."""
+
+    action: Literal["continue", "refuse", "hold"]
 
 
 class Tripwires:
@@ -121,10 +124,10 @@ class Tripwires:
         try:
             path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
         except OSError:
-            return ExecVerdict(True)  # the caller died meanwhile
+            return ExecVerdict("continue")  # the caller died meanwhile
         exe = pm.resolve_exec_path(pid, path, dirfd)
         if exe is None:
-            return ExecVerdict(True)  # a PATH miss: the kernel will answer ENOENT; not a program start
+            return ExecVerdict("continue")  # a PATH miss: the kernel answers ENOENT; not a program start
         try:
             cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
@@ -150,8 +153,7 @@ class Tripwires:
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
-        killed = self._handle(self.detector.observe(obs), parked=pid)
-        return ExecVerdict(not killed)
+        return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
 
     def observe_event(self, event: Event) -> None:
         if self._closed or isinstance(event, Alert | ProcExec):
@@ -309,6 +311,7 @@ class Tripwires:
                     "proc.exec": info.exec_id,
                     "proc.in_command": info.exec_id is not None and info.exec_id == current,
                     "proc.stdio": info.stdio,
+                    "proc.stdin": info.stdio[0] if info.stdio else None,
                 }
             )
             parent = self.table.get(info.ppid)
@@ -333,9 +336,11 @@ class Tripwires:
 
     # --- alerts and responses ----------------------------------------------------------------------
 
-    def _handle(self, matches: list[Match], parked: int | None = None) -> bool:
-        """Respond to and record each match; True when the parked execve's caller must not run."""
-        stop = False
+    def _handle(
+        self, matches: list[Match], parked: int | None = None
+    ) -> Literal["continue", "refuse", "hold"]:
+        """Respond to and record each match; say what the parked execve (if any) gets."""
+        verdict: Literal["continue", "refuse", "hold"] = "continue"
         for m in matches:
             pid = m.observation.get("proc.pid")
             exec_id = m.observation.get("evt.exec") or m.observation.get("proc.exec")
@@ -345,10 +350,10 @@ class Tripwires:
                 targets = self._kill_targets(pid, exec_id)
                 n = self._responder.kill_processes(targets) if targets else 0
                 outcome = f"killed {n} process{'es' if n != 1 else ''}" if targets else "no process to kill"
-                if parked is not None and parked in targets:
-                    stop = True
+                if parked is not None and parked in targets and verdict == "continue":
+                    verdict = "refuse"
             elif action in ("freeze", "terminate"):
-                stop = parked is not None
+                verdict = "hold"
             evidence = self._evidence(m, pid)
             alert = Alert(
                 sandbox=self.id,
@@ -356,7 +361,9 @@ class Tripwires:
                 category=m.rule.category,
                 severity=m.rule.severity,
                 action=action,
-                outcome=outcome if action not in ("freeze", "terminate") else f"sandbox {action}ing",
+                outcome={"freeze": "sandbox freezing", "terminate": "sandbox terminating"}.get(
+                    action, outcome
+                ),
                 message=m.message,
                 exec=exec_id,
                 process=evidence.processes[0] if evidence.processes else None,
@@ -368,7 +375,7 @@ class Tripwires:
                 self._responder.freeze_for(m.rule.name)
             elif action == "terminate":
                 self._responder.terminate_for(m.rule.name)
-        return stop
+        return verdict
 
     def _kill_targets(self, pid: int | None, exec_id: int | None) -> list[int]:
         init = self.table.init_pid

@@ -503,12 +503,12 @@ class Sandbox:
         threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
 
     def _wake_exec(self) -> None:
-        fd = self._exec_wake
-        if fd is not None:
-            try:
-                os.write(fd, b"x")
-            except OSError:
-                pass
+        with self._state_lock:  # the running command closes the pipe under this lock
+            if self._exec_wake is not None:
+                try:
+                    os.write(self._exec_wake, b"x")
+                except OSError:
+                    pass
 
     def alerts(self) -> list[Alert]:
         """The alerts raised so far (rules that fired with a response other than `log`), oldest first."""
@@ -580,7 +580,7 @@ class Sandbox:
                     signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                if frozen:
+                if frozen or self._frozen is not None:
                     self._cgroup.thaw()  # frozen tasks only act on SIGKILL once thawed
         self._emit(
             SandboxStop(
@@ -714,11 +714,12 @@ class Sandbox:
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
         if name in seccomp.WATCHED:
             tw = self._tripwires
-            allow = tw is None or tw.on_exec(note.pid, name, note.args).allow
-            if allow:
+            verdict = "continue" if tw is None else tw.on_exec(note.pid, name, note.args).action
+            if verdict == "continue":
                 seccomp.respond_continue(self._launched.notify_fd, note.id)
-            else:
+            elif verdict == "refuse":
                 seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+            # "hold": no answer; the caller stays parked until the freeze or the close reaches it
             return
         proc = _process_ref(note.pid)
         detail = f"args {note.args[0]:#x} {note.args[1]:#x}" if name in ("clone", "socket", "ioctl") else ""
@@ -858,6 +859,10 @@ class _Run:
         with sb._exec_lock:
             if sb._closed is not None or sb._launched is None or sb._cgroup is None:
                 raise SandboxClosedError(f"sandbox {sb.id} is closed ({sb._closed})")
+            if sb._frozen is not None:
+                raise SandboxClosedError(
+                    f"sandbox {sb.id} was frozen by tripwire {sb._frozen!r}; inspect it, then close() it"
+                )
             try:
                 yield from self._run(sb._launched, sb._cgroup)
             finally:
@@ -900,6 +905,11 @@ class _Run:
             else:
                 os.close(in_w)
         sel.register(launched.control, selectors.EVENT_READ, "control")
+        # A tripwire that freezes the sandbox wakes this loop: the command will not finish.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        with sb._state_lock:
+            sb._exec_wake = wake_w
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
         try:
             launcher.send(
@@ -921,6 +931,9 @@ class _Run:
                 if key.data != "control":
                     os.close(key.fd)
             sel.close()
+            with sb._state_lock:
+                sb._exec_wake = None
+                os.close(wake_w)
             raise ExecError(f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone ({e})") from None
         for fd in to_close:
             os.close(fd)
@@ -948,8 +961,14 @@ class _Run:
                     launcher.send(launched.control, {"op": "kill", "id": exec_id})
                     deadline = now + _KILL_GRACE
                     continue
+                if sb._frozen is not None and status is None:
+                    terminated = "frozen"
+                    status = signal.SIGSTOP
+                    break
                 for key, _ in sel.select(max(wait, 0)):
-                    if key.data == "control":
+                    if key.data == "wake":
+                        os.read(key.fd, 64)
+                    elif key.data == "control":
                         msg, fds = launcher.recv(launched.control)
                         for fd in fds:
                             os.close(fd)
@@ -982,6 +1001,9 @@ class _Run:
                 if key.data != "control":
                     os.close(key.fd)
             sel.close()
+            with sb._state_lock:
+                sb._exec_wake = None
+                os.close(wake_w)
         if error:
             message = f"corral: {error}\n".encode()
             if self.stdio is not None:
@@ -993,12 +1015,15 @@ class _Run:
             sb._fence.settle(exec_id)
         duration = time.monotonic() - start
         assert status is not None
-        code = os.waitstatus_to_exitcode(status) if terminated is None else -signal.SIGKILL
+        if terminated is None:
+            code = os.waitstatus_to_exitcode(status)
+        else:
+            code = -signal.SIGSTOP if terminated == "frozen" else -signal.SIGKILL
         sig = -code if code < 0 else None
         exit_code = 128 + sig if sig is not None else code
         peak = 0
         leftover: list[ProcessRef] = []
-        if sb._closed is None:
+        if sb._closed is None and sb._frozen is None:
             after = cgroup.usage()
             peak = after.memory_peak_bytes
             self._budget_denials(exec_id, before, after, timed_out)
