@@ -19,6 +19,14 @@ ROWS = {
     "cold_close_wait",
     "idle_mem_available",
     "idle_init_pss",
+    "monitoring_overhead",
+    "miner_cpu_kill",
+    "miner_exec_kill",
+    "first_attempt_probe_probe",
+    "first_attempt_tunnel_tunnel",
+    "first_attempt_reverse_shell_reverse",
+    "first_attempt_probe_metadata",
+    "benign_alerts",
 }
 
 

