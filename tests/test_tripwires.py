@@ -320,6 +320,36 @@ def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
         )
 
 
+def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fail closed: tripwires that can no longer see must not leave the sandbox running unwatched.
+    def crash(self: resource.Sampler) -> None:
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(resource.Sampler, "_loop", crash)
+    monkeypatch.setattr(resource, "_sampler", resource.Sampler())
+    sb = Sandbox(policy(), keep_workspace=False)
+    assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
+    [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
+    assert stop.reason == "failed" and "resource sampling stopped: RuntimeError('sampler bug')" in stop.error
+    sb.close(wait=True)
+
+
+def test_a_sandbox_stops_when_process_events_stop() -> None:
+    sb = Sandbox(policy(), keep_workspace=False)
+    conn = pm.connector()
+    try:
+        table = sb._tripwires.table  # type: ignore[union-attr]
+        # What the connector's thread does when its socket fails, for this sandbox's table only.
+        assert table.on_monitor_failure is not None
+        table.on_monitor_failure("process events stopped: [Errno 9] Bad file descriptor")
+        assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
+        [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
+        assert stop.reason == "failed" and "process events stopped" in stop.error
+    finally:
+        sb.close(wait=True)
+    assert conn.error is None  # the real connector is untouched
+
+
 def test_the_cli_prints_the_verdict_and_exits_124_when_a_tripwire_stopped_the_sandbox(tmp_path: Path) -> None:
     pol = tmp_path / "p.yaml"
     pol.write_text("version: 1\n")

@@ -128,11 +128,15 @@ class _Compiler(Transformer[Token, Predicate]):
     # boolean structure ------------------------------------------------------------------------
     def or_(self, items: list[Predicate]) -> Predicate:
         preds = tuple(items)
-        return lambda f: any(p(f) for p in preds)
+        kinds = [event_types(p) for p in preds]
+        union = None if any(k is None for k in kinds) else frozenset().union(*kinds)  # type: ignore[arg-type]
+        return _typed(lambda f: any(p(f) for p in preds), union)
 
     def and_(self, items: list[Predicate]) -> Predicate:
         preds = tuple(items)
-        return lambda f: all(p(f) for p in preds)
+        known = [k for k in (event_types(p) for p in preds) if k is not None]
+        both = frozenset.intersection(*known) if known else None
+        return _typed(lambda f: all(p(f) for p in preds), both)
 
     def neg(self, items: list[Predicate]) -> Predicate:
         p = items[0]
@@ -175,7 +179,8 @@ class _Compiler(Transformer[Token, Predicate]):
         if kind == "bool":
             raise ConditionError(f"{name} is true/false: use it alone or with `not`")
         wanted = frozenset(values)
-        return lambda f: _any(f.get(name), lambda x: x in wanted)
+        pred: Predicate = lambda f: _any(f.get(name), lambda x: x in wanted)  # noqa: E731
+        return _typed(pred, wanted if name == "evt.type" else None)
 
     def set_compare(self, items: list[Any]) -> Predicate:
         name = _field(items[0])
@@ -186,6 +191,19 @@ class _Compiler(Transformer[Token, Predicate]):
         tests = [_string_op(name, op, v) for v in values]
         if FIELDS[name].kind == "content" and op in ("contains", "icontains"):
             return _content_any(name, op, values)
+        # One test for the whole list where the operator allows it: rules run at every execve.
+        one: Callable[[Any], bool] | None = None
+        if op in ("contains", "icontains"):
+            rx = re.compile("|".join(map(re.escape, values)), re.IGNORECASE if op == "icontains" else 0)
+            one = lambda x: rx.search(x) is not None  # noqa: E731
+        elif op in ("startswith", "endswith"):
+            prefixes = tuple(values)
+            one = (
+                (lambda x: x.startswith(prefixes)) if op == "startswith" else (lambda x: x.endswith(prefixes))
+            )
+        if one is not None:
+            test = one
+            return lambda f: _any(f.get(name), lambda x: isinstance(x, str) and test(x))
         return lambda f: any(t(f) for t in tests)
 
     def compare(self, items: list[Any]) -> Predicate:
@@ -207,7 +225,20 @@ class _Compiler(Transformer[Token, Predicate]):
             return _content_any(name, op, [text])
         if kind_ == "num" and kind not in NUMERIC:
             text = str(text)
-        return _string_op(name, op, text)
+        return _typed(
+            _string_op(name, op, text), frozenset({text}) if (name, op) == ("evt.type", "=") else None
+        )
+
+
+def _typed(p: Predicate, types: frozenset[str] | None) -> Predicate:
+    p._corral_types = types  # type: ignore[attr-defined]
+    return p
+
+
+def event_types(p: Predicate) -> frozenset[str] | None:
+    """The observation types (`evt.type`) a condition can hold for, when the condition says; None
+    when it may hold for any. The detector evaluates a rule only on observations of its types."""
+    return getattr(p, "_corral_types", None)
 
 
 def _is_predicate(m: object) -> bool:
@@ -248,6 +279,8 @@ _NUMERIC_OPS: dict[str, Callable[[Any, float], bool]] = {
 def _any(value: Any, test: Callable[[Any], bool]) -> bool:
     if value is None:
         return False
+    if type(value) is str:
+        return test(value)
     if isinstance(value, list | tuple):
         return any(test(v) for v in value if v is not None)
     return test(value)

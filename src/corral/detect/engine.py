@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.detect._lang import event_types
 from corral.detect.rules import Rule, Ruleset, render_output
 
 _UNSET = object()
@@ -53,6 +54,15 @@ class Match:
     key: tuple[Any, ...] = ()
 
 
+def _types(rule: Rule) -> frozenset[str] | None:
+    """The types a rule needs: its condition's, and (for `after:` rules) also its earlier step's."""
+    own = event_types(rule.predicate)
+    if own is None or rule.after is None:
+        return own
+    before = event_types(rule.after)
+    return None if before is None else own | before
+
+
 @dataclass
 class _Streak:
     since: float
@@ -75,6 +85,13 @@ class Detector:
         self._windows: dict[tuple[str, tuple[Any, ...]], deque[tuple[float, Any, Observation]]] = {}
         self._streaks: dict[tuple[str, tuple[Any, ...]], _Streak] = {}
         self._after_seen: dict[str, float] = {}
+        # Rules by the observation type they can fire on (most say: evt.type = proc.exec, ...);
+        # rules that don't say are tried on everything.
+        self._any_type = [r for r in ruleset.rules if _types(r) is None]
+        self._by_type: dict[str, list[Rule]] = {}
+        for r in ruleset.rules:
+            for t in _types(r) or ():
+                self._by_type.setdefault(t, []).append(r)
 
     def response_for(self, rule: Rule) -> str:
         return self._responses.get(rule.name) or self._responses.get(rule.category) or rule.response
@@ -82,8 +99,13 @@ class Detector:
     def observe(self, obs: Observation, now: float | None = None) -> list[Match]:
         t = time.monotonic() if now is None else now
         out: list[Match] = []
+        typed = self._by_type.get(obs.get("evt.type"), [])
+        rules = self.ruleset.rules if self._any_type else typed
+        if self._any_type:
+            wanted = {id(r) for r in typed} | {id(r) for r in self._any_type}
+            rules = [r for r in self.ruleset.rules if id(r) in wanted]
         with self._lock:
-            for rule in self.ruleset.rules:
+            for rule in rules:
                 m = self._evaluate(rule, obs, t)
                 if m is not None:
                     out.append(m)

@@ -26,6 +26,7 @@ Stateful rules add one of:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -194,6 +195,7 @@ class Ruleset:
         raise KeyError(name)
 
 
+@functools.cache
 def builtin_files() -> list[Path]:
     """corral's own rule files, in load order (lists and macros first)."""
     root = resources.files("corral.detect") / "rules"

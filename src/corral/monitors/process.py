@@ -59,6 +59,8 @@ class ProcessTable:
         self._current_exec = current_exec
         self._lock = threading.Lock()
         self._procs: dict[int, ProcInfo] = {}
+        # Called if the host-wide process events stop: a sandbox must not run on unwatched.
+        self.on_monitor_failure: Callable[[str], None] | None = None
         self._recent_exits: list[ProcInfo] = []
 
     def get(self, pid: int) -> ProcInfo | None:
@@ -563,7 +565,7 @@ class Connector:
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     continue  # overrun: the sampler's sweep adopts what was lost
-                print(f"corral: process events stopped: {e}", file=sys.stderr)
+                self._failed(f"process events stopped: {e}")
                 return
             off = 0
             while off + _NLMSG_HDR.size <= len(data):
@@ -572,6 +574,17 @@ class Connector:
                     break
                 self._handle(data, off + _NLMSG_HDR.size + _CN_MSG.size)
                 off += (length + 3) & ~3
+
+    def _failed(self, reason: str) -> None:
+        """Fail closed: every sandbox this connector watched is told (and stopped by its owner)."""
+        print(f"corral: {reason}", file=sys.stderr)
+        with self._lock:
+            self.error = reason
+            tables = {id(t): t for t in self._owners.values()}.values()
+            self._owners.clear()
+        for t in tables:
+            if t.on_monitor_failure is not None:
+                t.on_monitor_failure(reason)
 
     def _handle(self, data: bytes, off: int) -> None:
         if off + _EVENT_HDR.size > len(data):

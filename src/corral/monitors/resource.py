@@ -79,6 +79,7 @@ class _Watch:
     interval: float
     due: float
     callback: Callback
+    on_failure: Callable[[str], None] | None = None
 
 
 class Sampler:
@@ -101,9 +102,15 @@ class Sampler:
             self._gpu = monitor if monitor.available() else None
         return self._gpu
 
-    def watch(self, key: object, interval: float, callback: Callback) -> None:
+    def watch(
+        self,
+        key: object,
+        interval: float,
+        callback: Callback,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         with self._lock:
-            self._watches[key] = _Watch(interval, time.monotonic() + interval, callback)
+            self._watches[key] = _Watch(interval, time.monotonic() + interval, callback, on_failure)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="corral-sampler", daemon=True)
                 self._thread.start()
@@ -114,6 +121,20 @@ class Sampler:
             self._watches.pop(key, None)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            # Fail closed: a sandbox whose resources nobody samples is not left running.
+            reason = f"resource sampling stopped: {e!r}"
+            print(f"corral: {reason}", file=sys.stderr)
+            with self._lock:
+                watches = list(self._watches.values())
+                self._watches.clear()
+            for w in watches:
+                if w.on_failure is not None:
+                    w.on_failure(reason)
+
+    def _loop(self) -> None:
         gpu = self.gpu
         while True:
             with self._lock:

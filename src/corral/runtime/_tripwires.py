@@ -55,6 +55,7 @@ class Responder(Protocol):
     def kill_processes(self, pids: list[int]) -> int: ...
     def freeze_for(self, rule: str) -> None: ...
     def terminate_for(self, rule: str) -> None: ...
+    def monitor_failed(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Tripwires:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.table.on_monitor_failure = self._responder.monitor_failed
         conn = pm.connector()
         if conn.start():
             conn.watch(self.table.init_pid, self.table)
@@ -109,7 +111,7 @@ class Tripwires:
             _tables[id(self.table)] = self
         else:
             self.connector_error = conn.error
-        sampler().watch(self, self._interval, self._sample)
+        sampler().watch(self, self._interval, self._sample, self._responder.monitor_failed)
 
     def close(self) -> None:
         self._closed = True
@@ -146,10 +148,9 @@ class Tripwires:
         info = self.table.on_exec(info)
         event = ProcExec(sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id)
         self._emit(event)
-        content = pm.content_ref(pid, exe, argv, cwd)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
-            "proc.content": lambda: content,
+            "proc.content": lambda: pm.content_ref(pid, exe, argv, cwd),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio

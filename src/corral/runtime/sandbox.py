@@ -499,6 +499,12 @@ class Sandbox:
         self._cgroup.freeze()
         self._wake_exec()
 
+    def monitor_failed(self, reason: str) -> None:
+        # Fail closed: a monitor the tripwires depend on is gone, so the sandbox stops.
+        threading.Thread(
+            target=self._terminate, args=("failed", f"tripwires: {reason}"), name=f"corral-fail-{self.id}"
+        ).start()
+
     def terminate_for(self, rule: str) -> None:
         threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
 
@@ -537,7 +543,7 @@ class Sandbox:
         # refused calls, so the close runs on a thread of its own.
         threading.Thread(target=self._terminate, args=("lifetime",), name=f"corral-expire-{self.id}").start()
 
-    def _terminate(self, reason: Literal["closed", "lifetime", "failed", "tripwire"]) -> None:
+    def _terminate(self, reason: Literal["closed", "lifetime", "failed", "tripwire"], why: str = "") -> None:
         with self._state_lock:
             if self._closed is not None:
                 return
@@ -588,7 +594,7 @@ class Sandbox:
                 reason=reason,
                 duration=time.monotonic() - self._started,
                 leftover=leftover,
-                error=error,
+                error="; ".join(e for e in (why, error) if e),
             )
         )
         _reaper.submit(self._teardown)
