@@ -235,6 +235,22 @@ def _exe(pid: int) -> str | None:
         return None
 
 
+def status_ids(pid: int) -> tuple[int | None, int | None]:
+    """(parent's host pid, pid inside the sandbox), from one read of /proc/PID/status."""
+    ppid = nspid = None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"PPid:"):
+                    ppid = int(line.split()[1])
+                elif line.startswith(b"NSpid:"):
+                    nspid = int(line.split()[-1])
+                    break
+    except (OSError, ValueError):
+        pass
+    return ppid, nspid
+
+
 def ns_pid(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -135,18 +135,16 @@ class Tripwires:
         except OSError:
             cwd = None
         stdio, pipes = pm.stdio_kinds(pid)
+        ppid, ns_pid = pm.status_ids(pid)
         info = pm.ProcInfo(
-            pid=pid,
-            ppid=pm._ppid(pid) or 0,
-            exec_id=None,
-            exe=exe,
-            argv=argv,
-            cwd=cwd,
-            ns_pid=pm.ns_pid(pid),
-            stdio=stdio,
+            pid=pid, ppid=ppid or 0, exec_id=None, exe=exe, argv=argv, cwd=cwd, ns_pid=ns_pid, stdio=stdio
         )
         info = self.table.on_exec(info)
-        event = ProcExec(sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id)
+        # Built without validation: every field comes from the kernel, typed here, and this runs
+        # while the execve waits.
+        event = ProcExec.model_construct(
+            sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id
+        )
         self._emit(event)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
@@ -325,7 +323,7 @@ class Tripwires:
         return Observation(v, lz, source=event)
 
     def _ref(self, info: pm.ProcInfo) -> ProcessRef:
-        return ProcessRef(
+        return ProcessRef.model_construct(
             pid=info.pid,
             ns_pid=info.ns_pid,
             exe=info.exe,
