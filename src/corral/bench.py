@@ -569,8 +569,10 @@ def bench_tripwires(cfg: Config) -> list[Result]:
 
 def _bench_overhead(cfg: Config, runs: int) -> Result:
     """An all-core CPU-bound job in two sandboxes alike but for monitoring, runs interleaved."""
+    runs = runs if cfg.quick else 2 * runs + 1
     _progress(f"tripwires: monitoring overhead ({runs} x 2 runs of an all-core job)")
-    work = "300000" if cfg.quick else "6000000"
+    # About 2 s per run on this project's machine: long enough that a 2 % difference is not noise.
+    work = "300000" if cfg.quick else "30000000"
     on = Sandbox(_tripwire_policy(True), keep_workspace=False)
     off = Sandbox(_tripwire_policy(False), keep_workspace=False)
     monitored: list[float] = []
@@ -578,8 +580,10 @@ def _bench_overhead(cfg: Config, runs: int) -> Result:
     try:
         for sb in (on, off):
             sb.write_file("job.py", _NUMERIC_JOB)
-        for _ in range(runs):
-            for sb, out in ((off, plain), (on, monitored)):
+        pairs = [(off, plain), (on, monitored)]
+        for i in range(runs):
+            # Alternating which goes first, so that neither side always runs on a warmer machine.
+            for sb, out in pairs if i % 2 == 0 else pairs[::-1]:
                 r = sb.exec(["python3", "job.py", work], text=True, timeout=600)
                 if r.exit_code != 0:
                     raise BenchError(f"numeric job failed: {r.stderr!r}")
