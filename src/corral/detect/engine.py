@@ -54,6 +54,26 @@ class Match:
     key: tuple[Any, ...] = ()
 
 
+_indexes: dict[int, tuple[Ruleset, list[Rule], dict[str, list[Rule]]]] = {}
+
+
+def _index(ruleset: Ruleset) -> tuple[list[Rule], dict[str, list[Rule]]]:
+    """Rules by the observation type they can fire on (most say: evt.type = proc.exec, ...), and
+    those that don't say, which are tried on everything. Built once per ruleset."""
+    cached = _indexes.get(id(ruleset))
+    if cached is not None and cached[0] is ruleset:
+        return cached[1], cached[2]
+    any_type = [r for r in ruleset.rules if _types(r) is None]
+    by_type: dict[str, list[Rule]] = {}
+    for r in ruleset.rules:
+        for t in _types(r) or ():
+            by_type.setdefault(t, []).append(r)
+    if len(_indexes) > 64:  # rulesets change only when rule files do; don't hoard old ones
+        _indexes.clear()
+    _indexes[id(ruleset)] = (ruleset, any_type, by_type)
+    return any_type, by_type
+
+
 def _types(rule: Rule) -> frozenset[str] | None:
     """The types a rule needs: its condition's, and (for `after:` rules) also its earlier step's."""
     own = event_types(rule.predicate)
@@ -85,13 +105,7 @@ class Detector:
         self._windows: dict[tuple[str, tuple[Any, ...]], deque[tuple[float, Any, Observation]]] = {}
         self._streaks: dict[tuple[str, tuple[Any, ...]], _Streak] = {}
         self._after_seen: dict[str, float] = {}
-        # Rules by the observation type they can fire on (most say: evt.type = proc.exec, ...);
-        # rules that don't say are tried on everything.
-        self._any_type = [r for r in ruleset.rules if _types(r) is None]
-        self._by_type: dict[str, list[Rule]] = {}
-        for r in ruleset.rules:
-            for t in _types(r) or ():
-                self._by_type.setdefault(t, []).append(r)
+        self._any_type, self._by_type = _index(ruleset)
 
     def response_for(self, rule: Rule) -> str:
         return self._responses.get(rule.name) or self._responses.get(rule.category) or rule.response

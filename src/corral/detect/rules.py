@@ -188,6 +188,11 @@ class Ruleset:
     disabled: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
+    @functools.cached_property
+    def names(self) -> frozenset[str]:
+        """Every rule's name, disabled ones included."""
+        return frozenset(r.name for r in self.rules) | frozenset(self.disabled)
+
     def rule(self, name: str) -> Rule:
         for r in self.rules:
             if r.name == name:

@@ -151,9 +151,10 @@ def rule_files(policy: Policy) -> list[str]:
 def tripwire_ruleset(policy: Policy) -> detect_rules.Ruleset:
     """corral's rules plus the policy's, compiled once per set of file versions (a sandbox start
     must not pay for parsing YAML)."""
-    files = [*map(str, detect_rules.builtin_files()), *rule_files(policy)]
-    key: list[object] = []
-    for f in files:
+    # corral's own files are part of the installed package: they change with an upgrade, which
+    # restarts the process. The policy's files are checked at every start.
+    key: list[object] = ["builtin"]
+    for f in rule_files(policy):
         try:
             st = os.stat(f)
             key.append((f, st.st_mtime_ns, st.st_size))
@@ -166,8 +167,9 @@ def tripwire_ruleset(policy: Policy) -> detect_rules.Ruleset:
         ruleset = detect_rules.load(rule_files(policy))
         with _rulesets_lock:
             _rulesets[k] = ruleset
-    names = {r.name for r in ruleset.rules} | set(ruleset.disabled)
-    bad = [k for k in policy.tripwires.responses if k not in names and k not in detect_rules.CATEGORIES]
+    bad = [
+        k for k in policy.tripwires.responses if k not in ruleset.names and k not in detect_rules.CATEGORIES
+    ]
     if bad:
         raise PolicyError(
             [
