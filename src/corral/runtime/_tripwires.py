@@ -36,6 +36,7 @@ from corral.monitors.gpu import GpuProcessUsage
 from corral.monitors.resource import CpuMeter, read_stat, sampler, uptime
 
 _RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
+_EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the connector, ends it
 _EVIDENCE_PROCS = 24
 _EVIDENCE_CONNS = 10
 _SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
@@ -95,6 +96,7 @@ class Tripwires:
         self._meter = CpuMeter()
         self._connections: collections.deque[NetConnect] = collections.deque(maxlen=64)
         self._last_record = 0.0
+        self._missing: dict[int, float] = {}  # pid -> when the sweep first missed it
         self._last_cpu: tuple[float, float] | None = None
         self.connector_error: str | None = None
         self._closed = False
@@ -179,13 +181,21 @@ class Tripwires:
         for s in stats:
             if self.table.get(s.pid) is None:
                 self.table.adopt(s.pid)
-        if self.connector_error is not None:
-            # Without the connector, exits are noticed here, a sample late and without a status.
-            for info in self.table.alive():
-                if info.pid not in live and info.pid not in pids:
-                    gone = self.table.on_exit(info.pid, None)
-                    if gone is not None:
-                        self.record_exit(gone)
+        # Without the connector, exits are noticed here, a sample late and without a status. With
+        # it, an exit it lost (a netlink overrun) is noticed here too, once it is clearly not a
+        # race with the connector's own report, so that a reused pid is never taken for the old one.
+        grace = 0.0 if self.connector_error is not None else _EXIT_GRACE
+        now = time.monotonic()
+        missing = {}
+        for info in self.table.alive():
+            if info.pid in live or info.pid in pids:
+                continue
+            since = missing[info.pid] = self._missing.get(info.pid, now)
+            if now - since >= grace:
+                gone = self.table.on_exit(info.pid, None)
+                if gone is not None:
+                    self.record_exit(gone)
+        self._missing = missing
         matches: list[Match] = []
         for s in stats:
             obs = self._observation(None, s.pid)
