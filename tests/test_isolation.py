@@ -70,6 +70,14 @@ def test_hostname_differs_from_the_host(sb: Sandbox) -> None:
     assert str(r.stdout).strip() == f"corral-{sb.id[:8]}" != socket.gethostname(), show(r)
 
 
+def test_the_sandbox_resolves_its_own_name_without_asking_the_resolver(sb: Sandbox) -> None:
+    code = "import socket; print(socket.gethostbyname(socket.gethostname()))"
+    r = sb.exec(f"getent hosts $(hostname) && python3 -c '{code}'", text=True)
+    assert r.exit_code == 0, show(r)
+    assert f"corral-{sb.id[:8]}" in str(r.stdout) and str(r.stdout).split()[-1].startswith("127."), show(r)
+    assert not [e for e in sb.events() if e.type in ("dns.query", "deny")]
+
+
 def test_sethostname_is_refused(sb: Sandbox) -> None:
     r = sb.exec("hostname evil; hostname", text=True)
     assert str(r.stdout).strip() == f"corral-{sb.id[:8]}", show(r)

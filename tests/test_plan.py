@@ -116,6 +116,12 @@ def test_passwd_and_group_are_replaced_by_generated_files(host: Path) -> None:
     assert ReplaceFile("/etc/group", "group") in ops
 
 
+def test_hosts_is_replaced_only_where_the_host_has_a_file(host: Path) -> None:
+    assert ReplaceFile("/etc/hosts", "hosts") not in build(host).root_ops
+    (host / "etc" / "hosts").write_text("127.0.0.1 localhost\n10.0.0.7 db.internal\n")
+    assert ReplaceFile("/etc/hosts", "hosts") in build(host).root_ops
+
+
 def test_workspace_and_tmp_are_writable_first_then_policy_paths(host: Path) -> None:
     plan = build(host, {"filesystem": {"writable": ["/srv/out", "/tmp"]}})
     assert plan.writable == ("/workspace", "/tmp", "/srv/out")

@@ -21,7 +21,7 @@ from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, Plan, ReplaceF
 _RO_ATTRS = L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
 
 
-def prepare_host(state_dir: str, uid: int, gid: int) -> None:
+def prepare_host(state_dir: str, uid: int, gid: int, hostname: str = "corral") -> None:
     """Staging mount points and the files bound into the sandbox (owned by root, outside any sandbox)."""
     os.makedirs(f"{state_dir}/root", mode=0o700)
     os.mkdir(f"{state_dir}/storage", mode=0o700)
@@ -34,6 +34,10 @@ def prepare_host(state_dir: str, uid: int, gid: int) -> None:
         f.write(f"root:x:0:\nagent:x:{gid}:\nnogroup:x:65534:\n")
     with open(f"{state_dir}/resolv.conf", "w") as f:
         f.write("nameserver 127.0.0.1\noptions ndots:0 attempts:1\n")
+    # The sandbox's own name resolves locally: tools that look it up (servers, mail, MPI) would
+    # otherwise ask corral's resolver, get NXDOMAIN and leave a refusal in the record.
+    with open(f"{state_dir}/hosts", "w") as f:
+        f.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost {hostname}\n")
     # The target of every hidden file: empty, and unreadable even by its owner.
     fd = os.open(f"{state_dir}/empty", os.O_CREAT | os.O_WRONLY, 0o000)
     os.close(fd)

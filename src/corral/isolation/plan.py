@@ -270,6 +270,9 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
     if os.path.isfile(host_root + "/etc/resolv.conf") and not os.path.islink(host_root + "/etc/resolv.conf"):
         # Every lookup goes to corral's resolver in the sandbox's own network namespace.
         ops.append(ReplaceFile("/etc/resolv.conf", "resolv.conf"))
+    if os.path.isfile(host_root + "/etc/hosts") and not os.path.islink(host_root + "/etc/hosts"):
+        # The host's names for its own addresses mean nothing inside; the sandbox's own name does.
+        ops.append(ReplaceFile("/etc/hosts", "hosts"))
 
     devices = [Device(name, major, minor) for name, major, minor in _BASE_DEVICES]
     devices.extend(gpu_devices(policy.gpu, host_root))

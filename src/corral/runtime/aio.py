@@ -11,7 +11,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from corral.events.model import Event
+from corral.events.model import Alert, Event
 from corral.policy import Policy
 from corral.runtime.sandbox import ExecResult, Output, Sandbox
 
@@ -81,3 +81,6 @@ class AsyncSandbox:
 
     def events(self) -> list[Event]:
         return self.sandbox.events()
+
+    def alerts(self) -> list[Alert]:
+        return self.sandbox.alerts()

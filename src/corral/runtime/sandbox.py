@@ -374,7 +374,7 @@ class Sandbox:
             plan = planning.build(self.policy, uid=self.uid, gid=self.uid, sandbox_id=self.id)
             step = "state directory"
             os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
-            mounts.prepare_host(self._state_dir, self.uid, self.uid)
+            mounts.prepare_host(self._state_dir, self.uid, self.uid, plan.hostname)
             step = "cgroup"
             self._cgroup = hierarchy.create(
                 f"{self.id}",
