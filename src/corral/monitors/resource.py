@@ -7,6 +7,7 @@ once per round for all sandboxes, and is handed to each by host pid.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -110,7 +111,10 @@ class Sampler:
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         with self._lock:
-            self._watches[key] = _Watch(interval, time.monotonic() + interval, callback, on_failure)
+            # Due times on a grid of the interval: sandboxes sharing an interval are sampled in
+            # one round, so a thousand of them wake this thread 4 times a second, not 4,000.
+            due = (math.floor(time.monotonic() / interval) + 1) * interval
+            self._watches[key] = _Watch(interval, due, callback, on_failure)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="corral-sampler", daemon=True)
                 self._thread.start()
@@ -151,7 +155,9 @@ class Sampler:
                         print(f"corral: GPU sampling failed: {e}", file=sys.stderr)
                 for w in due:
                     # Fixed-rate, not fixed-delay: a slow round must not stretch detection latency.
-                    w.due = max(w.due + w.interval, now)
+                    w.due += w.interval
+                    if w.due <= now:  # a round fell behind: skip ahead, staying on the grid
+                        w.due = (math.floor(now / w.interval) + 1) * w.interval
                     try:
                         w.callback(usage)
                     except Exception as e:

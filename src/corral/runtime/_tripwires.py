@@ -37,6 +37,7 @@ from corral.monitors.resource import CpuMeter, read_stat, sampler, uptime
 
 _RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
 _EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the connector, ends it
+_IDLE_SWEEP_EVERY = 8  # samples: an idle sandbox is swept every 2 s at the default interval
 _EVIDENCE_PROCS = 24
 _EVIDENCE_CONNS = 10
 _SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
@@ -97,6 +98,7 @@ class Tripwires:
         self._connections: collections.deque[NetConnect] = collections.deque(maxlen=64)
         self._last_record = 0.0
         self._missing: dict[int, float] = {}  # pid -> when the sweep first missed it
+        self._ticks = 0
         self._last_cpu: tuple[float, float] | None = None
         self.connector_error: str | None = None
         self._closed = False
@@ -169,6 +171,12 @@ class Tripwires:
 
     def _sample(self, gpu: dict[int, list[GpuProcessUsage]]) -> None:
         if self._closed:
+            return
+        # An idle sandbox (nothing but init, as the connector reports every fork) is swept only
+        # every few seconds, as a safety net: a thousand idle sandboxes must not cost a core.
+        self._ticks += 1
+        idle = self.connector_error is None and not self.table.alive() and not gpu
+        if idle and self._ticks % _IDLE_SWEEP_EVERY:
             return
         try:
             pids = [p for p in self._cgroup.pids() if p != self.table.init_pid]
