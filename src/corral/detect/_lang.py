@@ -335,7 +335,7 @@ def _content_any(name: str, op: str, needles: list[str]) -> Predicate:
         data = f.get(name)
         if isinstance(data, bytes | bytearray | memoryview):
             return rx.search(data) is not None
-        if isinstance(data, Content):
+        if data is not None and hasattr(data, "identity"):  # a Content (isinstance on a protocol is slow)
             # The same file (same inode, size and mtime) gets the same answer: a build runs cc1
             # thousands of times, and it is read once.
             key = data.identity

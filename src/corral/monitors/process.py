@@ -237,18 +237,17 @@ def _exe(pid: int) -> str | None:
 
 def status_ids(pid: int) -> tuple[int | None, int | None]:
     """(parent's host pid, pid inside the sandbox), from one read of /proc/PID/status."""
-    ppid = nspid = None
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"PPid:"):
-                    ppid = int(line.split()[1])
-                elif line.startswith(b"NSpid:"):
-                    nspid = int(line.split()[-1])
-                    break
-    except (OSError, ValueError):
-        pass
-    return ppid, nspid
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        ppid = int(data[data.index(b"\nPPid:") + 6 :].split(None, 1)[0])
+        line = data[data.index(b"\nNSpid:") + 7 :].split(b"\n", 1)[0]
+        return ppid, int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None, None
 
 
 def ns_pid(pid: int) -> int | None:
@@ -492,29 +491,30 @@ INTERPRETERS = frozenset(
 
 
 def content_ref(pid: int, exe: str | None, argv: list[str], cwd: str | None) -> ContentRef | None:
-    """The program at `exe`, plus, for an interpreter, the first argument that names a regular file
-    (the script it runs); both inside the sandbox whose root `pid` sees."""
+    """The program at `exe` (already canonical, from `resolve_exec_path`), plus, for an interpreter,
+    the first argument that names a regular file (the script it runs); both inside the sandbox whose
+    root `pid` sees."""
     root = f"/proc/{pid}/root"
     paths: list[str] = []
     ident: list[tuple[int, int, int, int]] = []
-    candidates = [exe] if exe else []
+    candidates: list[str | None] = [exe] if exe else []
     name = os.path.basename(exe or "")
     if name in INTERPRETERS or name.startswith("python"):
         for a in argv[1:4]:
             if a.startswith("-") or not a:
                 continue
-            candidates.append(a if a.startswith("/") else os.path.join(cwd or "/", a))
+            script = a if a.startswith("/") else os.path.join(cwd or "/", a)
+            candidates.append(in_root_realpath(root, script))
             break
-    for c in candidates:
-        resolved = in_root_realpath(root, c)
+    for resolved in candidates:
         if resolved is None:
             continue
         host = root + resolved
         try:
-            st = os.stat(host)
+            st = os.stat(host, follow_symlinks=False)
         except OSError:
             continue
-        if not os.path.isfile(host):
+        if not stat.S_ISREG(st.st_mode):
             continue
         paths.append(host)
         ident.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
