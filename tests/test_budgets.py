@@ -176,6 +176,15 @@ def test_command_timeout_kills_the_command_quickly() -> None:
         assert sb.exec("echo alive", text=True).stdout == "alive\n"
 
 
+def test_a_command_killed_at_its_timeout_still_reports_its_children_cpu() -> None:
+    # The shell forks a busy child and waits; killed at the timeout, it never reaps the child, so
+    # rusage alone would say ~0 s.
+    with Sandbox(budget(), keep_workspace=False) as sb:
+        r = sb.exec("python3 -c 'while True: pass'; true", timeout=1.0)
+        assert r.timed_out, show(r)
+        assert r.cpu_seconds > 0.1, r.cpu_seconds
+
+
 def test_policy_timeout_applies_when_the_command_has_none() -> None:
     with Sandbox(budget(timeout="300ms"), keep_workspace=False) as sb:
         r = sb.exec("sleep 30")

@@ -1035,6 +1035,10 @@ class _Run:
             after = cgroup.usage()
             peak = after.memory_peak_bytes
             self._budget_denials(exec_id, before, after, timed_out)
+            if timed_out:
+                # Killed at its timeout, a shell never reaps its children, so their CPU is missing
+                # from its rusage; the cgroup charged it all (plus whatever else ran meanwhile).
+                cpu = max(cpu, after.cpu_seconds - before.cpu_seconds)
             leftover = _live_processes([p for p in cgroup.pids() if p not in pids_before])
         sb._emit(
             ExecExit(
