@@ -275,7 +275,7 @@ class Tripwires:
         if not info.execed or self._closed:
             return
         self._emit(
-            ProcExit(
+            ProcExit.model_construct(  # kernel data, typed here: no validation on the connector's thread
                 sandbox=self.id,
                 pid=info.pid,
                 exit_code=info.exit_code,
