@@ -248,6 +248,19 @@ print(fails)
     assert 1 <= len(udp) <= 100  # every drop refused; logging is rate-limited so a flood can't swamp corral
 
 
+def test_tcp_over_ipv6_is_refused_at_once_and_recorded() -> None:
+    script = (
+        "import socket, time\nt = time.monotonic()\n"
+        "try: socket.create_connection(('2001:db8::7', 443), 10)\n"
+        "except OSError as e: print(type(e).__name__, round(time.monotonic() - t, 1))"
+    )
+    with Sandbox(policy([]), keep_workspace=False) as sb:
+        r = sb.exec(["python3", "-c", script], text=True, timeout=30)
+        assert wait_for(lambda: any(d.what == "tcp 2001:db8::7 port 443" for d in denials(sb)))
+    assert str(r.stdout).split()[0] == "ConnectionRefusedError", show(r)
+    assert float(str(r.stdout).split()[1]) < 1.0, show(r)
+
+
 def test_static_binary_that_ignores_proxy_settings_is_still_fenced(tmp_path: Path, web: Any) -> None:
     source = tmp_path / "dial.c"
     source.write_text(

@@ -5,9 +5,10 @@ the supervisor serves (they belong to the sandbox's namespace but are handled on
 
 - a default route through loopback, so any connect() reaches netfilter instead of failing early;
 - nftables: every TCP connection to a non-loopback address is redirected to corral's transparent
-  listener, every DNS query to corral's resolver; IPv6, other UDP and everything else is dropped,
-  and each drop is logged to an NFLOG group the supervisor reads (rate-limited, so a flood costs
-  the supervisor nothing);
+  listener, every DNS query to corral's resolver; IPv6, other UDP and everything else is dropped
+  (TCP over IPv6 refused with a reset, so the program fails at once instead of waiting out its
+  timeout), and each drop is logged to an NFLOG group the supervisor reads (rate-limited, so a
+  flood costs the supervisor nothing);
 - listeners on loopback: transparent proxy, explicit HTTP proxy (for programs that honour
   HTTP(S)_PROXY) and DNS.
 
@@ -46,6 +47,7 @@ table inet corral {{
         ip6 daddr ::1 accept
         ct status dnat accept
         limit rate 20/second burst 40 packets log group {NFLOG_GROUP} snaplen 64
+        meta l4proto tcp reject with tcp reset
         drop
     }}
 }}
