@@ -135,6 +135,34 @@ def test_a_renamed_miner_is_recognised_by_its_content() -> None:
         assert len(sb.alerts()) == 1
 
 
+FILELESS = """
+import os, sys
+# The marker is assembled at run time: this launcher itself must not read as a miner.
+code = b"#!/bin/sh\\n# mining." + b"subscribe\\ntouch /workspace/ran\\n"
+if sys.argv[1] == "memfd":  # a fileless miner: its bytes live only in memory
+    fd = os.memfd_create("kworker", 0)
+    os.write(fd, code)
+    os.execve(f"/proc/self/fd/{fd}", ["kworker"], {})
+else:  # a miner started through one of its own file descriptors
+    fd = os.open("/tmp/.m", os.O_RDONLY)
+    os.execve(f"/dev/fd/{fd}", ["kworker"], {})
+"""
+
+
+@pytest.mark.parametrize("how", ["memfd", "devfd"])
+def test_a_miner_run_from_a_file_descriptor_is_recognised(how: str) -> None:
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        sb.write_file("/tmp/.m", "#!/bin/sh\n# mining.subscribe\ntouch /workspace/ran\n")
+        sb.write_file("fileless.py", FILELESS)
+        r = sb.exec(f"chmod +x /tmp/.m && python3 fileless.py {how}")
+        assert r.exit_code == 137, r
+        [a] = alerts(sb, "miner content")
+        assert a.process is not None and a.process.cmdline == ["kworker"]
+        assert a.process.exe is not None
+        assert a.process.exe.startswith("/memfd:kworker" if how == "memfd" else "/tmp/.m"), a.process.exe
+        assert sb.exec("test -e /workspace/ran").exit_code == 1
+
+
 def test_the_policy_decides_the_response() -> None:
     with Sandbox(policy(responses={"mining": "alert"}), keep_workspace=False) as sb:
         r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "stratum+tcp://pool.example:3333"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
 import struct
@@ -61,7 +62,6 @@ class ProcessTable:
         self._procs: dict[int, ProcInfo] = {}
         # Called if the host-wide process events stop: a sandbox must not run on unwatched.
         self.on_monitor_failure: Callable[[str], None] | None = None
-        self._recent_exits: list[ProcInfo] = []
 
     def get(self, pid: int) -> ProcInfo | None:
         with self._lock:
@@ -129,8 +129,6 @@ class ProcessTable:
                 return None
             p.exited = True
             p.exit_code = code
-            self._recent_exits.append(p)
-            del self._recent_exits[:-256]
             return p
 
     def adopt(self, pid: int) -> ProcInfo | None:
@@ -312,22 +310,41 @@ def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, 
     return path, argv, dirfd_i
 
 
-def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> str | None:
+@dataclass(frozen=True)
+class ExecTarget:
+    exe: str  # the program as the sandbox names it (for an fd: what the fd is, e.g. /memfd:x (deleted))
+    host_path: str  # where the host reads its bytes
+
+
+# A program run through one of its own file descriptors: fexecve, /proc/self/fd/N, /dev/fd/N. This
+# is how fileless programs (memfd_create) are started, so it must not read as a failed exec.
+_MAGIC_FD = re.compile(r"^/proc/\d+/fd/\d+$")
+_FD_PATH = re.compile(r"^/(?:proc/(?:self|thread-self)/fd|dev/fd)/(\d+)$")
+
+
+def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> ExecTarget | None:
     """The program's canonical path inside the sandbox, or None when the exec is bound to fail (no
     such file: shells and execvp try each PATH directory in turn, and those misses are not program
     starts)."""
     root = f"/proc/{pid}/root"
-    if path == "" and dirfd is not None:  # fexecve: the fd is the program
-        try:
-            return os.readlink(f"/proc/{pid}/fd/{dirfd}")
-        except OSError:
-            return None
-    if not path.startswith("/"):
+    fd: int | None = dirfd if path == "" else None
+    if not path.startswith("/") and path:
         try:
             where = f"/proc/{pid}/fd/{dirfd}" if dirfd is not None else f"/proc/{pid}/cwd"
             path = os.path.join(os.readlink(where), path)
         except OSError:
             return None
+    m = _FD_PATH.match(os.path.normpath(path)) if path else None
+    if m is not None:
+        fd = int(m.group(1))
+    if fd is not None:
+        host = f"/proc/{pid}/fd/{fd}"  # a magic link: the host reaches the very file, deleted or not
+        try:
+            st = os.stat(host)
+            exe = os.readlink(host)
+        except OSError:
+            return None
+        return ExecTarget(exe, host) if stat.S_ISREG(st.st_mode) else None
     canonical = in_root_realpath(root, path)
     if canonical is None:
         return None
@@ -337,7 +354,7 @@ def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
         return None
-    return canonical
+    return ExecTarget(canonical, root + canonical)
 
 
 def in_root_realpath(root: str, path: str) -> str | None:
@@ -465,8 +482,11 @@ class ContentRef:
     def read(self) -> bytes:
         parts = []
         for p in self.paths:
+            # A program run from its fd is read through that fd's magic link, which must be
+            # followed; any other path is canonical already, so a symlink there is a swap.
+            nofollow = 0 if _MAGIC_FD.match(p) else os.O_NOFOLLOW
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                fd = os.open(p, os.O_RDONLY | nofollow | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
@@ -490,28 +510,26 @@ INTERPRETERS = frozenset(
 )
 
 
-def content_ref(pid: int, exe: str | None, argv: list[str], cwd: str | None) -> ContentRef | None:
-    """The program at `exe` (already canonical, from `resolve_exec_path`), plus, for an interpreter,
-    the first argument that names a regular file (the script it runs); both inside the sandbox whose
-    root `pid` sees."""
+def content_ref(pid: int, target: ExecTarget, argv: list[str], cwd: str | None) -> ContentRef | None:
+    """The program (`target`, from `resolve_exec_path`), plus, for an interpreter, the first argument
+    that names a regular file (the script it runs), inside the sandbox whose root `pid` sees."""
     root = f"/proc/{pid}/root"
     paths: list[str] = []
     ident: list[tuple[int, int, int, int]] = []
-    candidates: list[str | None] = [exe] if exe else []
-    name = os.path.basename(exe or "")
+    candidates: list[str | None] = [target.host_path]
+    name = os.path.basename(target.exe)
     if name in INTERPRETERS or name.startswith("python"):
         for a in argv[1:4]:
             if a.startswith("-") or not a:
                 continue
-            script = a if a.startswith("/") else os.path.join(cwd or "/", a)
-            candidates.append(in_root_realpath(root, script))
+            script = in_root_realpath(root, a if a.startswith("/") else os.path.join(cwd or "/", a))
+            candidates.append(root + script if script is not None else None)
             break
-    for resolved in candidates:
-        if resolved is None:
+    for host in candidates:
+        if host is None:
             continue
-        host = root + resolved
         try:
-            st = os.stat(host, follow_symlinks=False)
+            st = os.stat(host)
         except OSError:
             continue
         if not stat.S_ISREG(st.st_mode):

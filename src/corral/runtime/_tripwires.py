@@ -133,9 +133,10 @@ class Tripwires:
             path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
         except OSError:
             return ExecVerdict("continue")  # the caller died meanwhile
-        exe = pm.resolve_exec_path(pid, path, dirfd)
-        if exe is None:
+        target = pm.resolve_exec_path(pid, path, dirfd)
+        if target is None:
             return ExecVerdict("continue")  # a PATH miss: the kernel answers ENOENT; not a program start
+        exe = target.exe
         try:
             cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
@@ -154,7 +155,7 @@ class Tripwires:
         self._emit(event)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
-            "proc.content": lambda: pm.content_ref(pid, exe, argv, cwd),
+            "proc.content": lambda: pm.content_ref(pid, target, argv, cwd),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
