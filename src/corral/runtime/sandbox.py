@@ -574,8 +574,10 @@ class Sandbox:
             frozen = False
             try:
                 if self._keep_workspace:
-                    self._cgroup.freeze()  # nothing may change the workspace while we save it
+                    # Set before the call: a freeze that times out leaves tasks frozen all the same,
+                    # and a frozen task never acts on the SIGKILL below until it is thawed.
                     frozen = True
+                    self._cgroup.freeze()  # nothing may change the workspace while we save it
                 leftover = _live_processes([p for p in self._cgroup.pids() if p != init])
                 if self._keep_workspace:
                     self._copy_out()
