@@ -17,6 +17,8 @@ class JsonlSink:
     def write(self, event: BaseModel) -> None:
         line = event.model_dump_json() + "\n"
         with self._lock:
+            if self._file.closed:
+                return  # the sandbox is gone: a monitor's late report has nowhere to go
             self._file.write(line)
             self._file.flush()
 

@@ -672,10 +672,12 @@ class Sandbox:
     # --- events ------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
+        # Events come from several threads (the command's, the supervisor's, the egress loop's, the
+        # monitors'); the file gets them in the same order as `events()`.
         with self._events_lock:
             self._events.append(event)
-        if self._sink is not None:
-            self._sink.write(event)
+            if self._sink is not None:
+                self._sink.write(event)
         if self._tripwires is not None:
             self._tripwires.observe_event(event)
 
