@@ -79,8 +79,9 @@ def test_async_twin() -> None:
             a, b = await asyncio.gather(sb.exec("exit 1"), sb.exec(["true"]))
             chunks = [c async for c in sb.stream("echo x")]
             assert isinstance(chunks[-1], corral.ExecResult)
-            await sb.exec(["sh", "-c", "true", "-o", "stratum+tcp://pool.example:3333"])
-            assert [x.rule for x in sb.alerts()] == ["miner command line"]
+            await sb.exec(["python3", "-c", "import ctypes; ctypes.CDLL(None).mount(0, 0, 0, 0, 0)"])
+            # The refused mount, recorded by the supervisor before it answered the call.
+            assert "refused privileged call" in [x.rule for x in sb.alerts()], sb.events()
             return [a.exit_code, b.exit_code]
 
     assert sorted(asyncio.run(episode())) == [0, 1]
