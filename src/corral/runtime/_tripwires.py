@@ -13,6 +13,7 @@ import collections
 import ipaddress
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +132,10 @@ class Tripwires:
             return ExecVerdict("continue")  # the sandbox is being closed; its processes are dying
         try:
             path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
+        except PermissionError as e:
+            # Fail closed: a program the monitor can't read is a program it can't judge.
+            print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
+            return ExecVerdict("refuse")
         except OSError:
             return ExecVerdict("continue")  # the caller died meanwhile
         target = pm.resolve_exec_path(pid, path, dirfd)
