@@ -19,7 +19,7 @@ import fnmatch
 import functools
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from lark import Lark, Token, Transformer, Tree
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
@@ -64,7 +64,6 @@ class ConditionError(ValueError):
     """A condition that can't be compiled; the message says where and why."""
 
 
-@runtime_checkable
 class Content(Protocol):
     """A file's bytes, read only if a rule gets that far; `identity` names the file's version."""
 
@@ -335,13 +334,14 @@ def _content_any(name: str, op: str, needles: list[str]) -> Predicate:
         data = f.get(name)
         if isinstance(data, bytes | bytearray | memoryview):
             return rx.search(data) is not None
-        if data is not None and hasattr(data, "identity"):  # a Content (isinstance on a protocol is slow)
+        if data is not None and hasattr(data, "identity"):  # isinstance on a protocol is slow
+            content: Content = data
             # The same file (same inode, size and mtime) gets the same answer: a build runs cc1
             # thousands of times, and it is read once.
-            key = data.identity
+            key = content.identity
             hit = verdicts.get(key)
             if hit is None:
-                hit = rx.search(data.read()) is not None
+                hit = rx.search(content.read()) is not None
                 if len(verdicts) > 4096:
                     verdicts.clear()
                 verdicts[key] = hit

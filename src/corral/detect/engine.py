@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.detect._lang import event_types
 from corral.detect.rules import Rule, Ruleset, render_output
 
 _UNSET = object()
@@ -54,35 +53,6 @@ class Match:
     key: tuple[Any, ...] = ()
 
 
-_indexes: dict[int, tuple[Ruleset, list[Rule], dict[str, list[Rule]]]] = {}
-
-
-def _index(ruleset: Ruleset) -> tuple[list[Rule], dict[str, list[Rule]]]:
-    """Rules by the observation type they can fire on (most say: evt.type = proc.exec, ...), and
-    those that don't say, which are tried on everything. Built once per ruleset."""
-    cached = _indexes.get(id(ruleset))
-    if cached is not None and cached[0] is ruleset:
-        return cached[1], cached[2]
-    any_type = [r for r in ruleset.rules if _types(r) is None]
-    by_type: dict[str, list[Rule]] = {}
-    for r in ruleset.rules:
-        for t in _types(r) or ():
-            by_type.setdefault(t, []).append(r)
-    if len(_indexes) > 64:  # rulesets change only when rule files do; don't hoard old ones
-        _indexes.clear()
-    _indexes[id(ruleset)] = (ruleset, any_type, by_type)
-    return any_type, by_type
-
-
-def _types(rule: Rule) -> frozenset[str] | None:
-    """The types a rule needs: its condition's, and (for `after:` rules) also its earlier step's."""
-    own = event_types(rule.predicate)
-    if own is None or rule.after is None:
-        return own
-    before = event_types(rule.after)
-    return None if before is None else own | before
-
-
 @dataclass
 class _Streak:
     since: float
@@ -105,7 +75,7 @@ class Detector:
         self._windows: dict[tuple[str, tuple[Any, ...]], deque[tuple[float, Any, Observation]]] = {}
         self._streaks: dict[tuple[str, tuple[Any, ...]], _Streak] = {}
         self._after_seen: dict[str, float] = {}
-        self._any_type, self._by_type = _index(ruleset)
+        self._any_type, self._by_type = ruleset.by_type
 
     def response_for(self, rule: Rule) -> str:
         return self._responses.get(rule.name) or self._responses.get(rule.category) or rule.response

@@ -38,14 +38,13 @@ from typing import Annotated, Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from corral._errors import PolicyError
-from corral.detect._lang import ConditionError, Predicate, compile_condition, mark_predicate
+from corral.detect._lang import ConditionError, Predicate, compile_condition, event_types, mark_predicate
 from corral.detect.fields import FIELDS, NUMERIC
 from corral.events.model import AlertCategory, Response, Severity
 from corral.policy._load import read_yaml, validate
 
 Category = AlertCategory
 CATEGORIES: tuple[str, ...] = get_args(AlertCategory)
-RESPONSES: tuple[str, ...] = get_args(Response)
 
 _Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_ .:/()'-]+$")]
 _Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -189,6 +188,17 @@ class Ruleset:
     files: list[str] = field(default_factory=list)
 
     @functools.cached_property
+    def by_type(self) -> tuple[list[Rule], dict[str, list[Rule]]]:
+        """Rules that don't say which observation type they fire on (tried on everything), and the
+        others by type (most say: evt.type = proc.exec, ...). Built once per ruleset."""
+        any_type = [r for r in self.rules if _types(r) is None]
+        by_type: dict[str, list[Rule]] = {}
+        for r in self.rules:
+            for t in _types(r) or ():
+                by_type.setdefault(t, []).append(r)
+        return any_type, by_type
+
+    @functools.cached_property
     def names(self) -> frozenset[str]:
         """Every rule's name, disabled ones included."""
         return frozenset(r.name for r in self.rules) | frozenset(self.disabled)
@@ -201,6 +211,15 @@ class Ruleset:
 
 
 @functools.cache
+def _types(rule: Rule) -> frozenset[str] | None:
+    """The types a rule needs: its condition's, and (for `after:` rules) also its earlier step's."""
+    own = event_types(rule.predicate)
+    if own is None or rule.after is None:
+        return own
+    before = event_types(rule.after)
+    return None if before is None else own | before
+
+
 def builtin_files() -> list[Path]:
     """corral's own rule files, in load order (lists and macros first)."""
     root = resources.files("corral.detect") / "rules"

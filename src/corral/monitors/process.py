@@ -62,6 +62,8 @@ class ProcessTable:
         self._procs: dict[int, ProcInfo] = {}
         # Called if the host-wide process events stop: a sandbox must not run on unwatched.
         self.on_monitor_failure: Callable[[str], None] | None = None
+        # Called with each process the connector reports ended.
+        self.on_exit_reported: Callable[[ProcInfo], None] | None = None
 
     def get(self, pid: int) -> ProcInfo | None:
         with self._lock:
@@ -246,17 +248,6 @@ def status_ids(pid: int) -> tuple[int | None, int | None]:
         return ppid, int(line.split()[-1])
     except (OSError, ValueError, IndexError):
         return None, None
-
-
-def ns_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _read_string(mem: int, addr: int, limit: int = 4096) -> bytes:
@@ -564,7 +555,6 @@ class Connector:
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
         self.error: str | None = None
-        self.exit_listeners: list[Callable[[ProcessTable, ProcInfo], None]] = []
 
     def start(self) -> bool:
         """Open the socket (once). False, with `error` set, if this host can't give process events."""
@@ -643,9 +633,8 @@ class Connector:
                 table = self._owners.pop(tgid, None)
             if table is not None:
                 info = table.on_exit(tgid, _exit_code(code))
-                if info is not None:
-                    for fn in self.exit_listeners:
-                        fn(table, info)
+                if info is not None and table.on_exit_reported is not None:
+                    table.on_exit_reported(info)
 
 
 def _exit_code(status: int) -> int:

@@ -108,12 +108,10 @@ class Tripwires:
 
     def start(self) -> None:
         self.table.on_monitor_failure = self._responder.monitor_failed
+        self.table.on_exit_reported = self.record_exit
         conn = pm.connector()
         if conn.start():
             conn.watch(self.table.init_pid, self.table)
-            if _dispatch_exit not in conn.exit_listeners:
-                conn.exit_listeners.append(_dispatch_exit)
-            _tables[id(self.table)] = self
         else:
             self.connector_error = conn.error
         sampler().watch(self, self._interval, self._sample, self._responder.monitor_failed)
@@ -122,7 +120,6 @@ class Tripwires:
         self._closed = True
         sampler().unwatch(self)
         pm.connector().forget(self.table)
-        _tables.pop(id(self.table), None)
 
     # --- observations ----------------------------------------------------------------------------
 
@@ -535,13 +532,3 @@ def entropy(text: str) -> float:
     counts = collections.Counter(text.lower())
     n = len(text)
     return -sum(c / n * math.log2(c / n) for c in counts.values())
-
-
-# Exits reported by the connector reach the owning sandbox's tripwires through this map.
-_tables: dict[int, Tripwires] = {}
-
-
-def _dispatch_exit(table: pm.ProcessTable, info: pm.ProcInfo) -> None:
-    tw = _tables.get(id(table))
-    if tw is not None:
-        tw.record_exit(info)

@@ -36,6 +36,7 @@ from corral.events import Alert, Deny, ExecExit, ExecStart, JsonlSink, ProcessRe
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
 from corral.isolation import plan as planning
+from corral.monitors import process as process_monitor
 from corral.policy import Policy
 from corral.runtime import _fscopy, _supervisor, _tripwires
 
@@ -231,12 +232,7 @@ def _process_ref(pid: int) -> ProcessRef:
     try:
         p = psutil.Process(pid)
         with p.oneshot():
-            ns_pid = None
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("NSpid:"):
-                        ns_pid = int(line.split()[-1])
-                        break
+            _, ns_pid = process_monitor.status_ids(pid)
             try:
                 exe = p.exe()
             except (psutil.AccessDenied, psutil.ZombieProcess):
