@@ -163,6 +163,20 @@ def test_a_miner_run_from_a_file_descriptor_is_recognised(how: str) -> None:
         assert sb.exec("test -e /workspace/ran").exit_code == 1
 
 
+def test_an_execve_the_monitor_cannot_read_is_refused_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, list[str], int | None]:
+        raise PermissionError(13, "Permission denied")
+
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        with monkeypatch.context() as m:
+            m.setattr(pm, "read_exec_call", unreadable)
+            r = sb.exec(["true"])
+        assert r.exit_code != 0, r
+        [d] = [e for e in r.denials if e.what in ("execve", "execveat")]
+        assert d.layer == "seccomp" and "could not read" in d.detail
+        assert sb.exec(["true"]).exit_code == 0
+
+
 def test_the_policy_decides_the_response() -> None:
     with Sandbox(policy(responses={"mining": "alert"}), keep_workspace=False) as sb:
         r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "stratum+tcp://pool.example:3333"])

@@ -132,6 +132,16 @@ class Tripwires:
         except PermissionError as e:
             # Fail closed: a program the monitor can't read is a program it can't judge.
             print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
+            self._emit(
+                Deny(
+                    sandbox=self.id,
+                    layer="seccomp",
+                    what=syscall,
+                    exec=self._current_exec(),
+                    process=ProcessRef(pid=pid),
+                    detail=f"refused: the process monitor could not read the call ({e.strerror})",
+                )
+            )
             return ExecVerdict("refuse")
         except OSError:
             return ExecVerdict("continue")  # the caller died meanwhile
