@@ -322,6 +322,9 @@ class Tripwires:
             _event_fields(event, v)
         else:
             v["evt.exec"] = current
+        if pid is not None:
+            # A sample knows its process even when the table does not (yet): a kill must still find it.
+            v["proc.pid"] = pid
         info = self.table.get(pid) if pid is not None else None
         if info is None and pid is not None and event is not None:
             ref = getattr(event, "process", None)
