@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TRANSPARENT_PORT = 15001
@@ -134,31 +135,40 @@ def _nflog_socket() -> socket.socket:
     return s
 
 
-def _loopback_ipv6_ready(timeout: float = 0.2) -> bool:
-    """Wait for ::1 on lo. IPv6 configures a freshly raised lo asynchronously, and a route added
-    before that is dropped when it happens; without IPv6 there is nothing to wait for."""
+def _loopback_ipv6_ready(proc: int, timeout: float = 2.0) -> bool:
+    """Wait for ::1 on lo; False when this host has IPv6 off, so there is nothing to wait for. IPv6
+    may configure a freshly raised lo asynchronously, and a route added before that is dropped when
+    it happens. `proc` is a descriptor of the host's /proc (see `apply_in_child`)."""
     try:
-        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+        with open("sys/net/ipv6/conf/lo/disable_ipv6", opener=_at(proc)) as f:
             if f.read().strip() == "1":
                 return False
     except FileNotFoundError:
         return False
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            with open("/proc/net/if_inet6") as f:
-                if any(line.split()[-1] == "lo" for line in f):
-                    return True
-        except FileNotFoundError:
-            return False
+        with open("self/net/if_inet6", opener=_at(proc)) as f:
+            if any(line.split()[-1] == "lo" for line in f):
+                return True
         if time.monotonic() > deadline:
-            return False
+            # Without the route, IPv6 attempts would fail without reaching the fence's log.
+            raise OSError(0, f"IPv6 gave lo no address within {timeout:g}s")
         time.sleep(0.0005)
 
 
-def apply_in_child() -> FenceSockets:
+def _at(directory: int) -> Callable[[str, int], int]:
+    """An `open()` opener resolving paths under the directory descriptor `directory`."""
+    return lambda path, flags: os.open(path, flags, dir_fd=directory)
+
+
+def apply_in_child(proc: int) -> FenceSockets:
+    """Set up the fence in the current network namespace. `proc`: a descriptor of the host's /proc,
+    opened before init was forked. Init builds the sandbox's root in the mount namespace this process
+    shares, and once it has pivoted, "/proc" here is the sandbox's, where this process has no pid and
+    /proc/self/net does not exist: a path lookup then failed now and again, and the sandbox started
+    without its IPv6 route, its IPv6 attempts failing unrecorded."""
     _default_route_via_loopback(socket.AF_INET)
-    if _loopback_ipv6_ready():
+    if _loopback_ipv6_ready(proc):
         _default_route_via_loopback(socket.AF_INET6)
     _apply_ruleset(RULESET)
     transparent = socket.create_server(("127.0.0.1", TRANSPARENT_PORT), backlog=128)

@@ -255,6 +255,8 @@ def _child_a(
                 f.write(str(os.getpid()))
         step = "namespaces"
         L.unshare(plan.namespaces)
+        # Before init exists: once it pivots into the sandbox's root, "/proc" here is no longer the host's.
+        proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             _child_b(plan, sock, state_dir, landlock_abi, notify, rules)
@@ -263,7 +265,7 @@ def _child_a(
         # staying in every idle sandbox's init.
         step = "network fence"
         _loopback_up()
-        fence = netns.apply_in_child()
+        fence = netns.apply_in_child(proc)
         send(sock, {"op": "pid", "pid": pid}, fence.fds())
     except BaseException as e:
         _fail(sock, step, e)
