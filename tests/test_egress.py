@@ -8,8 +8,11 @@ Nothing here leaves the test's loopback-only network namespace.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,11 @@ from typing import Any
 import pytest
 
 from corral import Deny, ExecResult, Policy, Sandbox
+from corral.egress import netns, service
 from corral.egress.rules import IPAddress
-from corral.events import DnsQuery, NetConnect
+from corral.events import DnsQuery, NetConnect, SandboxStop
+from corral.isolation import _linux as L
+from corral.isolation import launcher
 from servers import (
     HOST_KEY_ALIAS,
     LocalUpstream,
@@ -385,3 +391,78 @@ def test_proxy_clients_are_told_why_with_a_403() -> None:
         r = sb.exec("curl -sS -m 5 https://denied.example.internal/", text=True)
     assert r.exit_code != 0
     assert "CONNECT tunnel failed, response 403" in str(r.stderr), show(r)
+
+
+_SCAN = """
+import socket, struct
+for i in range(1, 31):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset on close
+    s.connect(("10.0.0.%d" % i, 22))
+    s.close()
+print("scanned", flush=True)
+"""
+
+
+def _stall_fence(seconds: float) -> None:
+    """Keep corral's egress loop busy for `seconds`, as a loaded machine does: connections wait in
+    the kernel's queue, accepted but undecided, while the sandbox goes on."""
+    service._loop().loop.call_soon_threadsafe(time.sleep, seconds)
+
+
+@pytest.mark.parametrize("when", ["command exits", "sandbox closes"])
+def test_every_attempt_is_recorded_however_far_the_fence_lags(when: str) -> None:
+    # A connect scan is over long before a loaded fence has judged its connections (nmap's 48
+    # attempts once went unrecorded, the sandbox closed first). Whether the command returns or the
+    # sandbox is closed under a scan still running, each attempt is recorded, and before the stop.
+    sb = Sandbox(policy([]), keep_workspace=False)
+    try:
+        sb.write_file("scan.py", _SCAN)
+        _stall_fence(0.5)
+        if when == "command exits":
+            r = sb.exec("python3 scan.py", text=True, timeout=30)
+            assert r.stdout == "scanned\n", show(r)
+            assert len(connects(sb)) == 30
+        else:
+            r = sb.exec("python3 scan.py > out & while [ ! -s out ]; do sleep 0.01; done", timeout=30)
+            assert r.exit_code == 0, show(r)
+    finally:
+        sb.close()
+    events = sb.events()
+    scanned = [e for e in events if isinstance(e, NetConnect)]
+    assert sorted(e.destination for e in scanned) == sorted(f"10.0.0.{i}" for i in range(1, 31))
+    assert all(e.decision == "deny" and e.port == 22 for e in scanned)
+    assert {d.what for d in denials(sb)} >= {f"10.0.0.{i} port 22" for i in range(1, 31)}
+    assert isinstance(events[-1], SandboxStop)
+
+
+def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None:
+    # The launcher sets up the fence while init builds the sandbox's root in the mount namespace they
+    # share; once init has pivoted, "/proc" there is the sandbox's, without the launcher's pid. Reading
+    # /proc/self/net then failed now and again, the sandbox started without its IPv6 default route,
+    # and its IPv6 attempts failed with "network unreachable" before netfilter, unrecorded. Here the
+    # launcher's /proc is an empty directory from the start.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            L.unshare(L.CLONE_NEWNET | L.CLONE_NEWNS)
+            L.mount("none", "/", None, L.MS_REC | L.MS_PRIVATE)
+            proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
+            L.mount("none", "/proc", "tmpfs", 0)
+            launcher._loopback_up()
+            netns.apply_in_child(proc)
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                try:
+                    s.sendto(b"x", ("2001:db8::5", 53))
+                except PermissionError:  # dropped by netfilter; without the route: unreachable
+                    os.write(write, b"reached the fence")
+        except BaseException as e:
+            os.write(write, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        result = f.read().decode()
+    os.waitpid(pid, 0)
+    assert result == "reached the fence"

@@ -115,7 +115,8 @@ def test_scenario(name: str, mode: str, tmp_path: Path) -> None:
     if mode == ALERT_ONLY or scenario.kind == "benign":
         # (a) The evidence: what the fence and sandbox recorded, and that the attack really happened.
         problems = check_steps(result) + check_evidence(result, scenario.expect)
-        assert not problems, f"{name} ({mode}):\n" + "\n".join(problems)
+        outputs = [f"step {i} output: {result.output(i)[-1500:]!r}" for i in range(len(result.execs))]
+        assert not problems, f"{name} ({mode}):\n" + "\n".join(problems + outputs)
     if mode == ALERT_ONLY:
         assert not stopped(result), f"{name}: alert-only responses still stopped: {stopped(result)}"
     # (b)

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import dns.message
@@ -56,6 +56,7 @@ _SNIFF_TIMEOUT = 3.0
 _CONNECT_TIMEOUT = 10.0
 _SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
 _BUFFER = 4 << 20  # per direction; the default 64 KiB makes the relay stop and start constantly
+_DRAIN_TIMEOUT = 2.0  # how long a closing fence waits for decisions in progress
 
 
 class Upstream(Protocol):
@@ -89,8 +90,8 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
+        self.thread.start()
 
     def run(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -106,6 +107,27 @@ def _loop() -> _Loop:
         if _shared is None:
             _shared = _Loop()
         return _shared
+
+
+class _Attempt:
+    """One connection from its accept until its decision. The fence counts undecided attempts, and
+    `settle` and `close` wait for that count to reach zero, so every attempt is recorded."""
+
+    __slots__ = ("_fence", "_open")
+
+    def __init__(self, fence: Fence) -> None:
+        self._fence = fence
+        self._open = True
+        fence._deciding += 1
+
+    def decided(self) -> None:
+        """Idempotent: the first call (decision, refusal, error or close) ends the attempt."""
+        if self._open:
+            self._open = False
+            self._fence._deciding -= 1
+
+
+_Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Attempt], Awaitable[None]]
 
 
 class _Budget:
@@ -151,9 +173,9 @@ class Fence:
         self.addresses: dict[IPAddress, str] = {}
         self.connections = _Budget(self.rules.limits.connections_per_minute)
         self.bytes_out = _Budget(self.rules.limits.bytes_out_per_minute)
-        self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._deciding = 0
+        self._deciding = 0  # attempts (connections, queries) not yet decided and recorded
+        self._dns_records: set[asyncio.Future[None]] = set()
         self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
         self._closed = False
         self._loop = _loop()
@@ -162,15 +184,71 @@ class Fence:
         self._started = asyncio.run_coroutine_threadsafe(self._start(), self._loop.loop)
 
     async def _start(self) -> None:
-        transparent, proxy, resolver, nflog = self.sockets
-        self._servers.append(await asyncio.start_server(self._transparent, sock=transparent, limit=_BUFFER))
-        self._servers.append(await asyncio.start_server(self._explicit, sock=proxy, limit=_BUFFER))
+        resolver, nflog = self.sockets[2:]
         loop = asyncio.get_running_loop()
+        for listener, handler in self._listeners():
+            listener.setblocking(False)
+            loop.add_reader(listener.fileno(), self._accept, listener, handler)
         loop.add_reader(resolver.fileno(), self._dns, resolver)
         loop.add_reader(nflog.fileno(), self._dropped, nflog)
 
+    def _listeners(self) -> list[tuple[socket.socket, _Handler]]:
+        return [(self.sockets[0], self._transparent), (self.sockets[1], self._explicit)]
+
+    def _accept(self, listener: socket.socket, handler: _Handler) -> None:
+        """Take every connection waiting on `listener`.
+
+        Accepting here rather than through asyncio's servers is what lets an attempt count as
+        undecided from the moment it leaves the kernel's queue: asyncio runs the handler a few loop
+        turns later, and in between `settle` and `drain` would see neither a queued connection nor a
+        pending decision, and a command's (or a dying sandbox's) last connections would go unrecorded.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                # Out of descriptors or memory: the connections wait in the queue; try again shortly
+                # instead of spinning on a listener that stays readable.
+                report(e)
+                loop.remove_reader(listener.fileno())
+                loop.call_later(1.0, self._resume_accepting, listener, handler)
+                return
+            conn.setblocking(False)
+            attempt = _Attempt(self)
+            task = loop.create_task(self._connection(conn, handler, attempt))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume_accepting(self, listener: socket.socket, handler: _Handler) -> None:
+        if not self._closed:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener, handler)
+
+    async def _connection(self, conn: socket.socket, handler: _Handler, attempt: _Attempt) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_connection(sock=conn, limit=_BUFFER)
+            except BaseException:
+                conn.close()
+                raise
+            await handler(reader, writer, attempt)
+        finally:
+            attempt.decided()
+
     def close(self) -> None:
+        """Stop serving the sandbox. Whatever it sent before this is still recorded: connections
+        waiting to be accepted, queries and drop reports in the socket buffers, and decisions in
+        progress (given a moment; one still undecided is recorded as refused by the close). Call it
+        once the sandbox's processes are dead, so nothing new arrives."""
         self._closed = True
+        if threading.current_thread() is self._loop.thread:
+            # From an event's consumer on the loop itself, which cannot wait for its own work.
+            self._loop.loop.create_task(self._stop())
+            return
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
 
@@ -184,7 +262,7 @@ class Fence:
             self._loop.run(self._settle(exec_id, timeout), timeout + 1)
 
     def _idle(self) -> bool:
-        queued, _, _ = select.select([s.fileno() for s in self.sockets[:3]], [], [], 0)
+        queued, _, _ = select.select([s.fileno() for s in self.sockets], [], [], 0)
         return not queued and self._deciding == 0
 
     async def _settle(self, exec_id: int | None, timeout: float) -> None:
@@ -201,12 +279,21 @@ class Fence:
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(self._started)
         loop = asyncio.get_running_loop()
-        for s in self.sockets[2:]:
+        for s in self.sockets:
             loop.remove_reader(s.fileno())
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
+        # Read what is already queued, as the readers would have.
+        for listener, handler in self._listeners():
+            self._accept(listener, handler)
+        self._dns(self.sockets[2])
+        self._dropped(self.sockets[3])
+        deadline = time.monotonic() + _DRAIN_TIMEOUT
+        while self._deciding and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        # Relays end with the sandbox; their tasks record the connection as they finish.
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, *self._dns_records, return_exceptions=True)
         for s in self.sockets:
             s.close()
 
@@ -248,41 +335,44 @@ class Fence:
                 sock.sendto(response.to_wire(), peer)
             # Answer first; finding the asking process (a /proc walk) happens off the query's path.
             self._deciding += 1
-            asyncio.get_running_loop().run_in_executor(
+            record = asyncio.get_running_loop().run_in_executor(
                 None, self._record_dns, seen, peer[1], self.current_exec()
             )
+            self._dns_records.add(record)
+            record.add_done_callback(self._dns_recorded)  # on this loop's thread, like the += above
+
+    def _dns_recorded(self, record: asyncio.Future[None]) -> None:
+        self._dns_records.discard(record)
+        self._deciding -= 1
 
     def _record_dns(
         self, seen: list[tuple[str, str, bool, list[str]]], port: int, exec_id: int | None
     ) -> None:
-        try:
-            process = self.find_process("udp", port)
-            for name, qtype, allowed, answer in seen:
-                decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
+        process = self.find_process("udp", port)
+        for name, qtype, allowed, answer in seen:
+            decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
+            self.emit(
+                DnsQuery(
+                    sandbox=self.id,
+                    name=name,
+                    qtype=qtype,
+                    decision=decision,
+                    answer=answer,
+                    exec=exec_id,
+                    process=process,
+                )
+            )
+            if not allowed:
                 self.emit(
-                    DnsQuery(
+                    Deny(
                         sandbox=self.id,
-                        name=name,
-                        qtype=qtype,
-                        decision=decision,
-                        answer=answer,
+                        layer="dns",
+                        what=name,
                         exec=exec_id,
                         process=process,
+                        detail=f"{qtype} query for a name no egress rule allows; answered NXDOMAIN",
                     )
                 )
-                if not allowed:
-                    self.emit(
-                        Deny(
-                            sandbox=self.id,
-                            layer="dns",
-                            what=name,
-                            exec=exec_id,
-                            process=process,
-                            detail=f"{qtype} query for a name no egress rule allows; answered NXDOMAIN",
-                        )
-                    )
-        finally:
-            self._deciding -= 1
 
     def _dropped(self, sock: socket.socket) -> None:
         while True:
@@ -307,7 +397,9 @@ class Fence:
 
     # --- TCP -----------------------------------------------------------------------------------
 
-    async def _transparent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _transparent(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, attempt: _Attempt
+    ) -> None:
         sock = writer.get_extra_info("socket")
         try:
             raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
@@ -319,9 +411,11 @@ class Fence:
         dest = ipaddress.ip_address(raw[4:8])
         # A client that connected and reset at once (a connect scan) has no peer name left by now.
         peer = writer.get_extra_info("peername") or ("", 0)
-        await self._track(self._serve(reader, writer, dest, port, None, "transparent", peer[1], b""))
+        await self._serve(reader, writer, attempt, dest, port, None, "transparent", peer[1], b"")
 
-    async def _explicit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _explicit(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, attempt: _Attempt
+    ) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
         buf = b""
         try:
@@ -346,21 +440,13 @@ class Fence:
             name = None
         except ValueError:
             dest, name = self._synthetic(host.lower()), host.lower()
-        await self._track(self._serve(reader, writer, dest, port, name, "proxy", peer[1], first, reply))
-
-    async def _track(self, coro: Any) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await coro
-        finally:
-            self._tasks.discard(task)
+        await self._serve(reader, writer, attempt, dest, port, name, "proxy", peer[1], first, reply)
 
     async def _serve(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        attempt: _Attempt,
         dest: IPAddress,
         port: int,
         name: str | None,
@@ -370,8 +456,6 @@ class Fence:
         connect_reply: bytes = b"",
     ) -> None:
         started = time.monotonic()
-        self._deciding += 1
-        decided = False
         # Who connected is looked up in a worker thread while the decision and dial go on.
         process = asyncio.get_running_loop().run_in_executor(None, self.find_process, "tcp", client_port)
         exec_id = self.current_exec()
@@ -434,8 +518,7 @@ class Fence:
                 )
             record["decision"], record["reason"] = "allow", verdict.reason
             if not inspect_in_flight:  # otherwise _pump says when the protocol is known
-                self._deciding -= 1
-            decided = True
+                attempt.decided()
             # Who connected must be known while they still exist; by now the lookup has long finished.
             # From here on record["process"] is a ProcessRef.
             await _settle_process(record)
@@ -450,7 +533,7 @@ class Fence:
             if inspect_in_flight or client_sock is None or upstream_sock is None:
                 upw.write(first)
                 await asyncio.gather(
-                    self._pump(reader, upw, record, "bytes_out", inspect_in_flight),
+                    self._pump(reader, upw, record, "bytes_out", attempt if inspect_in_flight else None),
                     self._pump(up_reader, writer, record, "bytes_in"),
                 )
             else:
@@ -467,13 +550,15 @@ class Fence:
                 # Likewise what the server already sent (an SSH banner arrives right after connect).
                 answer = bytes(getattr(up_reader, "_buffer", b""))
                 await self._splice(client_sock, upstream_sock, first, answer, record)
+        except asyncio.CancelledError:
+            if "decision" not in record:  # the fence closed under it
+                self._cut_off(record)
+            raise
         finally:
             if relaying:
                 self._relaying[exec_id] -= 1
                 if not self._relaying[exec_id]:
                     del self._relaying[exec_id]
-            if not decided:
-                self._deciding -= 1
             for w in (writer, up_writer):
                 if w is not None:
                     w.close()
@@ -508,11 +593,21 @@ class Fence:
                 daemon=True,
             ).start()
         try:
-            out, into = await asyncio.gather(*done)
-            record["bytes_out"], record["bytes_in"] = out, into
+            await asyncio.wait(done)  # not gather: a cancel must not cancel the threads' futures
+        except asyncio.CancelledError:
+            # The fence is closing. A close does not wake a thread blocked in splice(2); a shutdown
+            # does, and the descriptors stay open until the threads are out of their calls.
+            for fd in (a, b):
+                with contextlib.suppress(OSError):
+                    _shutdown(fd, socket.SHUT_RDWR)
+            await asyncio.wait(done, timeout=1.0)
+            raise
         finally:
-            os.close(a)
-            os.close(b)
+            # A thread still stuck after that keeps its descriptors: leaked, never closed under it.
+            if all(f.done() for f in done):
+                record["bytes_out"], record["bytes_in"] = (f.result() for f in done)
+                os.close(a)
+                os.close(b)
 
     def _splice_one(
         self,
@@ -614,40 +709,26 @@ class Fence:
         dst: asyncio.StreamWriter,
         record: dict[str, Any],
         counter: str,
-        inspect: bool = False,
+        attempt: _Attempt | None = None,
     ) -> None:
+        """Relay one direction through Python. With `attempt`, the first bytes are also inspected in
+        flight, and the attempt is decided once the protocol is known."""
         seen = b""
         cut = False
+        inspect = attempt is not None
         try:
             while chunk := await src.read(1 << 20):
-                was_inspecting = inspect
                 if inspect:
                     seen += chunk[: sniff.MAX_SNIFF - len(seen)]
                     found = sniff.sniff_client(seen)
                     record["protocol"], record["sni"] = found.protocol, found.name
                     if found.protocol == "stratum":
-                        record["decision"], record["reason"] = (
-                            "deny",
-                            "mining protocol (Stratum) seen in flight",
-                        )
-                        self.emit(
-                            Deny(
-                                sandbox=self.id,
-                                layer="egress",
-                                what=f"{record['name']} port {record['port']}",
-                                exec=record["exec"],
-                                process=record["process"],
-                                detail=record["reason"],
-                            )
-                        )
-                        self.emit(NetConnect(**record))
-                        self._deciding -= 1
-                        inspect = False
+                        self._record_refusal(record, "mining protocol (Stratum) seen in flight")
                         cut = True
                         break
                     inspect = not found.complete and len(seen) < sniff.MAX_SNIFF
-                    if was_inspecting and not inspect:
-                        self._deciding -= 1
+                    if not inspect and attempt is not None:
+                        attempt.decided()
                 if counter == "bytes_out" and not self.bytes_out.take(len(chunk)):
                     self._over_budget(record)
                     cut = True
@@ -658,8 +739,8 @@ class Fence:
         except (ConnectionError, OSError):
             pass
         finally:
-            if inspect:
-                self._deciding -= 1
+            if attempt is not None:
+                attempt.decided()
             if cut:  # refused mid-stream: nothing more either way, not even an answer
                 dst.transport.abort()
             with contextlib.suppress(Exception):
@@ -684,22 +765,33 @@ class Fence:
     async def _refuse(
         self, writer: asyncio.StreamWriter, record: dict[str, Any], reason: str, deny: bool = True
     ) -> None:
-        record["decision"], record["reason"] = "deny", reason
         await _settle_process(record)  # before closing: the client may exit as soon as it sees EOF
+        self._record_refusal(record, reason, deny)
+        writer.close()
+
+    def _cut_off(self, record: dict[str, Any]) -> None:
+        """Record an attempt the fence closed under before deciding it: refused, as it was."""
+        process = record["process"]
+        if isinstance(process, asyncio.Future):
+            record["process"] = process.result() if process.done() and not process.exception() else None
+        self._record_refusal(record, "the sandbox closed before the connection was decided")
+
+    def _record_refusal(self, record: dict[str, Any], reason: str, deny: bool = True) -> None:
+        """The `net.connect` event of a refused connection, and (`deny`) its `deny` event; a failure
+        that is no decision of the policy's (an unreachable upstream) is not a deny."""
+        record["decision"], record["reason"] = "deny", reason
         self.emit(NetConnect(**record))
         if deny:
-            target = f"{record['name'] or record['destination']} port {record['port']}"
             self.emit(
                 Deny(
                     sandbox=self.id,
                     layer="egress",
-                    what=target,
+                    what=f"{record['name'] or record['destination']} port {record['port']}",
                     exec=record["exec"],
                     process=record["process"],
                     detail=reason,
                 )
             )
-        writer.close()
 
 
 def _shutdown(fd: int, how: int) -> None:

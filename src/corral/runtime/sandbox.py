@@ -399,6 +399,7 @@ class Sandbox:
                 lambda: self._current_exec,
                 self._upstream,
             )
+            self._launched.fence_fds = []  # the fence owns them now and closes them
             if self.policy.tripwires.enabled:
                 step = "tripwires"
                 self._start_tripwires(degraded)
@@ -588,6 +589,11 @@ class Sandbox:
                     pass
                 if frozen or self._frozen is not None:
                     self._cgroup.thaw()  # frozen tasks only act on SIGKILL once thawed
+        fence, self._fence = self._fence, None
+        if fence is not None:
+            # Once nothing in the sandbox can connect any more: its last connections and queries are
+            # recorded before the stop event, and `events()` has them as soon as this returns.
+            fence.close()
         self._emit(
             SandboxStop(
                 sandbox=self.id,
