@@ -4,6 +4,7 @@ teardown (nothing survives close or the supervisor's death), the events file, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -229,8 +230,8 @@ def test_five_sandboxes_leak_no_file_descriptors() -> None:
 
 
 def _remove_leftover_state(sandbox_id: str, cgroup_dirs: Callable[[str], list[str]]) -> None:
-    """A supervisor that was SIGKILLed could not remove its sandbox's cgroups and state directory;
-    corral has no crash recovery yet, so the test removes them."""
+    """What a failed test leaves: the cgroups and state directory of a sandbox, once its processes
+    are gone."""
     for path in sorted(cgroup_dirs(sandbox_id), key=len, reverse=True):
         wait_until(lambda p=path: not Path(f"{p}/cgroup.procs").read_text().strip())  # type: ignore[misc]
         os.rmdir(path)
@@ -262,6 +263,10 @@ def test_supervisor_death_kills_the_sandbox(cgroup_dirs: Callable[[str], list[st
         owner.kill()
         owner.wait()
         assert wait_until(lambda: live_processes_of(uid) == [], timeout=5), live_processes_of(uid)
+        # The dead supervisor could not remove its sandbox's directories; the next one does.
+        _next_supervisor()
+        assert not os.path.exists(f"{STATE_ROOT}/{sandbox_id}"), "state directory left behind"
+        assert cgroup_dirs(sandbox_id) == [], "cgroup directories left behind"
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -269,6 +274,63 @@ def test_supervisor_death_kills_the_sandbox(cgroup_dirs: Callable[[str], list[st
         if owner.stdout is not None:
             owner.stdout.close()
         if sandbox_id:
+            _remove_leftover_state(sandbox_id, cgroup_dirs)
+
+
+def _next_supervisor() -> None:
+    """Start another supervisor process, as a restarted service would: it creates a sandbox."""
+    subprocess.run(
+        [sys.executable, "-c", "import corral; corral.Sandbox(keep_workspace=False).close(wait=True)"],
+        check=True,
+        timeout=60,
+    )
+
+
+FROZEN_OWNER = textwrap.dedent(
+    """
+    import time
+    from corral import Policy, Sandbox
+    policy = {"version": 1, "tripwires": {"responses": {"privilege tool": "freeze"}}}
+    sb = Sandbox(Policy.from_dict(policy), keep_workspace=False)
+    r = sb.exec("sleep 300 & sleep 0.2; unshare -n true")
+    assert r.terminated == "frozen", r
+    print(sb.uid, sb.id, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_a_frozen_sandbox_outliving_its_supervisor_is_killed_by_the_next(
+    cgroup_dirs: Callable[[str], list[str]],
+) -> None:
+    # Frozen, a sandbox's init cannot notice that its supervisor died, so its processes stay,
+    # stopped, holding memory. The next supervisor to start finds the owner gone and kills them.
+    owner = subprocess.Popen([sys.executable, "-c", FROZEN_OWNER], stdout=subprocess.PIPE, text=True)
+    sandbox_id = ""
+    try:
+        assert owner.stdout is not None
+        uid_text, sandbox_id = owner.stdout.readline().split()
+        uid = int(uid_text)
+        owner.kill()
+        owner.wait()
+        time.sleep(1)
+        frozen = live_processes_of(uid)
+        assert len(frozen) >= 2, "init and the sleep outlive their supervisor while frozen"
+        _next_supervisor()
+        assert live_processes_of(uid) == []
+        assert not os.path.exists(f"{STATE_ROOT}/{sandbox_id}"), "state directory left behind"
+        assert cgroup_dirs(sandbox_id) == [], "cgroup directories left behind"
+        assert not any(os.readlink(link) == sandbox_id for link in Path(STATE_ROOT).glob("uid-*"))
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        if sandbox_id:
+            for path in cgroup_dirs(sandbox_id):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}/freezer.state").write_text("THAWED")
             _remove_leftover_state(sandbox_id, cgroup_dirs)
 
 

@@ -11,6 +11,7 @@ sandboxes may run in parallel. `close()` may be called from any thread, also whi
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import os
 import queue
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import psutil
@@ -56,6 +58,7 @@ _PROXY_ENV = {
 _UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
+_OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 
 _hierarchy: cgroups.Hierarchy | None = None
 _hierarchy_lock = threading.Lock()
@@ -72,41 +75,75 @@ def _cgroup_hierarchy() -> cgroups.Hierarchy:
 
 
 def _sweep_stale(hierarchy: cgroups.Hierarchy, min_age: float = 60.0) -> None:
-    """Remove the cgroups and state directories of sandboxes whose supervisor died.
+    """Remove what sandboxes whose supervisor died left behind: their processes, cgroups, state
+    directories and uid claims.
 
-    Their processes are already gone (init exits when its supervisor's socket closes); only empty
-    directories remain. Anything younger than `min_age` may belong to a sandbox another supervisor is
-    creating right now, so it is left alone.
+    When its supervisor dies, a sandbox's init exits (its socket closes) and the kernel kills the
+    rest, leaving empty directories. A frozen sandbox cannot notice, so its processes stay, stopped,
+    until someone kills them: here, any sandbox whose recorded owner (see `_owner_record`) is gone.
+    One whose owner runs is never touched. One without an owner record is left alone while it is
+    younger than `min_age` (another supervisor may be creating it right now) or has processes.
     """
     now = time.time()
     groups = hierarchy.existing()
     try:
-        states = set(os.listdir(STATE_ROOT))
+        states = {n for n in os.listdir(STATE_ROOT) if not n.startswith("uid-")}
     except FileNotFoundError:
         states = set()
-    for name in [n for n in states if n.startswith("uid-")]:
+    owners = {n: _owner_alive(f"{STATE_ROOT}/{n}") for n in states}
+    orphaned = {n for n, alive in owners.items() if alive is False}
+    for name in orphaned & set(groups):
+        with contextlib.suppress(OSError):
+            groups[name].kill()  # all first, so they die while the others are being killed
+    for name in states | set(groups):
+        state = f"{STATE_ROOT}/{name}"
+        try:
+            cg = groups.get(name)
+            if owners.get(name):
+                continue
+            if name not in orphaned:
+                if now - os.stat(state if name in states else groups[name].path).st_mtime < min_age:
+                    continue
+                if cg is not None and not cg.empty():
+                    continue
+            if cg is not None:
+                cg.remove(timeout=2.0 if name in orphaned else 0)
+            shutil.rmtree(state, ignore_errors=True)
+        except OSError:
+            continue  # in use, or removed by someone else meanwhile
+    try:
+        links = [n for n in os.listdir(STATE_ROOT) if n.startswith("uid-")]
+    except FileNotFoundError:
+        links = []
+    for name in links:
         link = f"{STATE_ROOT}/{name}"
         try:
-            if now - os.lstat(link).st_mtime >= min_age and not os.path.exists(
-                f"{STATE_ROOT}/{os.readlink(link)}"
+            target = os.readlink(link)
+            if (target in orphaned or now - os.lstat(link).st_mtime >= min_age) and not os.path.exists(
+                f"{STATE_ROOT}/{target}"
             ):
                 os.unlink(link)
         except OSError:
             continue
-    states = {n for n in states if not n.startswith("uid-")}
-    for name in states | set(groups):
-        state = f"{STATE_ROOT}/{name}"
-        try:
-            if now - os.stat(state if name in states else groups[name].path).st_mtime < min_age:
-                continue
-            cg = groups.get(name)
-            if cg is not None:
-                if not cg.empty():
-                    continue
-                cg.remove(timeout=0)
-            shutil.rmtree(state, ignore_errors=True)
-        except OSError:
-            continue  # in use, or removed by someone else meanwhile
+
+
+def _owner_record(pid: int) -> str:
+    """The supervisor process `pid` as "pid start-time": the pid alone may be reused by the time
+    someone reads it."""
+    return f"{pid} {psutil.Process(pid).create_time()!r}"
+
+
+def _owner_alive(state_dir: str) -> bool | None:
+    """Whether the supervisor recorded in `state_dir` still runs; None when it recorded none."""
+    try:
+        recorded = Path(f"{state_dir}/{_OWNER_FILE}").read_text()
+        pid = int(recorded.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        return _owner_record(pid) == recorded
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _allocate_uid(sandbox_id: str) -> int:
@@ -371,6 +408,8 @@ class Sandbox:
             step = "state directory"
             os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
             mounts.prepare_host(self._state_dir, self.uid, self.uid, plan.hostname)
+            # Before the cgroup exists: whoever finds it after this process died knows it is orphaned.
+            Path(f"{self._state_dir}/{_OWNER_FILE}").write_text(_owner_record(os.getpid()))
             step = "cgroup"
             self._cgroup = hierarchy.create(
                 f"{self.id}",
