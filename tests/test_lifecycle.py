@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import Popen
 
 import psutil
 import pytest
@@ -251,14 +252,33 @@ OWNER = textwrap.dedent(
 )
 
 
-def test_supervisor_death_kills_the_sandbox(cgroup_dirs: Callable[[str], list[str]]) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _supervisor(
+    script: str, cgroup_dirs: Callable[[str], list[str]]
+) -> Iterator[tuple[Popen[str], int, str]]:
+    """Run `script`, a supervisor printing its sandbox's uid and id; yield it with them. Afterwards,
+    whatever a failed test left is removed (a frozen sandbox thawed first, so that it dies)."""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     sandbox_id = ""
     try:
         assert owner.stdout is not None
-        line = owner.stdout.readline()
-        uid_text, sandbox_id = line.split()
-        uid = int(uid_text)
+        uid_text, sandbox_id = owner.stdout.readline().split()
+        yield owner, int(uid_text), sandbox_id
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if owner.stdout is not None:
+            owner.stdout.close()
+        if sandbox_id:
+            for path in cgroup_dirs(sandbox_id):
+                with contextlib.suppress(OSError):
+                    Path(f"{path}/freezer.state").write_text("THAWED")
+            _remove_leftover_state(sandbox_id, cgroup_dirs)
+
+
+def test_supervisor_death_kills_the_sandbox(cgroup_dirs: Callable[[str], list[str]]) -> None:
+    with _supervisor(OWNER, cgroup_dirs) as (owner, uid, sandbox_id):
         assert len(live_processes_of(uid)) >= 3, "init and both sleeps run before the kill"
         owner.kill()
         owner.wait()
@@ -267,14 +287,6 @@ def test_supervisor_death_kills_the_sandbox(cgroup_dirs: Callable[[str], list[st
         _next_supervisor()
         assert not os.path.exists(f"{STATE_ROOT}/{sandbox_id}"), "state directory left behind"
         assert cgroup_dirs(sandbox_id) == [], "cgroup directories left behind"
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-            owner.wait()
-        if owner.stdout is not None:
-            owner.stdout.close()
-        if sandbox_id:
-            _remove_leftover_state(sandbox_id, cgroup_dirs)
 
 
 def _next_supervisor() -> None:
@@ -305,12 +317,7 @@ def test_a_frozen_sandbox_outliving_its_supervisor_is_killed_by_the_next(
 ) -> None:
     # Frozen, a sandbox's init cannot notice that its supervisor died, so its processes stay,
     # stopped, holding memory. The next supervisor to start finds the owner gone and kills them.
-    owner = subprocess.Popen([sys.executable, "-c", FROZEN_OWNER], stdout=subprocess.PIPE, text=True)
-    sandbox_id = ""
-    try:
-        assert owner.stdout is not None
-        uid_text, sandbox_id = owner.stdout.readline().split()
-        uid = int(uid_text)
+    with _supervisor(FROZEN_OWNER, cgroup_dirs) as (owner, uid, sandbox_id):
         owner.kill()
         owner.wait()
         time.sleep(1)
@@ -321,17 +328,6 @@ def test_a_frozen_sandbox_outliving_its_supervisor_is_killed_by_the_next(
         assert not os.path.exists(f"{STATE_ROOT}/{sandbox_id}"), "state directory left behind"
         assert cgroup_dirs(sandbox_id) == [], "cgroup directories left behind"
         assert not any(os.readlink(link) == sandbox_id for link in Path(STATE_ROOT).glob("uid-*"))
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-            owner.wait()
-        if owner.stdout is not None:
-            owner.stdout.close()
-        if sandbox_id:
-            for path in cgroup_dirs(sandbox_id):
-                with contextlib.suppress(OSError):
-                    Path(f"{path}/freezer.state").write_text("THAWED")
-            _remove_leftover_state(sandbox_id, cgroup_dirs)
 
 
 EXITS_AFTER_CLOSE = textwrap.dedent(
