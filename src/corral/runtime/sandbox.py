@@ -58,6 +58,7 @@ _PROXY_ENV = {
 _UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
+_STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 _OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 
 _hierarchy: cgroups.Hierarchy | None = None
@@ -384,6 +385,10 @@ class Sandbox:
         self._tripwires: _tripwires.Tripwires | None = None
         self._frozen: str | None = None  # the rule that froze the sandbox
         self._exec_wake: int | None = None  # write end of the running command's wake-up pipe
+        self._exec_thread: int | None = None  # the thread running a command, while one runs
+        self._exit_recorded = threading.Event()  # clear while a command's exec.exit is not yet written
+        self._exit_recorded.set()
+        self._stopped = threading.Event()  # set once sandbox.stop is written
         self._start()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -633,6 +638,10 @@ class Sandbox:
             # Once nothing in the sandbox can connect any more: its last connections and queries are
             # recorded before the stop event, and `events()` has them as soon as this returns.
             fence.close()
+        if threading.get_ident() != self._exec_thread:
+            # So is the running command's exit: its thread woke when the processes died. (A stream
+            # its consumer stopped reading is not waited for long.)
+            self._exit_recorded.wait(1.0)
         self._emit(
             SandboxStop(
                 sandbox=self.id,
@@ -642,6 +651,7 @@ class Sandbox:
                 error="; ".join(e for e in (why, error) if e),
             )
         )
+        self._stopped.set()
         _reaper.submit(self._teardown)
 
     def _teardown(self) -> None:
@@ -916,12 +926,18 @@ class _Run:
                 raise SandboxClosedError(
                     f"sandbox {sb.id} was frozen by tripwire {sb._frozen!r}; inspect it, then close() it"
                 )
+            sb._exec_thread = threading.get_ident()
+            sb._exit_recorded.clear()
             try:
                 yield from self._run(sb._launched, sb._cgroup)
             finally:
                 sb._current_exec = None
+                sb._exec_thread = None
+                sb._exit_recorded.set()
                 if sb._closed is not None:
                     sb._launched.control.close()
+                    # Cut short by the sandbox's end: return once that is recorded as well.
+                    sb._stopped.wait(_STOP_WAIT)
 
     def _run(self, launched: launcher.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
         sb = self.sb
