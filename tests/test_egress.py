@@ -466,3 +466,16 @@ def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None
         result = f.read().decode()
     os.waitpid(pid, 0)
     assert result == "reached the fence"
+
+
+def test_every_dns_query_is_recorded_with_the_process_that_asked() -> None:
+    # A short-lived program (getent) has exited a moment after its answer arrives; the resolver
+    # finds who asked before answering, so none of its queries lose their process.
+    with Sandbox(policy([{"host": "*.example.internal", "ports": [443]}]), keep_workspace=False) as sb:
+        sb.exec("for i in $(seq 15); do getent hosts a$i.example.internal; getent hosts b$i.nope.test; done")
+        queries = [e for e in sb.events() if isinstance(e, DnsQuery)]
+    assert len(queries) >= 30
+    assert {q.decision for q in queries} == {"allow", "deny"}
+    assert all(q.process is not None and q.process.exe == "/usr/bin/getent" for q in queries), [
+        q.process for q in queries
+    ]

@@ -331,12 +331,12 @@ class Fence:
                         dns.rrset.from_text(q.name, 5, dns.rdataclass.IN, dns.rdatatype.A, addr)
                     )
                 seen.append((name, dns.rdatatype.to_text(q.rdtype), allowed, answer))
-            with contextlib.suppress(OSError):
-                sock.sendto(response.to_wire(), peer)
-            # Answer first; finding the asking process (a /proc walk) happens off the query's path.
+            # Who asked is found (a /proc walk, in a worker thread) before the answer goes out, while
+            # the asker still waits with its socket open: answered first, most queries had exited
+            # by the time of the walk and went unattributed.
             self._deciding += 1
             record = asyncio.get_running_loop().run_in_executor(
-                None, self._record_dns, seen, peer[1], self.current_exec()
+                None, self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
             )
             self._dns_records.add(record)
             record.add_done_callback(self._dns_recorded)  # on this loop's thread, like the += above
@@ -345,10 +345,19 @@ class Fence:
         self._dns_records.discard(record)
         self._deciding -= 1
 
-    def _record_dns(
-        self, seen: list[tuple[str, str, bool, list[str]]], port: int, exec_id: int | None
+    def _answer_dns(
+        self,
+        sock: socket.socket,
+        wire: bytes,
+        peer: tuple[str, int],
+        seen: list[tuple[str, str, bool, list[str]]],
+        exec_id: int | None,
     ) -> None:
-        process = self.find_process("udp", port)
+        try:
+            process = self.find_process("udp", peer[1])
+        finally:
+            with contextlib.suppress(OSError):
+                sock.sendto(wire, peer)
         for name, qtype, allowed, answer in seen:
             decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
             self.emit(
