@@ -57,6 +57,9 @@ _CONNECT_TIMEOUT = 10.0
 _SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
 _BUFFER = 4 << 20  # per direction; the default 64 KiB makes the relay stop and start constantly
 _DRAIN_TIMEOUT = 2.0  # how long a closing fence waits for decisions in progress
+_CONNECTING_TTL = 10.0  # how long a reported connect waits to be paired with its connection
+_CONNECTING_KEPT = 256  # reports kept per destination
+_CONNECTING_KEYS = 4096  # destinations kept before expired ones are purged
 
 
 class Upstream(Protocol):
@@ -177,6 +180,9 @@ class Fence:
         self._deciding = 0  # attempts (connections, queries) not yet decided and recorded
         self._dns_records: set[asyncio.Future[None]] = set()
         self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
+        # Who connected where, as the sandbox's seccomp filter reported it (see `note_connect`).
+        self._connecting: dict[tuple[IPAddress, int], deque[tuple[float, ProcessRef]]] = {}
+        self._connecting_lock = threading.Lock()
         self._closed = False
         self._loop = _loop()
         # Not waited for: until the loop gets to it, connections wait in the listeners' backlog and
@@ -251,6 +257,38 @@ class Fence:
             return
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
+
+    def note_connect(self, dest: IPAddress, port: int, process: ProcessRef) -> None:
+        """`process` in the sandbox is connecting to `dest` port `port` (its seccomp filter reported
+        the call, while the caller is parked). Kept for a while: a connection whose socket is gone by
+        the time the proxy looks for its owner (a connect scan resets at once) is recorded with the
+        process that connected to that destination, oldest first."""
+        now = time.monotonic()
+        with self._connecting_lock:
+            if len(self._connecting) > _CONNECTING_KEYS:
+                for key in [k for k, v in self._connecting.items() if now - v[-1][0] > _CONNECTING_TTL]:
+                    del self._connecting[key]
+            waiting = self._connecting.setdefault((dest, port), deque(maxlen=_CONNECTING_KEPT))
+            while waiting and now - waiting[0][0] > _CONNECTING_TTL:
+                waiting.popleft()
+            waiting.append((now, process))
+
+    def _connector(self, record: dict[str, Any], found: ProcessRef | None) -> ProcessRef | None:
+        """`found` (the owner of the connection's socket), or the process reported connecting to the
+        record's destination when the socket was gone. A found owner takes its own report off the
+        list, so later connections to the same destination pair with theirs."""
+        key = (ipaddress.ip_address(record["destination"]), record["port"])
+        with self._connecting_lock:
+            waiting = self._connecting.get(key)
+            if not waiting:
+                return found
+            if found is None:
+                return waiting.popleft()[1]
+            for i, (_, process) in enumerate(waiting):
+                if process.pid == found.pid:
+                    del waiting[i]
+                    break
+            return found
 
     def settle(self, exec_id: int | None = None, timeout: float = 2.0) -> None:
         """Wait (briefly) until every connection attempt made so far has been decided and recorded,
@@ -530,7 +568,7 @@ class Fence:
                 attempt.decided()
             # Who connected must be known while they still exist; by now the lookup has long finished.
             # From here on record["process"] is a ProcessRef.
-            await _settle_process(record)
+            await self._settle_process(record)
             if not self.bytes_out.take(len(first)):
                 self._over_budget(record)
                 return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
@@ -560,9 +598,13 @@ class Fence:
                 answer = bytes(getattr(up_reader, "_buffer", b""))
                 await self._splice(client_sock, upstream_sock, first, answer, record)
         except asyncio.CancelledError:
-            if "decision" not in record:  # the fence closed under it
-                self._cut_off(record)
+            if "decision" not in record:
+                self._cut_off(record, "the sandbox closed before the connection was decided")
             raise
+        except Exception as e:
+            report(e)  # a bug: the attempt is still recorded, refused
+            if "decision" not in record:
+                self._cut_off(record, f"corral's proxy failed: {e!r}")
         finally:
             if relaying:
                 self._relaying[exec_id] -= 1
@@ -572,7 +614,7 @@ class Fence:
                 if w is not None:
                     w.close()
             if "decision" in record and record["decision"] == "allow":
-                await _settle_process(record)
+                await self._settle_process(record)
                 self.emit(NetConnect(duration=time.monotonic() - started, **record))
 
     async def _splice(
@@ -774,16 +816,23 @@ class Fence:
     async def _refuse(
         self, writer: asyncio.StreamWriter, record: dict[str, Any], reason: str, deny: bool = True
     ) -> None:
-        await _settle_process(record)  # before closing: the client may exit as soon as it sees EOF
+        await self._settle_process(record)  # before closing: the client may exit as soon as it sees EOF
         self._record_refusal(record, reason, deny)
         writer.close()
 
-    def _cut_off(self, record: dict[str, Any]) -> None:
-        """Record an attempt the fence closed under before deciding it: refused, as it was."""
+    async def _settle_process(self, record: dict[str, Any]) -> None:
+        if isinstance(record["process"], asyncio.Future):
+            found = await record["process"]
+            record["process"] = self._connector(record, found)
+
+    def _cut_off(self, record: dict[str, Any], reason: str) -> None:
+        """Record an attempt that ended before it was decided (the fence closed under it, or
+        failed): refused, as it was."""
         process = record["process"]
         if isinstance(process, asyncio.Future):
-            record["process"] = process.result() if process.done() and not process.exception() else None
-        self._record_refusal(record, "the sandbox closed before the connection was decided")
+            found = process.result() if process.done() and not process.exception() else None
+            record["process"] = self._connector(record, found)
+        self._record_refusal(record, reason)
 
     def _record_refusal(self, record: dict[str, Any], reason: str, deny: bool = True) -> None:
         """The `net.connect` event of a refused connection, and (`deny`) its `deny` event; a failure
@@ -809,11 +858,6 @@ def _shutdown(fd: int, how: int) -> None:
         s.shutdown(how)
     finally:
         s.close()
-
-
-async def _settle_process(record: dict[str, Any]) -> None:
-    if isinstance(record["process"], asyncio.Future):
-        record["process"] = await record["process"]
 
 
 def _origin_form(request: bytes) -> bytes:

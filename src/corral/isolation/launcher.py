@@ -303,7 +303,10 @@ def _child_b(
             step = "landlock"
             landlock.apply_in_child(list(plan.writable), landlock_abi)
         step = "seccomp"
-        notify_fd = seccomp.load(rules, notify=notify, watch=seccomp.WATCHED if plan.watch_exec else ())
+        watch = [seccomp.Rule(name) for name in seccomp.WATCHED] if plan.watch_exec else []
+        if plan.watch_connect:
+            watch.append(seccomp.WATCHED_CONNECT)
+        notify_fd = seccomp.load(rules, notify=notify, watch=watch)
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:

@@ -138,6 +138,7 @@ class Plan:
     max_processes: int
     degrade: frozenset[str] = field(default_factory=frozenset)
     watch_exec: bool = False  # report every execve to the process monitor (tripwires)
+    watch_connect: bool = False  # report every IPv4 connect to the egress fence (attribution)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, to hand the plan to the zygote process that forks the sandbox."""
@@ -206,6 +207,10 @@ class Plan:
         )
         if self.watch_exec:
             lines.append("seccomp: report every execve/execveat to the process monitor, then let it run")
+        if self.watch_connect:
+            lines.append(
+                "seccomp: report every IPv4 connect to the egress fence (who connected), then let it run"
+            )
         lines.append(f"cwd: {self.cwd}; env: {', '.join(sorted(self.env))}")
         return lines
 
@@ -300,6 +305,7 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
         max_processes=policy.resources.processes,
         degrade=frozenset(policy.degrade),
         watch_exec=policy.tripwires.enabled and "seccomp_notify" not in policy.degrade,
+        watch_connect="seccomp_notify" not in policy.degrade,
     )
 
 

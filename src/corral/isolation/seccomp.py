@@ -20,6 +20,7 @@ import fcntl
 import functools
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from corral._errors import HostError
@@ -173,7 +174,7 @@ def syscall_numbers(names: list[str] | None = None) -> dict[int, str]:
     """Native syscall number -> name for the names libseccomp knows on this architecture."""
     lib = _lib()
     out: dict[int, str] = {}
-    for name in names or [*DENIED, *WATCHED, "clone", "clone3", "socket", "ioctl"]:
+    for name in names or [*DENIED, *WATCHED, "connect", "clone", "clone3", "socket", "ioctl"]:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr >= 0:
             out[nr] = name
@@ -183,12 +184,18 @@ def syscall_numbers(names: list[str] | None = None) -> dict[int, str]:
 # Reported, then let through: the process monitor sees every program start, with its arguments, while
 # the caller is parked, before the new program runs a single instruction.
 WATCHED: tuple[str, ...] = ("execve", "execveat")
+# Reported, then let through: every IPv4 connect (an address length of a sockaddr_in), so the egress
+# fence knows which process made a connection even when its socket is gone by the time the proxy
+# takes it (a connect scan resets at once). Evading it (a longer address length, which the kernel
+# accepts) loses only that name: the fence still decides the connection.
+_SOCKADDR_IN_LEN = 16
+WATCHED_CONNECT = Rule("connect", ((2, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _SOCKADDR_IN_LEN),))
 
 
-def load(rules: list[Rule], *, notify: bool, watch: tuple[str, ...] = ()) -> int | None:
+def load(rules: list[Rule], *, notify: bool, watch: Sequence[Rule] = ()) -> int | None:
     """Install the filter on the calling thread (and its future children). Returns the listener fd.
 
-    `watch` names calls the supervisor is told about and answers with "continue" (only with
+    `watch` are calls the supervisor is told about and answers with "continue" (only with
     `notify`: without a listener they would fail).
 
     Everything not refused is allowed: the filter is a deny list of calls workloads never need,
@@ -202,20 +209,16 @@ def load(rules: list[Rule], *, notify: bool, watch: tuple[str, ...] = ()) -> int
     try:
         lib.seccomp_attr_set(ctx, _SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS)
         action = SCMP_ACT_NOTIFY if notify else SCMP_ACT_ERRNO(errno.EPERM)
-        for rule in rules:
+        for rule_action, rule in [(action, r) for r in rules] + [
+            (SCMP_ACT_NOTIFY, r) for r in watch if notify
+        ]:
             nr = lib.seccomp_syscall_resolve_name(rule.syscall.encode())
             if nr < 0:
                 continue  # not a syscall on this architecture
             arr = (_ArgCmp * max(1, len(rule.args)))(*[_ArgCmp(*a) for a in rule.args])
-            rc = lib.seccomp_rule_add_array(ctx, action, nr, len(rule.args), arr)
+            rc = lib.seccomp_rule_add_array(ctx, rule_action, nr, len(rule.args), arr)
             if rc < 0:
                 raise OSError(-rc, f"seccomp_rule_add {rule.describe()}: {os.strerror(-rc)}")
-        for name in watch if notify else ():
-            nr = lib.seccomp_syscall_resolve_name(name.encode())
-            if nr >= 0:
-                rc = lib.seccomp_rule_add_array(ctx, SCMP_ACT_NOTIFY, nr, 0, None)
-                if rc < 0:
-                    raise OSError(-rc, f"seccomp_rule_add {name}: {os.strerror(-rc)}")
         # clone3 passes its flags in memory, where a filter can't look: make libc fall back to clone.
         nr = lib.seccomp_syscall_resolve_name(b"clone3")
         if nr >= 0:

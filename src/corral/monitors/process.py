@@ -15,6 +15,7 @@ Three sources, each covering what the others can't:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
 import socket
@@ -299,6 +300,22 @@ def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, 
     finally:
         os.close(fd)
     return path, argv, dirfd_i
+
+
+def read_ipv4_sockaddr(pid: int, addr: int) -> tuple[ipaddress.IPv4Address, int] | None:
+    """The address and port of the sockaddr_in at `addr` in process `pid`'s memory (a parked
+    connect's), or None when it is not AF_INET."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = os.pread(fd, 8, addr)
+    finally:
+        os.close(fd)
+    if len(raw) < 8:
+        return None
+    family, port = struct.unpack_from("=HH", raw)
+    if family != socket.AF_INET:
+        return None
+    return ipaddress.IPv4Address(raw[4:8]), socket.ntohs(port)
 
 
 @dataclass(frozen=True)

@@ -775,6 +775,12 @@ class Sandbox:
         # the command can't then finish (and its result be built) without its own denials.
         assert self._launched is not None and self._launched.notify_fd is not None
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
+        if name == "connect":
+            try:
+                self._note_connect(note.pid, note.args[1])
+            finally:
+                seccomp.respond_continue(self._launched.notify_fd, note.id)
+            return
         if name in seccomp.WATCHED:
             tw = self._tripwires
             verdict = "continue" if tw is None else tw.on_exec(note.pid, name, note.args).action
@@ -797,6 +803,18 @@ class Sandbox:
             )
         )
         seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+
+    def _note_connect(self, pid: int, sockaddr: int) -> None:
+        """Tell the fence who is connecting where, read while the caller is parked in connect()."""
+        fence = self._fence
+        if fence is None:
+            return
+        try:
+            target = process_monitor.read_ipv4_sockaddr(pid, sockaddr)
+        except OSError:
+            return  # gone, or an address it can't read: the connect fails or goes on unnamed
+        if target is not None and not target[0].is_loopback:
+            fence.note_connect(target[0], target[1], _process_ref(pid))
 
     # --- commands ----------------------------------------------------------------------------
 
