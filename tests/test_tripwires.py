@@ -322,7 +322,7 @@ def test_freeze_keeps_the_processes_for_inspection() -> None:
         assert a.action == "freeze"
         # Everything is still there, stopped.
         pids = sb._cgroup.pids()  # type: ignore[union-attr]
-        assert any(pm._cmdline(p) == ["sleep", "60"] for p in pids)
+        assert any(pm.cmdline(p) == ["sleep", "60"] for p in pids)
         with pytest.raises(SandboxClosedError, match="frozen by tripwire 'privilege tool'"):
             sb.exec("true")
     assert sb.closed

@@ -35,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import dns.message
@@ -112,6 +113,15 @@ def _loop() -> _Loop:
         return _shared
 
 
+@dataclass
+class Connecting:
+    """A connect the sandbox's seccomp filter reported (see `Fence.note_connect`)."""
+
+    pid: int
+    at: float  # monotonic
+    process: ProcessRef | None = None  # filled in once the supervisor has looked the pid up
+
+
 class _Attempt:
     """One connection from its accept until its decision. The fence counts undecided attempts, and
     `settle` and `close` wait for that count to reach zero, so every attempt is recorded."""
@@ -181,7 +191,7 @@ class Fence:
         self._dns_records: set[asyncio.Future[None]] = set()
         self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
         # Who connected where, as the sandbox's seccomp filter reported it (see `note_connect`).
-        self._connecting: dict[tuple[IPAddress, int], deque[tuple[float, ProcessRef]]] = {}
+        self._connecting: dict[tuple[IPAddress, int], deque[Connecting]] = {}
         self._connecting_lock = threading.Lock()
         self._closed = False
         self._loop = _loop()
@@ -258,37 +268,40 @@ class Fence:
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
 
-    def note_connect(self, dest: IPAddress, port: int, process: ProcessRef) -> None:
-        """`process` in the sandbox is connecting to `dest` port `port` (its seccomp filter reported
-        the call, while the caller is parked). Kept for a while: a connection whose socket is gone by
-        the time the proxy looks for its owner (a connect scan resets at once) is recorded with the
-        process that connected to that destination, oldest first."""
+    def note_connect(self, dest: IPAddress, port: int, pid: int) -> Connecting:
+        """Process `pid` in the sandbox is connecting to `dest` port `port` (its seccomp filter
+        reported the call). Kept for a while: a connection whose socket is gone by the time the proxy
+        looks for its owner (a connect scan resets at once) is recorded with the process that
+        connected to that destination, oldest first. The caller fills in `process` once it has
+        looked the pid up."""
         now = time.monotonic()
+        entry = Connecting(pid, now)
         with self._connecting_lock:
             if len(self._connecting) > _CONNECTING_KEYS:
-                for key in [k for k, v in self._connecting.items() if now - v[-1][0] > _CONNECTING_TTL]:
+                for key in [k for k, v in self._connecting.items() if now - v[-1].at > _CONNECTING_TTL]:
                     del self._connecting[key]
             waiting = self._connecting.setdefault((dest, port), deque(maxlen=_CONNECTING_KEPT))
-            while waiting and now - waiting[0][0] > _CONNECTING_TTL:
+            while waiting and now - waiting[0].at > _CONNECTING_TTL:
                 waiting.popleft()
-            waiting.append((now, process))
+            waiting.append(entry)
+        return entry
 
-    def _connector(self, record: dict[str, Any], found: ProcessRef | None) -> ProcessRef | None:
-        """`found` (the owner of the connection's socket), or the process reported connecting to the
-        record's destination when the socket was gone. A found owner takes its own report off the
-        list, so later connections to the same destination pair with theirs."""
+    def _reported(self, record: dict[str, Any], found: ProcessRef | None) -> Connecting | None:
+        """With no owner `found` for a connection's socket, the oldest report of a connect to its
+        destination. A found owner takes its own report off the list instead, so later connections
+        to the same destination pair with theirs."""
         key = (ipaddress.ip_address(record["destination"]), record["port"])
         with self._connecting_lock:
             waiting = self._connecting.get(key)
             if not waiting:
-                return found
+                return None
             if found is None:
-                return waiting.popleft()[1]
-            for i, (_, process) in enumerate(waiting):
-                if process.pid == found.pid:
+                return waiting.popleft()
+            for i, entry in enumerate(waiting):
+                if entry.pid == found.pid:
                     del waiting[i]
                     break
-            return found
+            return None
 
     def settle(self, exec_id: int | None = None, timeout: float = 2.0) -> None:
         """Wait (briefly) until every connection attempt made so far has been decided and recorded,
@@ -823,7 +836,14 @@ class Fence:
     async def _settle_process(self, record: dict[str, Any]) -> None:
         if isinstance(record["process"], asyncio.Future):
             found = await record["process"]
-            record["process"] = self._connector(record, found)
+            reported = self._reported(record, found)
+            if reported is not None:
+                # The supervisor looks the reporter up right after letting its connect go on.
+                deadline = time.monotonic() + 0.1
+                while reported.process is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                found = reported.process or ProcessRef(pid=reported.pid)
+            record["process"] = found
 
     def _cut_off(self, record: dict[str, Any], reason: str) -> None:
         """Record an attempt that ended before it was decided (the fence closed under it, or
@@ -831,7 +851,10 @@ class Fence:
         process = record["process"]
         if isinstance(process, asyncio.Future):
             found = process.result() if process.done() and not process.exception() else None
-            record["process"] = self._connector(record, found)
+            reported = self._reported(record, found)
+            if reported is not None:
+                found = reported.process or ProcessRef(pid=reported.pid)
+            record["process"] = found
         self._record_refusal(record, reason)
 
     def _record_refusal(self, record: dict[str, Any], reason: str, deny: bool = True) -> None:

@@ -143,8 +143,8 @@ class ProcessTable:
         if ppid is None:
             return None
         info = ProcInfo(pid=pid, ppid=ppid, exec_id=None, started=_start_time(pid) or time.time())
-        info.argv = _cmdline(pid)
-        info.exe = _exe(pid)
+        info.argv = cmdline(pid)
+        info.exe = exe(pid)
         with self._lock:
             if pid in self._procs:
                 return None
@@ -220,7 +220,7 @@ def _boot_time() -> float:
     return _boot
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             data = f.read()
@@ -229,7 +229,7 @@ def _cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in data.split(b"\0")[:-1]]
 
 
-def _exe(pid: int) -> str | None:
+def exe(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:

@@ -776,10 +776,7 @@ class Sandbox:
         assert self._launched is not None and self._launched.notify_fd is not None
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
         if name == "connect":
-            try:
-                self._note_connect(note.pid, note.args[1])
-            finally:
-                seccomp.respond_continue(self._launched.notify_fd, note.id)
+            self._note_connect(note)
             return
         if name in seccomp.WATCHED:
             tw = self._tripwires
@@ -804,17 +801,28 @@ class Sandbox:
         )
         seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
 
-    def _note_connect(self, pid: int, sockaddr: int) -> None:
-        """Tell the fence who is connecting where, read while the caller is parked in connect()."""
+    def _note_connect(self, note: seccomp.Notification) -> None:
+        """Tell the fence who is connecting where, read while the caller is parked in connect():
+        the address, the program and its command line (a scanner may exit right after its last
+        connect). The rest of the process's record is read once the caller has been let go."""
+        assert self._launched is not None and self._launched.notify_fd is not None
         fence = self._fence
-        if fence is None:
-            return
+        reported = None
         try:
-            target = process_monitor.read_ipv4_sockaddr(pid, sockaddr)
+            target = process_monitor.read_ipv4_sockaddr(note.pid, note.args[1])
+            if fence is not None and target is not None and not target[0].is_loopback:
+                reported = fence.note_connect(target[0], target[1], note.pid)
+                reported.process = ProcessRef(
+                    pid=note.pid, exe=process_monitor.exe(note.pid), cmdline=process_monitor.cmdline(note.pid)
+                )
         except OSError:
-            return  # gone, or an address it can't read: the connect fails or goes on unnamed
-        if target is not None and not target[0].is_loopback:
-            fence.note_connect(target[0], target[1], _process_ref(pid))
+            pass  # gone, or an address it can't read: the connect fails or goes on unnamed
+        finally:
+            seccomp.respond_continue(self._launched.notify_fd, note.id)
+        if reported is not None:
+            full = _process_ref(note.pid)
+            if full.exe is not None and full.cmdline:  # still there, not yet a zombie
+                reported.process = full
 
     # --- commands ----------------------------------------------------------------------------
 
