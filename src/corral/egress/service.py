@@ -117,9 +117,8 @@ def _loop() -> _Loop:
 class Connecting:
     """A connect the sandbox's seccomp filter reported (see `Fence.note_connect`)."""
 
-    pid: int
+    process: ProcessRef
     at: float  # monotonic
-    process: ProcessRef | None = None  # filled in once the supervisor has looked the pid up
 
 
 class _Attempt:
@@ -268,14 +267,14 @@ class Fence:
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
 
-    def note_connect(self, dest: IPAddress, port: int, pid: int) -> Connecting:
-        """Process `pid` in the sandbox is connecting to `dest` port `port` (its seccomp filter
-        reported the call). Kept for a while: a connection whose socket is gone by the time the proxy
-        looks for its owner (a connect scan resets at once) is recorded with the process that
-        connected to that destination, oldest first. The caller fills in `process` once it has
-        looked the pid up."""
+    def note_connect(self, dest: IPAddress, port: int, process: ProcessRef) -> Connecting:
+        """`process` in the sandbox is connecting to `dest` port `port` (its seccomp filter reported
+        the call). Kept for a while: a connection whose socket is gone by the time the proxy looks
+        for its owner (a connect scan resets at once) is recorded with the process that connected to
+        that destination, oldest first. The caller may replace the entry's `process` with a fuller
+        record later."""
         now = time.monotonic()
-        entry = Connecting(pid, now)
+        entry = Connecting(process, now)
         with self._connecting_lock:
             if len(self._connecting) > _CONNECTING_KEYS:
                 for key in [k for k, v in self._connecting.items() if now - v[-1].at > _CONNECTING_TTL]:
@@ -298,7 +297,7 @@ class Fence:
             if found is None:
                 return waiting.popleft()
             for i, entry in enumerate(waiting):
-                if entry.pid == found.pid:
+                if entry.process.pid == found.pid:
                     del waiting[i]
                     break
             return None
@@ -837,13 +836,7 @@ class Fence:
         if isinstance(record["process"], asyncio.Future):
             found = await record["process"]
             reported = self._reported(record, found)
-            if reported is not None:
-                # The supervisor looks the reporter up right after letting its connect go on.
-                deadline = time.monotonic() + 0.1
-                while reported.process is None and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
-                found = reported.process or ProcessRef(pid=reported.pid)
-            record["process"] = found
+            record["process"] = found if reported is None else reported.process
 
     def _cut_off(self, record: dict[str, Any], reason: str) -> None:
         """Record an attempt that ended before it was decided (the fence closed under it, or
@@ -852,9 +845,7 @@ class Fence:
         if isinstance(process, asyncio.Future):
             found = process.result() if process.done() and not process.exception() else None
             reported = self._reported(record, found)
-            if reported is not None:
-                found = reported.process or ProcessRef(pid=reported.pid)
-            record["process"] = found
+            record["process"] = found if reported is None else reported.process
         self._record_refusal(record, reason)
 
     def _record_refusal(self, record: dict[str, Any], reason: str, deny: bool = True) -> None:

@@ -811,10 +811,10 @@ class Sandbox:
         try:
             target = process_monitor.read_ipv4_sockaddr(note.pid, note.args[1])
             if fence is not None and target is not None and not target[0].is_loopback:
-                reported = fence.note_connect(target[0], target[1], note.pid)
-                reported.process = ProcessRef(
+                brief = ProcessRef(
                     pid=note.pid, exe=process_monitor.exe(note.pid), cmdline=process_monitor.cmdline(note.pid)
                 )
+                reported = fence.note_connect(target[0], target[1], brief)
         except OSError:
             pass  # gone, or an address it can't read: the connect fails or goes on unnamed
         finally:
