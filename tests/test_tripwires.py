@@ -225,7 +225,7 @@ def test_gpu_use_by_a_sandbox_without_a_grant_is_killed(monkeypatch: pytest.Monk
     nvml = FakeNvml()
     gpu = nvml.add_device()
     sampler = resource.Sampler(GpuMonitor(nvml))
-    monkeypatch.setattr(resource, "_sampler", sampler)
+    monkeypatch.setattr(resource, "sampler", lambda: sampler)
     with Sandbox(policy(), keep_workspace=False) as sb:
         results: list[ExecResult] = []
         runner = threading.Thread(target=lambda: results.append(sb.exec(["sleep", "30"])))
@@ -347,7 +347,7 @@ def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
 ) -> None:
     broken = pm.Connector()
     broken.error = "process-event connector unavailable (test)"
-    monkeypatch.setattr(pm, "_connector", broken)
+    monkeypatch.setattr(pm, "connector", lambda: broken)
     with pytest.raises(HostError, match=r"degrade: \[process_events\]"):
         Sandbox(policy(), keep_workspace=False)
     degraded = Policy.from_dict(
@@ -368,7 +368,8 @@ def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) ->
         raise RuntimeError("sampler bug")
 
     monkeypatch.setattr(resource.Sampler, "_loop", crash)
-    monkeypatch.setattr(resource, "_sampler", resource.Sampler())
+    crashing = resource.Sampler()
+    monkeypatch.setattr(resource, "sampler", lambda: crashing)
     sb = Sandbox(policy(), keep_workspace=False)
     assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
     [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]

@@ -44,6 +44,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from corral._once import process_wide
 from corral.egress import netns, sniff
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
@@ -94,23 +95,14 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
-        self.thread.start()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="corral-egress", daemon=True)
+        self._thread.start()
 
     def run(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-_shared: _Loop | None = None
-_shared_lock = threading.Lock()
-
-
-def _loop() -> _Loop:
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = _Loop()
-        return _shared
+_loop = process_wide(_Loop)
 
 
 @dataclass
@@ -260,10 +252,6 @@ class Fence:
         progress (given a moment; one still undecided is recorded as refused by the close). Call it
         once the sandbox's processes are dead, so nothing new arrives."""
         self._closed = True
-        if threading.current_thread() is self._loop.thread:
-            # From an event's consumer on the loop itself, which cannot wait for its own work.
-            self._loop.loop.create_task(self._stop())
-            return
         with contextlib.suppress(Exception):
             self._loop.run(self._stop())
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from corral._once import process_wide
 from corral.isolation import _linux
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -728,16 +729,7 @@ def _subscribe() -> socket.socket:
         raise
 
 
-_connector: Connector | None = None
-_connector_lock = threading.Lock()
-
-
-def connector() -> Connector:
-    global _connector
-    with _connector_lock:
-        if _connector is None:
-            _connector = Connector()
-        return _connector
+connector = process_wide(Connector)
 
 
 def started_at(info: ProcInfo) -> datetime:

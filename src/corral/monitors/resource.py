@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral._once import process_wide
 from corral.monitors.gpu import GpuMonitor, GpuProcessUsage
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -169,13 +170,4 @@ class Sampler:
             self._wake.clear()
 
 
-_sampler: Sampler | None = None
-_sampler_lock = threading.Lock()
-
-
-def sampler() -> Sampler:
-    global _sampler
-    with _sampler_lock:
-        if _sampler is None:
-            _sampler = Sampler()
-        return _sampler
+sampler = process_wide(Sampler)

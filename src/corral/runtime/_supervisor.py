@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from corral._once import process_wide
 from corral.isolation import seccomp
 
 
@@ -120,13 +121,4 @@ def _report(what: str, error: BaseException) -> None:
     print(f"corral: supervisor: {what} failed: {error!r}", file=sys.stderr)
 
 
-_instance: Supervisor | None = None
-_instance_lock = threading.Lock()
-
-
-def get() -> Supervisor:
-    global _instance
-    with _instance_lock:
-        if _instance is None:
-            _instance = Supervisor()
-        return _instance
+get = process_wide(Supervisor)

@@ -33,8 +33,9 @@ from corral.events.model import (
 )
 from corral.isolation import cgroups
 from corral.monitors import process as pm
+from corral.monitors import resource as rm
 from corral.monitors.gpu import GpuProcessUsage
-from corral.monitors.resource import CpuMeter, read_stat, sampler, uptime
+from corral.monitors.resource import CpuMeter, read_stat, uptime
 
 _RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
 _EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the connector, ends it
@@ -114,11 +115,11 @@ class Tripwires:
             conn.watch(self.table.init_pid, self.table)
         else:
             self.connector_error = conn.error
-        sampler().watch(self, self._interval, self._sample, self._responder.monitor_failed)
+        rm.sampler().watch(self, self._interval, self._sample, self._responder.monitor_failed)
 
     def close(self) -> None:
         self._closed = True
-        sampler().unwatch(self)
+        rm.sampler().unwatch(self)
         pm.connector().forget(self.table)
 
     # --- observations ----------------------------------------------------------------------------
