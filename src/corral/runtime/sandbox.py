@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import os
 import queue
 import secrets
@@ -132,6 +133,12 @@ def _owner_record(pid: int) -> str:
     """The supervisor process `pid` as "pid start-time": the pid alone may be reused by the time
     someone reads it."""
     return f"{pid} {psutil.Process(pid).create_time()!r}"
+
+
+@functools.cache
+def _own_record(pid: int) -> str:
+    """This supervisor's `_owner_record`, read once (keyed by pid, so a forked child has its own)."""
+    return _owner_record(pid)
 
 
 def _owner_alive(state_dir: str) -> bool | None:
@@ -414,7 +421,7 @@ class Sandbox:
             os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
             mounts.prepare_host(self._state_dir, self.uid, self.uid, plan.hostname)
             # Before the cgroup exists: whoever finds it after this process died knows it is orphaned.
-            Path(f"{self._state_dir}/{_OWNER_FILE}").write_text(_owner_record(os.getpid()))
+            Path(f"{self._state_dir}/{_OWNER_FILE}").write_text(_own_record(os.getpid()))
             step = "cgroup"
             self._cgroup = hierarchy.create(
                 f"{self.id}",
