@@ -8,6 +8,7 @@ Nothing here leaves the test's loopback-only network namespace.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import socket
@@ -114,6 +115,31 @@ def test_pip_installs_from_the_allowed_index_and_nothing_else(tmp_path: Path) ->
             assert any(
                 d.what.startswith("other-index.example.internal") for d in denials(sb, "dns") + denials(sb)
             )
+
+
+def test_a_bulk_transfer_arrives_whole_both_ways_and_is_counted() -> None:
+    # Large enough for the relay's read buffer to grow to its largest and be refilled many times.
+    size = 24 << 20
+    served = os.urandom(size)
+    with http_server(served) as web:
+        up = LocalUpstream({80: web.port})
+        p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            r = sb.exec(
+                f"head -c {size} /dev/urandom > /tmp/up && sha256sum < /tmp/up && "
+                f"curl -sS --noproxy '*' --data-binary @/tmp/up http://{WEB}/ | sha256sum",
+                text=True,
+                timeout=60,
+            )
+            events = connects(sb)
+    assert r.exit_code == 0, show(r)
+    sent, received = (line.split()[0] for line in str(r.stdout).splitlines())
+    assert sent == hashlib.sha256(web.requests[-1].body).hexdigest()
+    assert received == hashlib.sha256(served).hexdigest()
+    [event] = events
+    # Each way: the body plus its HTTP head.
+    assert size < event.bytes_out < size + 1024
+    assert size < event.bytes_in < size + 1024
 
 
 def test_tls_to_an_allowed_name_checks_the_sni(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ A connection's life: look up who opened it (on the host, from the sandbox's sock
 worker thread while the rest goes on), judge the destination before reading anything (so a scan is
 recorded at its first attempt), read the first bytes to learn the protocol and judge that (SNI and
 Host against the name, the rule's protocols, Stratum never), check the rate and byte budgets,
-connect upstream to exactly the address that was checked, relay in the kernel with splice(2), and
-record a `net.connect` event (plus a `deny` event when refused).
+connect upstream to exactly the address that was checked, relay the rest on two threads, and record
+a `net.connect` event (plus a `deny` event when refused).
 
 DNS answers are synthetic: an allowed name gets an address from 198.18.0.0/15 (reserved for
 benchmarking, never routed) that maps back to the name when the program connects to it. The resolver
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import os
 import select
@@ -57,7 +56,11 @@ _SO_ORIGINAL_DST = 80
 _SNIFF_TIMEOUT = 3.0
 _CONNECT_TIMEOUT = 10.0
 _SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
-_BUFFER = 4 << 20  # per direction; the default 64 KiB makes the relay stop and start constantly
+_BUFFER = 4 << 20  # how much a stream may hold while its first bytes are read and judged
+# A relay thread's read buffer starts small (most connections carry little) and doubles each time a
+# read fills it, so a bulk transfer moves up to 4 MiB per wake-up.
+_RELAY_FIRST = 64 << 10
+_RELAY_MOST = 4 << 20
 _DRAIN_TIMEOUT = 2.0  # how long a closing fence waits for decisions in progress
 _CONNECTING_TTL = 10.0  # how long a reported connect waits to be paired with its connection
 _CONNECTING_KEPT = 256  # reports kept per destination
@@ -596,7 +599,7 @@ class Fence:
                 first += extra
                 # Likewise what the server already sent (an SSH banner arrives right after connect).
                 answer = bytes(getattr(up_reader, "_buffer", b""))
-                await self._splice(client_sock, upstream_sock, first, answer, record)
+                await self._relay(client_sock, upstream_sock, first, answer, record)
         except asyncio.CancelledError:
             if "decision" not in record:
                 self._cut_off(record, "the sandbox closed before the connection was decided")
@@ -617,7 +620,7 @@ class Fence:
                 await self._settle_process(record)
                 self.emit(NetConnect(duration=time.monotonic() - started, **record))
 
-    async def _splice(
+    async def _relay(
         self,
         client: Any,
         upstream: Any,
@@ -625,28 +628,27 @@ class Fence:
         answer: bytes,
         record: dict[str, Any],
     ) -> None:
-        """Relay in the kernel: once a connection is decided there is nothing left to look at, and
-        splice(2) moves the bytes socket to pipe to socket without copying them through Python."""
+        """Relay a decided connection on two threads, one per direction, in blocking reads and writes.
+
+        The threads copy, where splice(2) would move pages: measured on 2 cores, copying ran about a
+        third faster. Spliced pages stay referenced until the far reader has copied them, so the
+        sender keeps writing into pages that have left its cache; a copy frees each page at once."""
         loop = asyncio.get_running_loop()
         a, b = os.dup(client.fileno()), os.dup(upstream.fileno())
-        for sock in (client, upstream):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
         done: list[asyncio.Future[int]] = []
-        for src, dst, counter, head in ((a, b, "bytes_out", first), (b, a, "bytes_in", answer)):
+        for src, dst, outbound, head in ((a, b, True, first), (b, a, False, answer)):
             fut: asyncio.Future[int] = loop.create_future()
             done.append(fut)
             threading.Thread(
-                target=self._splice_one,
-                args=(src, dst, counter == "bytes_out", head, loop, fut, record),
+                target=self._relay_one,
+                args=(src, dst, outbound, head, loop, fut, record),
                 name="corral-relay",
                 daemon=True,
             ).start()
         try:
             await asyncio.wait(done)  # not gather: a cancel must not cancel the threads' futures
         except asyncio.CancelledError:
-            # The fence is closing. A close does not wake a thread blocked in splice(2); a shutdown
+            # The fence is closing. A close does not wake a thread blocked in a read; a shutdown
             # does, and the descriptors stay open until the threads are out of their calls.
             for fd in (a, b):
                 with contextlib.suppress(OSError):
@@ -660,7 +662,7 @@ class Fence:
                 os.close(a)
                 os.close(b)
 
-    def _splice_one(
+    def _relay_one(
         self,
         src: int,
         dst: int,
@@ -672,34 +674,26 @@ class Fence:
     ) -> None:
         total = 0
         cut = False
-        r, w = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: move up to 1 MiB per splice, not 64 KiB
         try:
             for fd in (src, dst):
                 os.set_blocking(fd, True)
-            if head:
-                view = memoryview(head)
-                while view:
-                    view = view[os.write(dst, view) :]
-                total += len(head)
-            while True:
-                n = os.splice(src, w, 1 << 20, flags=os.SPLICE_F_MOVE)
-                if n == 0:
-                    break
+            _write_all(dst, head)
+            total += len(head)
+            buf = bytearray(_RELAY_FIRST)
+            view = memoryview(buf)
+            while n := os.readv(src, [buf]):
                 if outbound and not self.bytes_out.take(n):
                     self._over_budget(record)
                     cut = True
                     break
-                while n:
-                    moved = os.splice(r, dst, n, flags=os.SPLICE_F_MOVE)
-                    n -= moved
-                    total += moved
+                _write_all(dst, view[:n])
+                total += n
+                if n == len(buf) and n < _RELAY_MOST:
+                    buf = bytearray(2 * n)
+                    view = memoryview(buf)
         except OSError:
             pass
         finally:
-            os.close(r)
-            os.close(w)
             with contextlib.suppress(OSError):
                 # Normally the other side sees EOF, as it would without corral; a cut connection is
                 # closed both ways, so no answer to the truncated request comes back either.
@@ -852,6 +846,12 @@ class Fence:
                     detail=reason,
                 )
             )
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _shutdown(fd: int, how: int) -> None:
