@@ -3,7 +3,8 @@
 Phase `apply_in_child()` runs in the launcher before privileges are dropped, and returns the sockets
 the supervisor serves (they belong to the sandbox's namespace but are handled on the host side):
 
-- a default route through loopback, so any connect() reaches netfilter instead of failing early;
+- a default route through loopback, so any connect() reaches netfilter instead of failing early,
+  and loopback segments as large as the kernel allows;
 - nftables: every TCP connection to a non-loopback address is redirected to corral's transparent
   listener, every DNS query to corral's resolver; IPv6, other UDP and everything else is dropped
   (TCP over IPv6 refused with a reset, so the program fails at once instead of waiting out its
@@ -95,6 +96,18 @@ def _apply_ruleset(text: str) -> None:
         lib.nft_ctx_free(ctx)
 
 
+def _rtnetlink(msg_type: int, flags: int, body: bytes, what: str) -> bytes:
+    """Send one rtnetlink request and return the first reply; an error reply raises OSError."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x1 | flags, 1, 0) + body)
+        reply = nl.recv(65536)
+    if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == 2:  # NLMSG_ERROR
+        err = struct.unpack_from("=i", reply, 16)[0]
+        if err:
+            raise OSError(-err, f"{what}: {os.strerror(-err)}")
+    return reply
+
+
 def _default_route_via_loopback(family: int = socket.AF_INET) -> None:
     """RTM_NEWROUTE: the default route via lo (with source 127.0.0.1 for IPv4: without one the kernel
     would pick 0.0.0.0, and the proxy's replies to a redirected connection would go nowhere). With a
@@ -104,14 +117,37 @@ def _default_route_via_loopback(family: int = socket.AF_INET) -> None:
     attrs = struct.pack("=HHi", 8, 4, socket.if_nametoindex("lo"))  # RTA_OIF
     if family == socket.AF_INET:
         attrs += struct.pack("=HH4s", 8, 7, socket.inet_aton("127.0.0.1"))  # RTA_PREFSRC
-    body = rtmsg + attrs
-    flags = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST | ACK | CREATE | EXCL
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-        nl.send(struct.pack("=IHHII", 16 + len(body), 24, flags, 1, 0) + body)  # RTM_NEWROUTE
-        reply = nl.recv(4096)
-    err = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else 0
-    if err:
-        raise OSError(-err, f"adding the default route: {os.strerror(-err)}")
+    # RTM_NEWROUTE with ACK | CREATE | EXCL
+    _rtnetlink(24, 0x4 | 0x400 | 0x200, rtmsg + attrs, "adding the default route")
+
+
+def _large_loopback_segments() -> None:
+    """Let TCP on lo build segments as large as lo takes (512 KiB where the kernel has BIG TCP, not
+    64 KiB): every byte a sandbox exchanges with the fence crosses lo, and fewer, larger packets
+    cost less to send, to pass through netfilter and to receive. Measured on 2 cores, the proxy's
+    throughput rose by about a fifth. Only a speed-up: a kernel without it keeps the defaults."""
+    index = socket.if_nametoindex("lo")
+    ifinfo = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0)
+    reply = _rtnetlink(18, 0, ifinfo, "reading lo")  # RTM_GETLINK
+    largest = _attribute_u32(reply[32:], 59)  # IFLA_TSO_MAX_SIZE
+    if largest is None or largest <= 65536:
+        return
+    # IFLA_GSO_MAX_SIZE (IPv6) and IFLA_GSO_IPV4_MAX_SIZE; a kernel that does not know the latter
+    # ignores it.
+    attrs = b"".join(struct.pack("=HHI", 8, kind, largest) for kind in (41, 63))
+    _rtnetlink(19, 0x4, ifinfo + attrs, "raising lo's segment size")  # RTM_SETLINK with ACK
+
+
+def _attribute_u32(attrs: bytes, kind: int) -> int | None:
+    off = 0
+    while off + 4 <= len(attrs):
+        length, found = struct.unpack_from("=HH", attrs, off)
+        if length < 4:
+            break
+        if found & 0x3FFF == kind and length >= 8:
+            return int(struct.unpack_from("=I", attrs, off + 4)[0])
+        off += (length + 3) & ~3
+    return None
 
 
 def _nflog_socket() -> socket.socket:
@@ -168,6 +204,7 @@ def apply_in_child(proc: int) -> FenceSockets:
     /proc/self/net does not exist: a path lookup then failed now and again, and the sandbox started
     without its IPv6 route, its IPv6 attempts failing unrecorded."""
     _default_route_via_loopback(socket.AF_INET)
+    _large_loopback_segments()
     if _loopback_ipv6_ready(proc):
         _default_route_via_loopback(socket.AF_INET6)
     _apply_ruleset(RULESET)
