@@ -8,6 +8,7 @@ Nothing here leaves the test's loopback-only network namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from corral import Deny, ExecResult, Policy, Sandbox
-from corral.egress import netns, service
+from corral.egress import netns, service, sockdiag
 from corral.egress.rules import IPAddress
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
@@ -536,3 +537,43 @@ def test_every_dns_query_is_recorded_with_the_process_that_asked() -> None:
     assert all(q.process is not None and q.process.exe == "/usr/bin/getent" for q in queries), [
         q.process for q in queries
     ]
+
+
+def test_the_socket_table_finds_tcp_and_udp_sockets_by_their_addresses() -> None:
+    with contextlib.ExitStack() as stack:
+        table = sockdiag.SocketTable(stack.enter_context(sockdiag.open_socket()))
+        listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        client = stack.enter_context(socket.create_connection(listener.getsockname()))
+        server = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        server.bind(("127.0.0.1", 0))
+        # A query sent elsewhere and redirected to the resolver: only its own port is known.
+        asker = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        asker.connect(("127.0.0.2", 53))
+        sender = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sender.sendto(b"?", server.getsockname())
+
+        def inode(s: socket.socket) -> int:
+            return os.fstat(s.fileno()).st_ino
+
+        assert table.tcp_inode(client.getsockname(), listener.getsockname()) == inode(client)
+        assert table.tcp_inode(listener.getsockname(), ("0.0.0.0", 0)) == inode(listener)
+        assert table.udp_inode(asker.getsockname()[1]) == inode(asker)
+        assert table.udp_inode(sender.getsockname()[1]) == inode(sender)
+        # The wrong far end, or no socket at all, is nobody's.
+        assert table.tcp_inode(client.getsockname(), ("127.0.0.1", 1)) is None
+        free = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        assert table.udp_inode(port) is None
+
+
+def test_the_fence_checks_that_it_can_attribute_connections_before_a_sandbox_starts() -> None:
+    # The check runs in the launcher; here it is given a socket the TCP table can't hold, as a
+    # kernel without a working sock_diag would answer for any.
+    with sockdiag.open_socket() as diag, socket.create_server(("127.0.0.1", 0)) as listener:
+        netns.check_attribution(diag, listener)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            with pytest.raises(OSError, match="sock_diag can't find"):
+                netns.check_attribution(diag, udp)

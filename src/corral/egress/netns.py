@@ -11,7 +11,8 @@ the supervisor serves (they belong to the sandbox's namespace but are handled on
   timeout), and each drop is logged to an NFLOG group the supervisor reads (rate-limited, so a
   flood costs the supervisor nothing);
 - listeners on loopback: transparent proxy, explicit HTTP proxy (for programs that honour
-  HTTP(S)_PROXY) and DNS.
+  HTTP(S)_PROXY) and DNS;
+- a sock_diag socket, through which the supervisor learns which socket a connection came from.
 
 There is no interface between this namespace and the host's: the only way out is a socket the
 supervisor accepted, so a host that forwards packets has nothing of the sandbox's to forward, and if
@@ -29,6 +30,8 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from corral.egress import sockdiag
 
 TRANSPARENT_PORT = 15001
 PROXY_PORT = 3128
@@ -62,9 +65,10 @@ class FenceSockets:
     proxy: socket.socket
     dns: socket.socket
     nflog: socket.socket
+    diag: socket.socket  # sock_diag, to find which socket a connection or query came from
 
     def fds(self) -> list[int]:
-        return [self.transparent.fileno(), self.proxy.fileno(), self.dns.fileno(), self.nflog.fileno()]
+        return [s.fileno() for s in (self.transparent, self.proxy, self.dns, self.nflog, self.diag)]
 
 
 @functools.cache
@@ -214,7 +218,17 @@ def apply_in_child(proc: int) -> FenceSockets:
     dns.bind(("127.0.0.1", DNS_PORT))
     for s in (transparent, proxy, dns):
         s.setblocking(False)
-    return FenceSockets(transparent, proxy, dns, _nflog_socket())
+    diag = sockdiag.open_socket()
+    check_attribution(diag, transparent)
+    return FenceSockets(transparent, proxy, dns, _nflog_socket(), diag)
+
+
+def check_attribution(diag: socket.socket, listener: socket.socket) -> None:
+    """Connections are attributed through sock_diag: a kernel where it can't find `listener` would
+    leave every connection unattributed, and such a sandbox must not start."""
+    found = sockdiag.SocketTable(diag).tcp_inode(listener.getsockname(), ("0.0.0.0", 0))
+    if found != os.fstat(listener.fileno()).st_ino:
+        raise OSError(0, "sock_diag can't find the fence's own listener; connections would go unattributed")
 
 
 @dataclass(frozen=True)

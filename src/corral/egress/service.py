@@ -23,6 +23,7 @@ resolver and connects directly.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import os
@@ -44,7 +45,7 @@ import dns.rdatatype
 import dns.rrset
 
 from corral._once import process_wide
-from corral.egress import netns, sniff
+from corral.egress import netns, sniff, sockdiag
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
 
@@ -134,6 +135,7 @@ class _Attempt:
             self._fence._deciding -= 1
 
 
+_Ends = tuple[tuple[str, int], tuple[str, int]]
 _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Attempt], Awaitable[None]]
 
 
@@ -165,7 +167,7 @@ class Fence:
         policy: Policy,
         fds: list[int],
         emit: Callable[[Event], None],
-        find_process: Callable[[str, int], ProcessRef | None],
+        find_process: Callable[[int], ProcessRef | None],
         current_exec: Callable[[], int | None],
         upstream: Upstream | None = None,
     ) -> None:
@@ -176,6 +178,7 @@ class Fence:
         self.current_exec = current_exec
         self.upstream = upstream or SystemUpstream()
         self.sockets = [socket.socket(fileno=fd) for fd in fds]
+        self._table = sockdiag.SocketTable(self.sockets[4])
         self.names: dict[str, IPAddress] = {}
         self.addresses: dict[IPAddress, str] = {}
         self.connections = _Budget(self.rules.limits.connections_per_minute)
@@ -192,9 +195,10 @@ class Fence:
         # Not waited for: until the loop gets to it, connections wait in the listeners' backlog and
         # queries in the socket buffer, exactly as they would while the proxy is busy.
         self._started = asyncio.run_coroutine_threadsafe(self._start(), self._loop.loop)
+        self._started.add_done_callback(_report_failure)
 
     async def _start(self) -> None:
-        resolver, nflog = self.sockets[2:]
+        resolver, nflog = self.sockets[2:4]
         loop = asyncio.get_running_loop()
         for listener, handler in self._listeners():
             listener.setblocking(False)
@@ -395,7 +399,8 @@ class Fence:
         exec_id: int | None,
     ) -> None:
         try:
-            process = self.find_process("udp", peer[1])
+            inode = self._table.udp_inode(peer[1])
+            process = None if inode is None else self.find_process(inode)
         finally:
             with contextlib.suppress(OSError):
                 sock.sendto(wire, peer)
@@ -459,14 +464,14 @@ class Fence:
             return
         port = struct.unpack_from(">H", raw, 2)[0]
         dest = ipaddress.ip_address(raw[4:8])
-        # A client that connected and reset at once (a connect scan) has no peer name left by now.
-        peer = writer.get_extra_info("peername") or ("", 0)
-        await self._serve(reader, writer, attempt, dest, port, None, "transparent", peer[1], b"")
+        # The client's socket is connected to the address it asked for, not to this listener.
+        ends = _ends(writer, (str(dest), port))
+        await self._serve(reader, writer, attempt, dest, port, None, "transparent", ends, b"")
 
     async def _explicit(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, attempt: _Attempt
     ) -> None:
-        peer = writer.get_extra_info("peername") or ("", 0)
+        ends = _ends(writer, writer.get_extra_info("sockname"))
         buf = b""
         try:
             while (parsed := sniff.parse_connect(buf)) is None:
@@ -490,7 +495,7 @@ class Fence:
             name = None
         except ValueError:
             dest, name = self._synthetic(host.lower()), host.lower()
-        await self._serve(reader, writer, attempt, dest, port, name, "proxy", peer[1], first, reply)
+        await self._serve(reader, writer, attempt, dest, port, name, "proxy", ends, first, reply)
 
     async def _serve(
         self,
@@ -501,13 +506,13 @@ class Fence:
         port: int,
         name: str | None,
         via: str,
-        client_port: int,
+        ends: _Ends | None,
         first: bytes,
         connect_reply: bytes = b"",
     ) -> None:
         started = time.monotonic()
         # Who connected is looked up in a worker thread while the decision and dial go on.
-        process = asyncio.get_running_loop().run_in_executor(None, self.find_process, "tcp", client_port)
+        process = asyncio.get_running_loop().run_in_executor(None, self._tcp_owner, ends)
         exec_id = self.current_exec()
         name = name or self.addresses.get(dest)
         record: dict[str, Any] = {
@@ -700,6 +705,10 @@ class Fence:
                 _shutdown(dst, socket.SHUT_RDWR if cut else socket.SHUT_WR)
             loop.call_soon_threadsafe(fut.set_result, total)
 
+    def _tcp_owner(self, ends: _Ends | None) -> ProcessRef | None:
+        inode = None if ends is None else self._table.tcp_inode(*ends)
+        return None if inode is None else self.find_process(inode)
+
     async def _sniff(self, reader: asyncio.StreamReader, data: bytes) -> tuple[sniff.Sniffed, bytes]:
         deadline = time.monotonic() + _SNIFF_TIMEOUT
         seen = sniff.sniff_client(data) if data else sniff.Sniffed("unknown", complete=False)
@@ -848,6 +857,14 @@ class Fence:
             )
 
 
+def _ends(writer: asyncio.StreamWriter, remote: tuple[str, int]) -> _Ends | None:
+    """A client socket's own address and the address it connected to, which identify it in the
+    sandbox's socket table; None for a client that reset at once (a connect scan), whose peer name is
+    gone by now."""
+    peer = writer.get_extra_info("peername")
+    return None if peer is None else ((peer[0], peer[1]), (remote[0], remote[1]))
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -876,6 +893,11 @@ def _origin_form(request: bytes) -> bytes:
     hop = (b"connection:", b"proxy-connection:", b"keep-alive:")
     kept = [h for h in headers if not h.lower().startswith(hop)]
     return b"\r\n".join([line, *kept, b"Connection: close"]) + sep + body
+
+
+def _report_failure(done: concurrent.futures.Future[None]) -> None:
+    if not done.cancelled() and (error := done.exception()) is not None:
+        report(error)  # a bug: the sandbox is left with no network, and says why
 
 
 def report(error: BaseException) -> None:

@@ -55,7 +55,7 @@ class Launched:
     pidfd: int
     control: socket.socket
     notify_fd: int | None
-    fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG (see egress.netns)
+    fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG, sock_diag (egress.netns)
 
 
 class LaunchError(Exception):

@@ -744,23 +744,10 @@ class Sandbox:
         with self._events_lock:
             return list(self._events)
 
-    def _find_process(self, proto: str, local_port: int) -> ProcessRef | None:
-        """Who owns the sandbox socket bound to `local_port`: its inode from the sandbox's
-        /proc/net table, then the process holding that inode, all read on the host."""
-        if self._launched is None or self._cgroup is None:
-            return None
-        inode = None
-        try:
-            with open(f"/proc/{self._launched.init_pid}/net/{proto}") as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == local_port:
-                        inode = fields[9]
-                        break
-        except (OSError, StopIteration, ValueError, IndexError):
-            return None
-        if inode is None or inode == "0":
+    def _find_process(self, inode: int) -> ProcessRef | None:
+        """Which of the sandbox's processes holds the socket with this inode (the fence finds the
+        inode), read on the host."""
+        if self._cgroup is None:
             return None
         target = f"socket:[{inode}]"
         try:
