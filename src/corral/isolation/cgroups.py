@@ -5,9 +5,9 @@ memory, pids and cpu controllers, otherwise v1 when each of those has a v1 hiera
 where systemd mounts v2 with few or no controllers, are common), otherwise HostError.
 
 Phases: `Hierarchy.create(name, ...)` on the host before the sandbox starts (limits in place before
-any agent code runs); the child joins with `SandboxCgroup.join_files` before unshare(CLONE_NEWCGROUP)
-so the sandbox's cgroup namespace is rooted at its own cgroup; `SandboxCgroup.remove()` after the last
-process is gone.
+any agent code runs); the launcher moves the sandbox's init in through `SandboxCgroup.join_files`
+before init unshares its cgroup namespace, so that namespace is rooted at the sandbox's own cgroup;
+`SandboxCgroup.remove()` after the last process is gone.
 
 Sandboxes are created under the supervisor's own cgroup (`<own>/corral/<id>`), so whatever budget the
 supervisor itself runs under also bounds its sandboxes.

@@ -248,18 +248,30 @@ def _child_a(
     rules: list[seccomp.Rule],
 ) -> NoReturn:
     gc.freeze()  # keep the collector off the pages shared with the supervisor (copy-on-write)
-    step = "cgroup"
+    step = "namespaces"
     try:
-        for path in join_files:
-            with open(path, "w") as f:
-                f.write(str(os.getpid()))
-        step = "namespaces"
-        L.unshare(plan.namespaces)
-        # Before init exists: once it pivots into the sandbox's root, "/proc" here is no longer the host's.
+        # The cgroup namespace comes later, from init, once it is in its own cgroup (its root).
+        L.unshare(plan.namespaces & ~L.CLONE_NEWCGROUP)
+        # Before init exists: once it pivots into the sandbox's root (in the mount namespace this
+        # process shares), the host's "/proc" and cgroup files are out of reach by path.
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        step = "cgroup"
+        joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in join_files]
+        step = "namespaces"
+        joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            _child_b(plan, sock, state_dir, landlock_abi, notify, rules)
+            os.close(joined_w)
+            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r)
+        os.close(joined_r)
+        # Moving a process into a cgroup waits for an RCU grace period (about 5 ms on a small VM, a
+        # fifth of a cold start), so it is done here while init builds the sandbox's root; init goes
+        # no further than that until it is in (see `_child_b`).
+        step = "cgroup"
+        for fd in joins:
+            os.write(fd, str(pid).encode())
+            os.close(fd)
+        os.write(joined_w, b"j")
         # The network fence is set up here, in the short-lived intermediate child, while init
         # builds the mounts: libnftables' allocations then die with this process instead of
         # staying in every idle sandbox's init.
@@ -279,15 +291,25 @@ def _child_b(
     landlock_abi: int,
     notify: bool,
     rules: list[seccomp.Rule],
+    joined: int,
 ) -> NoReturn:
     step = "fds"
     try:
         # Nothing the supervisor holds (other sandboxes' sockets, files) may reach this sandbox.
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 20)
+        low, high = sorted((sock.fileno(), joined))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
         step = "mounts"
         mounts.apply_in_child(plan, state_dir)
+        step = "cgroup"
+        # Until the intermediate child has moved it into the sandbox's cgroups (no limits apply
+        # before); its exit without a word means it failed, and said why.
+        if os.read(joined, 1) != b"j":
+            os._exit(SETUP_FAILED)
+        os.close(joined)
+        if plan.namespaces & L.CLONE_NEWCGROUP:
+            L.unshare(L.CLONE_NEWCGROUP)  # rooted at the sandbox's own cgroup
         step = "cmdline"
         L.set_cmdline("corral-init")
         step = "hostname"
