@@ -6,6 +6,8 @@ mechanisms one at a time: what is seen, when, and what each response does to the
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -416,3 +418,25 @@ def test_the_cli_prints_the_verdict_and_exits_124_when_a_tripwire_stopped_the_sa
     assert r.returncode == 124, r.stderr
     assert "corral: verdict:" in r.stderr and "sandbox terminated" in r.stderr
     assert "reverse_shell: reverse shell command line -> terminate" in r.stderr
+
+
+def test_a_process_with_a_pending_sigkill_counts_as_killed() -> None:
+    # A frozen (cgroup v1 freezer) process keeps a SIGKILL pending until thawed: the window in which
+    # a killed command's process, not yet run to die, looked like a leftover.
+    freezer = Path(f"/sys/fs/cgroup/freezer/corral-test-{os.getpid()}")
+    freezer.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (freezer / "cgroup.procs").write_text(str(sleeper.pid))
+        assert not pm.killed(sleeper.pid)
+        (freezer / "freezer.state").write_text("FROZEN")
+        assert wait_until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
+        os.kill(sleeper.pid, signal.SIGKILL)
+        time.sleep(0.1)
+        assert sleeper.poll() is None  # still there, frozen
+        assert pm.killed(sleeper.pid)
+    finally:
+        (freezer / "freezer.state").write_text("THAWED")
+        sleeper.kill()
+        sleeper.wait()
+        freezer.rmdir()

@@ -252,6 +252,22 @@ def status_ids(pid: int) -> tuple[int | None, int | None]:
         return None, None
 
 
+def killed(pid: int) -> bool:
+    """Whether a SIGKILL is pending for the process: it is dying, though it may not yet have run
+    to act on it (its own or its thread group's pending signals, from /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    sigkill = 1 << (9 - 1)
+    for key in (b"\nSigPnd:", b"\nShdPnd:"):
+        at = data.find(key)
+        if at >= 0 and int(data[at + len(key) :].split(None, 1)[0], 16) & sigkill:
+            return True
+    return False
+
+
 def _read_string(mem: int, addr: int, limit: int = 4096) -> bytes:
     out = b""
     while len(out) < limit:

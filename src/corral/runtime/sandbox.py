@@ -259,11 +259,13 @@ class Output:
 
 
 def _live_processes(pids: list[int]) -> list[ProcessRef]:
-    """ProcessRefs of those pids that are still running (not exited, not a zombie awaiting init)."""
+    """ProcessRefs of those pids that are still running: not exited, not a zombie awaiting init, and
+    not killed (a command killed at its timeout takes its process group with it, and under load some
+    of it may not yet have run to die)."""
     refs = []
     for pid in pids:
         try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or process_monitor.killed(pid):
                 continue
         except psutil.NoSuchProcess:
             continue
