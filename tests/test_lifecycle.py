@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
@@ -135,26 +137,46 @@ def test_async_sandboxes_run_concurrently() -> None:
     assert asyncio.run(main()) < 0.95
 
 
-def test_sandbox_starts_even_if_init_is_ready_before_its_pid_is_reported(
+def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Two processes report on the setup socket: the intermediate child sends init's pid after forking
-    # it, and init sends "ready" when its setup is done. On a busy host the intermediate child can be
-    # descheduled right after fork, so "ready" may come first. A pause stands in for that.
+    # Two processes report on the setup socket: the intermediate child sends init's pid (and the
+    # fence's sockets) once it has moved init into its cgroups, and init sends "ready" when its setup
+    # is done. Either may come first. The zygote is another process, so a stand-in answers here, in
+    # the order that is otherwise rare.
     from corral.isolation import launcher
+    from corral.isolation import plan as planning
 
-    original_send = launcher.send
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stand_in = Popen(["sleep", "30"])  # a real process for the reported pid
 
-    def slow_pid_report(sock: object, msg: dict[str, object], fds: list[int] | None = None) -> None:
-        if msg.get("op") == "pid":
-            time.sleep(0.5)
-        original_send(sock, msg, fds)  # type: ignore[arg-type]
+    def zygote() -> None:
+        msg, fds = launcher.recv(theirs)
+        assert msg is not None and msg["op"] == "launch"
+        with socket.socket(fileno=fds[0]) as child, socket.socket() as fence:
+            launcher.send(child, {"op": "ready"})
+            time.sleep(0.2)
+            launcher.send(child, {"op": "pid", "pid": stand_in.pid}, [fence.fileno()])
 
-    monkeypatch.setattr(launcher, "send", slow_pid_report)
-    with Sandbox(offline(), keep_workspace=False) as sb:
-        r = sb.exec("echo started", text=True)
-        assert r.stdout == "started\n", show(r)
-        sb.close(wait=True)
+    monkeypatch.setattr(launcher, "_get_zygote", lambda: types.SimpleNamespace(sock=ours))
+    answering = threading.Thread(target=zygote)
+    answering.start()
+    try:
+        plan = planning.build(offline(), uid=65534, gid=65534, sandbox_id="reorder")
+        launched = launcher.launch(
+            plan, join_files=[], state_dir="/nonexistent", landlock_abi=0, notify=False
+        )
+        assert launched.init_pid == stand_in.pid
+        assert launched.notify_fd is None and len(launched.fence_fds) == 1
+        os.close(launched.pidfd)
+        os.close(launched.fence_fds[0])
+        launched.control.close()
+    finally:
+        answering.join()
+        stand_in.kill()
+        stand_in.wait()
+        ours.close()
+        theirs.close()
 
 
 # --- leftover processes ------------------------------------------------------------------------
