@@ -26,7 +26,7 @@ import pytest
 
 import corral
 from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox
-from corral.events import parse_event
+from corral.events import NetConnect, parse_event
 from helpers import wait_until
 
 pytestmark = pytest.mark.root
@@ -177,6 +177,78 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
         stand_in.wait()
         ours.close()
         theirs.close()
+
+
+# --- network namespaces made ahead --------------------------------------------------------------
+
+
+@pytest.fixture
+def networks_ahead() -> Iterator[Callable[[int], None]]:
+    """Restart corral's zygote keeping `n` fenced network namespaces made ahead; afterwards, the
+    default again."""
+    from corral.isolation import launcher
+
+    default = launcher.NETWORKS_AHEAD
+
+    def restart(n: int) -> None:
+        launcher._stop_zygote()
+        launcher.NETWORKS_AHEAD = n
+
+    yield restart
+    launcher._stop_zygote()
+    launcher.NETWORKS_AHEAD = default
+    launcher._get_zygote()  # started now: its socket is not the next test's leak
+
+
+_FENCE_CHECK = """
+import socket
+print(socket.gethostbyname("allowed.example.internal"))
+socket.create_connection(("10.1.2.3", 22), timeout=5).recv(1)
+"""
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_a_sandbox_is_fenced_whether_its_network_was_made_ahead_or_at_its_start(
+    ahead: int, networks_ahead: Callable[[int], None]
+) -> None:
+    networks_ahead(ahead)
+    policy = Policy.from_dict(
+        {
+            "version": 1,
+            "network": {
+                "egress": [{"host": "allowed.example.internal", "ports": [80]}],
+                "hosts": {"allowed.example.internal": "192.0.2.7"},
+            },
+            "tripwires": {"enabled": False},
+        }
+    )
+    made_ahead = []
+    for _ in range(3):
+        with Sandbox(policy, keep_workspace=False) as sb:
+            assert sb._launched is not None
+            made_ahead.append(sb._launched.network_made_ahead)
+            r = sb.exec(["python3", "-c", _FENCE_CHECK], text=True)
+            assert r.exit_code == 0, show(r)
+            assert r.stdout.startswith("198.18."), show(r)  # corral's resolver answered
+            [refused] = [e for e in sb.events() if isinstance(e, NetConnect)]
+            assert (refused.destination, refused.decision) == ("10.1.2.3", "deny")
+            assert refused.process is not None and refused.process.cmdline[:2] == ["python3", "-c"]
+        time.sleep(0.3)  # time to make the next one ahead
+    if ahead == 0:
+        assert made_ahead == [False, False, False]  # each made its own
+    else:
+        assert made_ahead[1:] == [True, True]  # the first may have come before any was ready
+
+
+def test_no_two_sandboxes_share_a_network_namespace(networks_ahead: Callable[[int], None]) -> None:
+    networks_ahead(2)
+    with contextlib.ExitStack() as stack:
+        sandboxes = []
+        for _ in range(4):  # more than are kept ahead
+            sandboxes.append(stack.enter_context(Sandbox(offline(), keep_workspace=False)))
+        namespaces = {os.stat(f"/proc/{sb._launched.init_pid}/ns/net").st_ino for sb in sandboxes}  # type: ignore[union-attr]
+        assert len(namespaces) == 4
+        assert os.stat("/proc/self/ns/net").st_ino not in namespaces
 
 
 # --- leftover processes ------------------------------------------------------------------------

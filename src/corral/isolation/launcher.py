@@ -47,6 +47,9 @@ from corral.isolation import landlock, mounts, seccomp
 from corral.isolation.plan import Plan
 
 MAX_MESSAGE = 1 << 20
+# Fenced network namespaces the zygote keeps made ahead of demand (see `_Networks`); read when the
+# zygote starts.
+NETWORKS_AHEAD = 2
 SETUP_FAILED = 125
 
 
@@ -57,6 +60,7 @@ class Launched:
     control: socket.socket
     notify_fd: int | None
     fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG, sock_diag (egress.netns)
+    network_made_ahead: bool = False  # joined a fenced network namespace the zygote had ready
 
 
 class LaunchError(Exception):
@@ -98,7 +102,11 @@ class _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "corral.isolation.launcher", str(theirs.fileno())],
+            [
+                sys.executable,
+                *("-I", "-m", "corral.isolation.launcher"),
+                *(str(theirs.fileno()), str(NETWORKS_AHEAD)),
+            ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env={"PATH": "/usr/bin:/bin"},
@@ -162,6 +170,7 @@ def launch(
         init_pid: int | None = None
         notify_fd: int | None = None
         fence_fds: list[int] = []
+        made_ahead = False
         ready = False
         # "pid" comes from the intermediate child and "ready" from init: either may arrive first.
         while init_pid is None or not ready:
@@ -178,18 +187,19 @@ def launch(
             if msg["op"] == "pid":
                 init_pid = msg["pid"]
                 fence_fds = fds
+                made_ahead = bool(msg.get("ahead"))
             elif msg["op"] == "ready":
                 ready = True
                 notify_fd = fds[0] if fds else None
         parent_sock.settimeout(None)
-        return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd, fence_fds)
+        return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd, fence_fds, made_ahead)
     except BaseException:
         parent_sock.close()
         child_sock.close()
         raise
 
 
-def _zygote_main(fd: int) -> NoReturn:
+def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
     sock = socket.socket(fileno=fd)
     # Each sandbox's init is orphaned when its parent (A) exits. As a subreaper the zygote inherits
     # and reaps them, instead of relying on the host's PID 1 to (a container's PID 1 often doesn't).
@@ -202,24 +212,114 @@ def _zygote_main(fd: int) -> NoReturn:
     importlib.import_module("resource")
     rules = seccomp.default_rules()
     gc.freeze()
+    networks = _Networks(networks_ahead, sock)
+    networks.refill()
     while True:
+        readable, _, _ = select.select([sock, *networks.making], [], [])
+        for helper in readable:
+            if helper is not sock:
+                networks.collect(helper)
+        if sock not in readable:
+            continue
         msg, fds = recv(sock)
         if msg is None:
             os._exit(0)  # the supervisor is gone
         child = socket.socket(fileno=fds[0])
+        network = None
         try:
             plan = Plan.from_dict(msg["plan"])
+            network = networks.take() if plan.namespaces & L.CLONE_NEWNET else None
             pid = os.fork()
         except BaseException as e:
+            _close_all(network or [])
             send(child, {"op": "error", "step": "fork", "error": str(e)})
             child.close()
             continue
         if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
             sock.close()
             _child_a(
-                plan, child, msg["join_files"], msg["state_dir"], msg["landlock_abi"], msg["notify"], rules
+                plan,
+                child,
+                msg["join_files"],
+                msg["state_dir"],
+                msg["landlock_abi"],
+                msg["notify"],
+                rules,
+                network,
             )
+        _close_all(network or [])  # the sandbox has them now
         child.close()
+        networks.refill()
+
+
+class _Networks:
+    """Fenced network namespaces made ahead of demand, so that a sandbox's start does not pay for
+    making its namespace and fence (about 4 ms of CPU on a 2-vCPU VM, in the middle of the start).
+
+    Each is made by a short-lived child of the zygote and kept as descriptors: the namespace and the
+    fence's sockets. Nothing has run in one before its sandbox, and none is used twice. Should making
+    one fail, the zygote stops making them, and each sandbox then makes its own, where the failure
+    is reported (and its start refused) like any other.
+    """
+
+    def __init__(self, ahead: int, supervisor: socket.socket) -> None:
+        self.ahead = ahead
+        self._supervisor = supervisor
+        self._ready: list[list[int]] = []  # [namespace, *fence sockets]
+        self.making: list[socket.socket] = []
+
+    def take(self) -> list[int] | None:
+        return self._ready.pop(0) if self._ready else None
+
+    def refill(self) -> None:
+        while len(self._ready) + len(self.making) < self.ahead:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = os.fork()
+            except OSError:
+                ours.close()
+                theirs.close()
+                self.ahead = 0
+                return
+            if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
+                self._supervisor.close()
+                ours.close()
+                _make_network(theirs)
+            theirs.close()
+            self.making.append(ours)
+
+    def collect(self, helper: socket.socket) -> None:
+        self.making.remove(helper)
+        msg, fds = recv(helper)
+        helper.close()
+        if msg is not None and msg["op"] == "network":
+            self._ready.append(fds)
+            return
+        _close_all(fds)
+        self.ahead = 0
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _make_network(sock: socket.socket) -> NoReturn:
+    step = "network fence"
+    try:
+        L.unshare(L.CLONE_NEWNET)
+        fence = _fence_here(os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        namespace = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        send(sock, {"op": "network"}, [namespace, *fence.fds()])
+    except BaseException as e:
+        _fail(sock, step, e)
+    os._exit(0)
+
+
+def _fence_here(proc: int) -> netns.FenceSockets:
+    """Raise lo and set up the fence in this process's (new) network namespace."""
+    _loopback_up()
+    return netns.apply_in_child(proc)
 
 
 def _reap_all(_signum: int, _frame: object) -> None:
@@ -250,12 +350,19 @@ def _child_a(
     landlock_abi: int,
     notify: bool,
     rules: list[seccomp.Rule],
+    network: list[int] | None,
 ) -> NoReturn:
     gc.freeze()  # keep the collector off the pages shared with the supervisor (copy-on-write)
     step = "namespaces"
     try:
-        # The cgroup namespace comes later, from init, once it is in its own cgroup (its root).
-        L.unshare(plan.namespaces & ~L.CLONE_NEWCGROUP)
+        # The cgroup namespace comes later, from init, once it is in its own cgroup (its root). A
+        # network made ahead is joined; without one, this child makes the sandbox's own below.
+        flags = plan.namespaces & ~L.CLONE_NEWCGROUP
+        if network is not None:
+            flags &= ~L.CLONE_NEWNET
+        L.unshare(flags)
+        if network is not None:
+            L.setns(network[0], L.CLONE_NEWNET)
         # Before init exists: once it pivots into the sandbox's root (in the mount namespace this
         # process shares), the host's "/proc" and cgroup files are out of reach by path.
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -276,13 +383,16 @@ def _child_a(
             os.write(fd, str(pid).encode())
             os.close(fd)
         os.write(joined_w, b"j")
-        # The network fence is set up here, in the short-lived intermediate child, while init
-        # builds the mounts: libnftables' allocations then die with this process instead of
-        # staying in every idle sandbox's init.
+        # Without a network made ahead, the fence is set up here, in the short-lived intermediate
+        # child, while init builds the mounts: libnftables' allocations then die with this process
+        # instead of staying in every idle sandbox's init.
         step = "network fence"
-        _loopback_up()
-        fence = netns.apply_in_child(proc)
-        send(sock, {"op": "pid", "pid": pid}, fence.fds())
+        if network is None:
+            made = _fence_here(proc)  # referenced until sent: its sockets close with it
+            fence = made.fds()
+        else:
+            fence = network[1:]
+        send(sock, {"op": "pid", "pid": pid, "ahead": network is not None}, fence)
     except BaseException as e:
         _fail(sock, step, e)
     os._exit(0)
@@ -491,4 +601,4 @@ def _reap(sock: socket.socket, running: dict[int, int]) -> None:
 
 
 if __name__ == "__main__":
-    _zygote_main(int(sys.argv[1]))
+    _zygote_main(int(sys.argv[1]), int(sys.argv[2]))
