@@ -4,7 +4,7 @@ For each sandbox (`Fence`) it serves the sockets created in the sandbox's networ
 was built (see `netns`): the transparent listener that every outgoing TCP connection is redirected
 to, the explicit HTTP proxy, the DNS resolver, and the NFLOG socket reporting dropped packets.
 
-A connection's life: look up who opened it (on the host, from the sandbox's socket table, in a
+A connection's life: look up who opened it (on the host, its socket through sock_diag, in a
 worker thread while the rest goes on), judge the destination before reading anything (so a scan is
 recorded at its first attempt), read the first bytes to learn the protocol and judge that (SNI and
 Host against the name, the rule's protocols, Stratum never), check the rate and byte budgets,
@@ -376,9 +376,9 @@ class Fence:
                         dns.rrset.from_text(q.name, 5, dns.rdataclass.IN, dns.rdatatype.A, addr)
                     )
                 seen.append((name, dns.rdatatype.to_text(q.rdtype), allowed, answer))
-            # Who asked is found (a /proc walk, in a worker thread) before the answer goes out, while
-            # the asker still waits with its socket open: answered first, most queries had exited
-            # by the time of the walk and went unattributed.
+            # Who asked is found (its socket, then the process holding it, in a worker thread) before
+            # the answer goes out, while the asker still waits with its socket open: answered first,
+            # most queries had exited by the time of the lookup and went unattributed.
             self._deciding += 1
             record = asyncio.get_running_loop().run_in_executor(
                 None, self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
@@ -859,7 +859,7 @@ class Fence:
 
 def _ends(writer: asyncio.StreamWriter, remote: tuple[str, int]) -> _Ends | None:
     """A client socket's own address and the address it connected to, which identify it in the
-    sandbox's socket table; None for a client that reset at once (a connect scan), whose peer name is
+    sandbox's namespace; None for a client that reset at once (a connect scan), whose peer name is
     gone by now."""
     peer = writer.get_extra_info("peername")
     return None if peer is None else ((peer[0], peer[1]), (remote[0], remote[1]))
