@@ -23,6 +23,7 @@ from corral import __version__
 from corral._errors import CorralError, PolicyError
 from corral.detect import rules as detect_rules
 from corral.events import Alert, Deny, event_json_schema
+from corral.isolation import launcher
 from corral.isolation import plan as planning
 from corral.policy import Policy
 from corral.runtime.sandbox import ExecResult, Sandbox, rule_files, tripwire_ruleset
@@ -103,11 +104,17 @@ def _verdict(alerts: list[Alert], stopped: str | None) -> None:
 _SEVERITY = ("critical", "high", "medium", "low", "info")
 
 
+def _one_sandbox() -> None:
+    """This process starts one sandbox: no network namespace is worth making ahead for a next."""
+    launcher.NETWORKS_AHEAD = 0
+
+
 def _run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         return _fail("run: no command given; use: corral run --policy FILE -- CMD [ARG...]")
     policy = Policy.load(args.policy)
+    _one_sandbox()
     with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
         run = sb.stream(argv, timeout=args.timeout, stdio=(0, 1, 2))
         for _ in run:
@@ -129,6 +136,7 @@ def _shell(args: argparse.Namespace) -> int:
     the host's session (TIOCSTI) or read what the user types after the sandbox exits.
     """
     policy = Policy.load(args.policy)
+    _one_sandbox()
     master, slave = os.openpty()
     interactive = os.isatty(0)
     saved = termios.tcgetattr(0) if interactive else None

@@ -48,7 +48,7 @@ from corral.isolation.plan import Plan
 
 MAX_MESSAGE = 1 << 20
 # Fenced network namespaces the zygote keeps made ahead of demand (see `_Networks`); read when the
-# zygote starts.
+# zygote starts. A process that starts a single sandbox sets it to 0.
 NETWORKS_AHEAD = 2
 SETUP_FAILED = 125
 
@@ -212,8 +212,9 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
     importlib.import_module("resource")
     rules = seccomp.default_rules()
     gc.freeze()
+    # Made after each sandbox's fork, not before the first: a process that starts one sandbox would
+    # pay for making networks it never uses, in the middle of its one start.
     networks = _Networks(networks_ahead, sock)
-    networks.refill()
     while True:
         readable, _, _ = select.select([sock, *networks.making], [], [])
         for helper in readable:
