@@ -28,7 +28,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from corral.egress import sockdiag
@@ -100,16 +100,20 @@ def _apply_ruleset(text: str) -> None:
         lib.nft_ctx_free(ctx)
 
 
-def _rtnetlink(msg_type: int, flags: int, body: bytes, what: str) -> bytes:
-    """Send one rtnetlink request and return the first reply; an error reply raises OSError."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-        nl.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x1 | flags, 1, 0) + body)
-        reply = nl.recv(65536)
+def _request(nl: socket.socket, msg_type: int, flags: int, body: bytes, what: str) -> bytes:
+    """Send one netlink request on `nl` and return the first reply; an error reply raises OSError."""
+    nl.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x1 | flags, 1, 0) + body)
+    reply = nl.recv(65536)
     if len(reply) >= 20 and struct.unpack_from("=H", reply, 4)[0] == 2:  # NLMSG_ERROR
         err = struct.unpack_from("=i", reply, 16)[0]
         if err:
             raise OSError(-err, f"{what}: {os.strerror(-err)}")
     return reply
+
+
+def _rtnetlink(msg_type: int, flags: int, body: bytes, what: str) -> bytes:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        return _request(nl, msg_type, flags, body, what)
 
 
 def _default_route_via_loopback(family: int = socket.AF_INET) -> None:
@@ -143,15 +147,21 @@ def _large_loopback_segments() -> None:
 
 
 def _attribute_u32(attrs: bytes, kind: int) -> int | None:
+    for found, value in _attributes(attrs):
+        if found == kind and len(value) >= 4:
+            return int(struct.unpack_from("=I", value)[0])
+    return None
+
+
+def _attributes(attrs: bytes) -> Iterator[tuple[int, bytes]]:
+    """The (type, value) pairs of a run of netlink attributes, flag bits masked off the type."""
     off = 0
     while off + 4 <= len(attrs):
-        length, found = struct.unpack_from("=HH", attrs, off)
+        length, kind = struct.unpack_from("=HH", attrs, off)
         if length < 4:
-            break
-        if found & 0x3FFF == kind and length >= 8:
-            return int(struct.unpack_from("=I", attrs, off + 4)[0])
+            return
+        yield kind & 0x3FFF, attrs[off + 4 : off + length]
         off += (length + 3) & ~3
-    return None
 
 
 def _nflog_socket() -> socket.socket:
@@ -165,12 +175,7 @@ def _nflog_socket() -> socket.socket:
     mode = struct.pack("=HH", 10, 2) + struct.pack(">IB3x", 64, 2)
     qthresh = struct.pack("=HH", 8, 5) + struct.pack(">I", 1)
     for attr in (bind, mode, qthresh):
-        body = nfgen + attr
-        s.send(struct.pack("=IHHII", 16 + len(body), msg_type, 0x5, 1, 0) + body)  # NLM_F_REQUEST|ACK
-        reply = s.recv(4096)
-        err = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else 0
-        if err:
-            raise OSError(-err, "nflog: configuring the log group failed")
+        _request(s, msg_type, 0x4, nfgen + attr, "nflog: configuring the log group")  # with ACK
     s.setblocking(False)
     return s
 
@@ -254,17 +259,11 @@ def parse_nflog(data: bytes) -> list[Dropped]:
             family = data[off + 16]
             attrs = data[off + 20 : off + length]
             payload, uid = b"", None
-            a = 0
-            while a + 4 <= len(attrs):
-                alen, atype = struct.unpack_from("=HH", attrs, a)
-                if alen < 4:
-                    break
-                value = attrs[a + 4 : a + alen]
-                if atype & 0x7FFF == 9:
+            for kind, value in _attributes(attrs):
+                if kind == 9:  # NFULA_PAYLOAD
                     payload = value
-                elif atype & 0x7FFF == 11 and len(value) >= 4:
+                elif kind == 11 and len(value) >= 4:  # NFULA_UID
                     uid = struct.unpack(">I", value[:4])[0]
-                a += (alen + 3) & ~3
             dropped = _describe(family, payload, uid)
             if dropped is not None:
                 out.append(dropped)
