@@ -237,28 +237,38 @@ def exe(pid: int) -> str | None:
         return None
 
 
-def status_ids(pid: int) -> tuple[int | None, int | None]:
-    """(parent's host pid, pid inside the sandbox), from one read of /proc/PID/status."""
+def _status(pid: int) -> bytes | None:
+    """/proc/PID/status in one read; None when the process is gone."""
     try:
         fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 8192)
-        finally:
-            os.close(fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 8192)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def status_ids(pid: int) -> tuple[int | None, int | None]:
+    """(parent's host pid, pid inside the sandbox), from one read of /proc/PID/status."""
+    data = _status(pid)
+    if data is None:
+        return None, None
+    try:
         ppid = int(data[data.index(b"\nPPid:") + 6 :].split(None, 1)[0])
         line = data[data.index(b"\nNSpid:") + 7 :].split(b"\n", 1)[0]
         return ppid, int(line.split()[-1])
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return None, None
 
 
 def killed(pid: int) -> bool:
     """Whether a SIGKILL is pending for the process: it is dying, though it may not yet have run
     to act on it (its own or its thread group's pending signals, from /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            data = f.read()
-    except OSError:
+    data = _status(pid)
+    if data is None:
         return False
     sigkill = 1 << (9 - 1)
     for key in (b"\nSigPnd:", b"\nShdPnd:"):
