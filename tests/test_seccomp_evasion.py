@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from corral import Deny, ExecResult, ExecStart, Policy, PolicyError, ProcSeccomp, Sandbox
+from corral import Alert, Deny, ExecResult, ExecStart, Policy, PolicyError, ProcSeccomp, Sandbox
 from corral.detect import rules
 from corral.isolation import seccomp
 from corral.policy._schema import Filesystem
@@ -277,6 +277,8 @@ def test_a_host_service_socket_is_unreachable_and_recorded(host_service: UnixSer
         assert [d.what for d in denials] == [host_service.path], show(r)
         assert denials[0].process is not None and denials[0].process.exe == PYTHON_EXE, denials
         assert "connect" in denials[0].detail, denials
+        alerts = [e for e in sb.events() if isinstance(e, Alert) and e.rule == "host socket"]
+        assert alerts and host_service.path in alerts[0].message, sb.events()
         # A real tool, through a relative path and a symlink in the sandbox's own /tmp.
         r = sb.exec(
             f"cd {host_service.dir} && socat -u UNIX-CONNECT:service.sock - ; "
