@@ -385,3 +385,14 @@ def test_the_socket_check_reads_what_the_kernel_reads() -> None:
         assert seccomp.address_of("sendto", (3, 0, 0, 0, 0x1000, length)) == (0x1000, length & 0xFFFFFFFF)
     for length in (0, 2, 16, 28, 129, 0x1_0000_0010):
         assert seccomp.address_of("connect", (3, 0x1000, length, 0, 0, 0)) is None
+
+
+def test_without_notification_the_families_and_listeners_are_still_refused() -> None:
+    # Degraded, nothing is recorded, and corral holds no listener, so the kernel would grant the
+    # agent one: the filter itself must refuse it.
+    policy = Policy.from_dict({"version": 1, "degrade": ["seccomp_notify"]})
+    with Sandbox(policy, keep_workspace=False) as sb:
+        r = sb.exec([PYTHON, "-c", FAMILY, "socket", str(int(socket.AF_VSOCK)), "1", "0"], text=True)
+        assert str(r.stdout).strip() == "1" and r.denials == [], show(r)
+        r = sb.exec([PYTHON, "-c", OWN_FILTER, "listener"], text=True)
+        assert str(r.stdout).splitlines()[0] == "install -1 1", show(r)
