@@ -263,8 +263,9 @@ _ARG_RULED = ("connect", "sendto", "clone", "clone3", "socket", "socketpair", "i
 WATCHED: tuple[str, ...] = ("execve", "execveat")
 # Reported, then let through: every IPv4 connect (an address length of a sockaddr_in), so the egress
 # fence knows which process made a connection even when its socket is gone by the time the proxy
-# takes it (a connect scan resets at once). Evading it (a longer address length, which the kernel
-# accepts) loses only that name: the fence still decides the connection.
+# takes it (a connect scan resets at once). A longer address length, which the kernel accepts, is
+# caught by WATCHED_ADDRESS below and named the same, except an IPv6 address's length (28): evading
+# it that way loses only that name; the fence still decides the connection.
 _SOCKADDR_IN_LEN = 16
 WATCHED_CONNECT = Rule("connect", ((2, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _SOCKADDR_IN_LEN),))
 
