@@ -93,8 +93,10 @@ FIELDS: dict[str, FieldSpec] = {
     "dns.label_max": FieldSpec("int", "length of the longest label"),
     "dns.entropy": FieldSpec("float", "Shannon entropy (bits per character) of the longest label"),
     # denials (deny)
-    "deny.layer": FieldSpec("str", "seccomp, landlock, cgroup, storage, timeout, lifetime, egress, dns"),
-    "deny.what": FieldSpec("str", "the refused syscall, or the exhausted budget"),
+    "deny.layer": FieldSpec(
+        "str", "seccomp, landlock, unix, cgroup, storage, timeout, lifetime, egress, dns"
+    ),
+    "deny.what": FieldSpec("str", "the refused syscall, the UNIX socket's path, or the exhausted budget"),
     "deny.detail": FieldSpec("str", "the denial's detail text"),
     # commands (exec.exit)
     "exec.exit_code": FieldSpec("int", "the command's exit status"),

@@ -85,9 +85,10 @@ class ExecExit(_Base):
 
 class Deny(_Base):
     type: Literal["deny"] = "deny"
-    layer: Literal["seccomp", "landlock", "cgroup", "storage", "timeout", "lifetime", "egress", "dns"]
+    layer: Literal["seccomp", "landlock", "unix", "cgroup", "storage", "timeout", "lifetime", "egress", "dns"]
     what: str = Field(
-        description="the refused syscall, or the budget: memory, processes, disk, timeout, lifetime"
+        description="the refused syscall, the UNIX socket's path, or the budget: memory, processes, disk, "
+        "timeout, lifetime"
     )
     exec: int | None = Field(None, description="the command running when it happened, if any")
     process: ProcessRef | None = None
@@ -134,6 +135,16 @@ class ProcExec(_Base):
     stdio: list[str] = Field(
         default_factory=list, description="what fds 0-2 were: socket, pipe, tty, file, null or other"
     )
+    exec: int | None = Field(None, description="the command it belongs to")
+
+
+class ProcSeccomp(_Base):
+    """A program installed a seccomp filter of its own (let through; one asking for a listener is
+    refused and a `deny`). Calls that filter refuses fail without reaching corral, unrecorded."""
+
+    type: Literal["proc.seccomp"] = "proc.seccomp"
+    process: ProcessRef | None = None
+    how: str = Field(description="prctl, or the seccomp(2) flags, e.g. flags 0x0")
     exec: int | None = Field(None, description="the command it belongs to")
 
 
@@ -239,6 +250,7 @@ Event = Annotated[
     | NetConnect
     | DnsQuery
     | ProcExec
+    | ProcSeccomp
     | ProcExit
     | ResourceSample
     | Alert,

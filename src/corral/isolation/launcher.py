@@ -443,6 +443,8 @@ def _child_b(
         watch = [seccomp.Rule(name) for name in seccomp.WATCHED] if plan.watch_exec else []
         if plan.watch_connect:
             watch.append(seccomp.WATCHED_CONNECT)
+        # Without a listener these can't be decided or recorded; `degrade: [seccomp_notify]` says so.
+        watch += [*seccomp.WATCHED_ADDRESS, *seccomp.WATCHED_FILTER_INSTALL]
         notify_fd = seccomp.load(rules, notify=notify, watch=watch)
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)

@@ -205,6 +205,11 @@ class Plan:
                 else ""
             )
         )
+        if "seccomp_notify" not in self.degrade:
+            lines.append(
+                "seccomp: refuse connect/sendto to UNIX sockets outside the sandbox's own storage and "
+                "network.unix_sockets; record every seccomp filter a program installs"
+            )
         if self.watch_exec:
             lines.append("seccomp: report every execve/execveat to the process monitor, then let it run")
         if self.watch_connect:

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import functools
 import os
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,15 +96,22 @@ def SCMP_ACT_ERRNO(e: int) -> int:
     return 0x00050000 | (e & 0xFFFF)
 
 
-_SCMP_CMP_EQ = 4
 _SCMP_CMP_MASKED_EQ = 7
 _SCMP_FLTATR_CTL_NNP = 3
 _SCMP_FLTATR_ACT_BADARCH = 2
 
 _AF_INET = 2
 _AF_INET6 = 10
-_AF_PACKET = 17
+_SOCK_DGRAM = 2
 _SOCK_RAW = 3
+_SOCK_PACKET = 10
+_IPPROTO_ICMP = 1
+_IPPROTO_ICMPV6 = 58
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_U32 = 0xFFFFFFFF
 _TIOCSTI = 0x5412  # push bytes into a terminal's input queue: the classic sandbox-to-host escape
 _TIOCLINUX = 0x541C
 _NAMESPACE_CLONE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
@@ -153,17 +161,83 @@ def _fmt(cmp: tuple[int, int, int, int]) -> str:
     return f"arg{idx} & {a:#x} == {b:#x}" if op == _SCMP_CMP_MASKED_EQ else f"arg{idx} == {a:#x}"
 
 
+# Address families programs need: local IPC, IPv4 and IPv6 (which the fence catches) and netlink
+# (glibc's getaddrinfo and getifaddrs, `ip` and `ss` ask the kernel about the sandbox's own network
+# namespace). socket() and socketpair() with any other family are refused: AF_VSOCK reaches the
+# hypervisor and other VMs and no network namespace confines it, AF_PACKET sees and forges raw
+# frames, and the rest (Bluetooth, CAN, TIPC, RDS, ALG, XDP...) are kernel attack surface.
+ALLOWED_FAMILIES: tuple[int, ...] = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK)
+
+
+def family_name(family: int) -> str:
+    try:
+        return socket.AddressFamily(family).name
+    except ValueError:
+        return f"family {family}"
+
+
+def _blocks(lo: int, hi: int, skip: Sequence[int]) -> list[tuple[int, int]]:
+    """(mask, value) pairs such that `x & mask == value` holds for exactly the 32-bit x in [lo, hi)
+    outside `skip`. A filter compares all 64 bits of an argument while the kernel reads an int
+    argument's low 32, so each pair masks off the high half: garbage there can't dodge a rule."""
+    out: list[tuple[int, int]] = []
+
+    def cover(start: int, size: int) -> None:
+        end = start + size
+        if end <= lo or start >= hi:
+            return
+        if lo <= start and end <= hi and not any(start <= v < end for v in skip):
+            out.append((_U32 & ~(size - 1), start))
+        elif size > 1:
+            cover(start, size // 2)
+            cover(start + size // 2, size // 2)
+
+    cover(0, 1 << 32)
+    return out
+
+
+def _masked(index: int, mask: int, value: int) -> tuple[int, int, int, int]:
+    return (index, _SCMP_CMP_MASKED_EQ, mask, value)
+
+
 def default_rules() -> list[Rule]:
     rules = [Rule(name) for name in DENIED]
     # Namespace creation through clone(2) is refused by flag; plain fork/threads stay allowed.
     rules += [Rule("clone", ((0, _SCMP_CMP_MASKED_EQ, flag, flag),)) for flag in _NAMESPACE_CLONE_FLAGS]
-    rules.append(Rule("socket", ((0, _SCMP_CMP_EQ, _AF_PACKET, 0),)))
+    # Every family outside the allowed ones, up to the whole int range: families the kernel doesn't
+    # know fail there anyway, but then unrecorded.
+    rules += [
+        Rule(call, (_masked(0, mask, value),))
+        for call in ("socket", "socketpair")
+        for mask, value in _blocks(0, 1 << 32, ALLOWED_FAMILIES)
+    ]
     # Raw IP sockets (ping sweeps, packet forging); raw netlink sockets are how `ip` and `ss` talk to
     # the kernel about the sandbox's own network namespace, and stay allowed.
     rules += [
-        Rule("socket", ((0, _SCMP_CMP_EQ, family, 0), (1, _SCMP_CMP_MASKED_EQ, 0xF, _SOCK_RAW)))
+        Rule("socket", (_masked(0, _U32, family), _masked(1, 0xF, _SOCK_RAW)))
         for family in (_AF_INET, _AF_INET6)
     ]
+    # The kernel refuses these for want of a privilege the sandbox never has (SOCK_PACKET is the old
+    # spelling of AF_PACKET; ICMP datagram "ping sockets" need a group in ping_group_range, empty in a
+    # new network namespace); refused here first so the attempt is recorded.
+    rules.append(Rule("socket", (_masked(1, 0xF, _SOCK_PACKET),)))
+    rules += [
+        Rule("socket", (_masked(0, _U32, family), _masked(1, 0xF, _SOCK_DGRAM), _masked(2, _U32, proto)))
+        for family, proto in ((_AF_INET, _IPPROTO_ICMP), (_AF_INET6, _IPPROTO_ICMPV6))
+    ]
+    # A filter of the agent's own with a listener would see (and could let through, unrecorded)
+    # every call ours watches, since the newest filter's notification wins; no workload needs one.
+    # Beside corral's listener the kernel refuses a second one (EBUSY, unrecorded); without it
+    # (degraded) nothing else would.
+    rules.append(
+        Rule(
+            "seccomp",
+            (
+                _masked(0, _U32, _SECCOMP_SET_MODE_FILTER),
+                _masked(1, _SECCOMP_FILTER_FLAG_NEW_LISTENER, _SECCOMP_FILTER_FLAG_NEW_LISTENER),
+            ),
+        )
+    )
     # ioctl's request is an int; compare the low 32 bits so high garbage can't slip past.
     rules.append(Rule("ioctl", ((1, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCSTI),)))
     rules.append(Rule("ioctl", ((1, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCLINUX),)))
@@ -174,22 +248,74 @@ def syscall_numbers(names: list[str] | None = None) -> dict[int, str]:
     """Native syscall number -> name for the names libseccomp knows on this architecture."""
     lib = _lib()
     out: dict[int, str] = {}
-    for name in names or [*DENIED, *WATCHED, "connect", "clone", "clone3", "socket", "ioctl"]:
+    for name in names or [*DENIED, *WATCHED, *_ARG_RULED]:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr >= 0:
             out[nr] = name
     return out
 
 
+# Calls refused or watched only for some arguments.
+_ARG_RULED = ("connect", "sendto", "clone", "clone3", "socket", "socketpair", "ioctl", "seccomp", "prctl")
+
 # Reported, then let through: the process monitor sees every program start, with its arguments, while
 # the caller is parked, before the new program runs a single instruction.
 WATCHED: tuple[str, ...] = ("execve", "execveat")
 # Reported, then let through: every IPv4 connect (an address length of a sockaddr_in), so the egress
 # fence knows which process made a connection even when its socket is gone by the time the proxy
-# takes it (a connect scan resets at once). Evading it (a longer address length, which the kernel
-# accepts) loses only that name: the fence still decides the connection.
+# takes it (a connect scan resets at once). A longer address length, which the kernel accepts, is
+# caught by WATCHED_ADDRESS below and named the same, except an IPv6 address's length (28): evading
+# it that way loses only that name; the fence still decides the connection.
 _SOCKADDR_IN_LEN = 16
 WATCHED_CONNECT = Rule("connect", ((2, _SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, _SOCKADDR_IN_LEN),))
+
+# Decided by the supervisor, which reads the address from the parked caller: connect() and sendto()
+# with any address length a pathname UNIX socket can have (the kernel reads up to 128 bytes; 3 is
+# the shortest path). Only the two IP lengths stay out, so ordinary IP traffic (and send(), which is
+# sendto() with no address) never waits for the supervisor. Lengths are ints: the high half is masked off.
+_SOCKADDR_IN6_LEN = 28
+_ADDRESS_ARG = {"connect": 2, "sendto": 5}
+UNIX_ADDRESS_LENGTHS = (3, 129)
+WATCHED_ADDRESS = tuple(
+    Rule(call, (_masked(index, mask, value),))
+    for call, index in _ADDRESS_ARG.items()
+    for mask, value in _blocks(*UNIX_ADDRESS_LENGTHS, (_SOCKADDR_IN_LEN, _SOCKADDR_IN6_LEN))
+)
+
+
+def address_of(syscall: str, args: Sequence[int]) -> tuple[int, int] | None:
+    """(pointer, length) of the socket address a watched connect or sendto passes, if it may be a
+    pathname UNIX socket's."""
+    index = _ADDRESS_ARG.get(syscall)
+    if index is None:
+        return None
+    length = args[index] & _U32
+    if not UNIX_ADDRESS_LENGTHS[0] <= length < UNIX_ADDRESS_LENGTHS[1] or length in (
+        _SOCKADDR_IN_LEN,
+        _SOCKADDR_IN6_LEN,
+    ):
+        return None
+    return args[index - 1], length
+
+
+# Recorded, then let through (or refused, with a listener; see default_rules): a filter of the
+# agent's own outranks ours where it returns an error, so the calls it refuses never reach the
+# supervisor. Programs do sandbox themselves (file(1), sshd, browsers), so the install itself is
+# the record.
+WATCHED_FILTER_INSTALL = (
+    Rule("seccomp", (_masked(0, _U32, _SECCOMP_SET_MODE_FILTER),)),
+    Rule("prctl", (_masked(0, _U32, _PR_SET_SECCOMP), _masked(1, _U32, _SECCOMP_MODE_FILTER))),
+)
+
+
+def filter_install(syscall: str, args: Sequence[int]) -> str | None:
+    """How a watched seccomp()/prctl() call installs a filter ("listener" when it asks for one),
+    or None when it is not an install."""
+    if syscall == "seccomp" and args[0] & _U32 == _SECCOMP_SET_MODE_FILTER:
+        return "listener" if args[1] & _SECCOMP_FILTER_FLAG_NEW_LISTENER else f"flags {args[1] & _U32:#x}"
+    if syscall == "prctl" and args[0] & _U32 == _PR_SET_SECCOMP and args[1] & _U32 == _SECCOMP_MODE_FILTER:
+        return "prctl"
+    return None
 
 
 def load(rules: list[Rule], *, notify: bool, watch: Sequence[Rule] = ()) -> int | None:

@@ -345,6 +345,36 @@ def read_ipv4_sockaddr(pid: int, addr: int) -> tuple[ipaddress.IPv4Address, int]
     return ipaddress.IPv4Address(raw[4:8]), socket.ntohs(port)
 
 
+def read_memory(pid: int, addr: int, size: int) -> bytes:
+    """Up to `size` bytes at `addr` in process `pid`'s memory (a parked caller's argument)."""
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
+    finally:
+        os.close(fd)
+
+
+class Unfollowable(Exception):
+    """A path the host can't resolve the way the kernel will for the sandboxed caller."""
+
+
+def socket_path(pid: int, path: str) -> str | None:
+    """The pathname UNIX socket `path` names for process `pid` (relative to its working directory,
+    symlinks resolved inside its root), or None when nothing is there (the kernel then fails the
+    call itself). Raises Unfollowable for paths through the sandbox's /proc, whose magic links
+    (/proc/self/fd/N, /dev/fd/N) reach whatever file the caller holds open and read differently from
+    the host, and for relative paths from a deleted working directory."""
+    if not path.startswith("/"):
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        if not cwd.startswith("/") or cwd.endswith(" (deleted)"):
+            raise Unfollowable(f"relative to a working directory the host can't follow: {cwd}")
+        path = os.path.join(cwd, path)
+    canonical = in_root_realpath(f"/proc/{pid}/root", path, stop="/proc")
+    if canonical == "/proc":
+        raise Unfollowable("through /proc")
+    return canonical
+
+
 @dataclass(frozen=True)
 class ExecTarget:
     exe: str  # the program as the sandbox names it (for an fd: what the fd is, e.g. /memfd:x (deleted))
@@ -392,10 +422,11 @@ def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> ExecTarget | No
     return ExecTarget(canonical, root + canonical)
 
 
-def in_root_realpath(root: str, path: str) -> str | None:
+def in_root_realpath(root: str, path: str, stop: str | None = None) -> str | None:
     """`path` with every symlink resolved as the sandbox sees it: absolute targets start again at the
     sandbox's root, not the host's (the kernel resolves them against the reader's root when walking
-    through /proc/PID/root, so the host can't be asked to do it)."""
+    through /proc/PID/root, so the host can't be asked to do it). With `stop`, the walk ends at the
+    first step that reaches that directory, and returns that step."""
     parts = [p for p in path.split("/") if p]
     done: list[str] = []
     hops = 0
@@ -408,6 +439,8 @@ def in_root_realpath(root: str, path: str) -> str | None:
                 done.pop()
             continue
         candidate = "/" + "/".join([*done, part])
+        if stop is not None and candidate == stop:
+            return candidate
         try:
             st = os.lstat(root + candidate)
         except OSError:

@@ -275,6 +275,14 @@ class Network(_Model):
         "rule is still needed to connect. Default: none.",
         examples=[{"db.example.internal": "10.20.0.5"}],
     )
+    unix_sockets: tuple[Annotated[str, _absolute_path("/srv/build/agent.sock")], ...] = Field(
+        (),
+        description="Absolute paths of UNIX sockets outside the sandbox's own writable paths that "
+        "programs may connect to (each the socket itself, as the sandbox sees it; it must also be "
+        "visible there). Sockets under /workspace, /tmp, /dev/shm and filesystem.writable always are; "
+        "connecting to any other is refused and recorded. Default: none.",
+        examples=[["/srv/build/agent.sock"]],
+    )
     limits: Limits = Field(
         Limits(),
         description="Rate limits on outgoing traffic. Default: 120 connections and 50MiB per minute.",

@@ -20,6 +20,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,7 +36,17 @@ from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError
 from corral.detect import rules as detect_rules
 from corral.egress import netns
 from corral.egress.service import Fence, Upstream
-from corral.events import Alert, Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
+from corral.events import (
+    Alert,
+    Deny,
+    ExecExit,
+    ExecStart,
+    JsonlSink,
+    ProcessRef,
+    ProcSeccomp,
+    SandboxStart,
+    SandboxStop,
+)
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
 from corral.isolation import plan as planning
@@ -59,6 +70,7 @@ _PROXY_ENV = {
 _UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
+_SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 _OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 
@@ -390,6 +402,7 @@ class Sandbox:
         self._state_dir = f"{STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._syscalls: dict[int, str] = {}
+        self._writable: tuple[str, ...] = ()  # the sandbox's own storage, where its sockets live
         self._reaped = threading.Event()
         self._tripwires: _tripwires.Tripwires | None = None
         self._frozen: str | None = None  # the rule that froze the sandbox
@@ -419,6 +432,7 @@ class Sandbox:
         step = "plan"
         try:
             plan = planning.build(self.policy, uid=self.uid, gid=self.uid, sandbox_id=self.id)
+            self._writable = (*plan.writable, "/dev/shm")
             step = "state directory"
             os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
             mounts.prepare_host(self._state_dir, self.uid, self.uid, plan.hostname)
@@ -771,6 +785,14 @@ class Sandbox:
         # the command can't then finish (and its result be built) without its own denials.
         assert self._launched is not None and self._launched.notify_fd is not None
         name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
+        address = seccomp.address_of(name, note.args)
+        if address is not None:
+            self._on_socket_address(note, name, *address)
+            return
+        install = seccomp.filter_install(name, note.args)
+        if install is not None and install != "listener":
+            self._on_filter_install(note, install)
+            return
         if name == "connect":
             self._note_connect(note)
             return
@@ -784,7 +806,13 @@ class Sandbox:
             # "hold": no answer; the caller stays parked until the freeze or the close reaches it
             return
         proc = _process_ref(note.pid)
-        detail = f"args {note.args[0]:#x} {note.args[1]:#x}" if name in ("clone", "socket", "ioctl") else ""
+        detail = (
+            f"args {note.args[0]:#x} {note.args[1]:#x}"
+            if name in ("clone", "socket", "socketpair", "ioctl", "seccomp")
+            else ""
+        )
+        if name in ("socket", "socketpair"):
+            detail = f"{seccomp.family_name(note.args[0] & 0xFFFFFFFF)}, {detail}"
         self._emit(
             Deny(
                 sandbox=self.id,
@@ -796,6 +824,69 @@ class Sandbox:
             )
         )
         seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+
+    def _on_socket_address(self, note: seccomp.Notification, name: str, pointer: int, length: int) -> None:
+        """A connect or sendto whose address may name a UNIX socket by path: allowed only to sockets in
+        the sandbox's own storage or named by `network.unix_sockets`. A read-only view of a host
+        directory doesn't stop a connect, and a host service's socket there is the host's.
+
+        Decided on what the caller's memory and filesystem hold now; the kernel reads both again after
+        the answer, so another thread rewriting the address, or swapping a symlink in the sandbox's
+        own storage, between the two can still reach a socket the sandbox can see (README: limits).
+        """
+        assert self._launched is not None and self._launched.notify_fd is not None
+        try:
+            raw = process_monitor.read_memory(note.pid, pointer, min(length, _SOCKADDR_UN_LEN))
+        except OSError:
+            raw = b""  # gone, or an address it can't read: the kernel fails the call the same way
+        family = int.from_bytes(raw[:2], sys.byteorder) if len(raw) >= 2 else -1
+        if family == socket.AF_INET and name == "connect":
+            self._note_connect(note)  # an IPv4 address with a padded length: still the fence's to name
+            return
+        path = raw[2:].split(b"\0", 1)[0].decode(errors="surrogateescape")
+        if family != socket.AF_UNIX or not path:
+            # Not a pathname socket: abstract ones (leading NUL) are confined by Landlock's scope.
+            seccomp.respond_continue(self._launched.notify_fd, note.id)
+            return
+        try:
+            target = process_monitor.socket_path(note.pid, path)
+            why = "" if target is None or self._own_socket(note.pid, target) else "outside the sandbox"
+        except process_monitor.Unfollowable as e:
+            target, why = path, str(e)
+        except OSError:
+            target, why = None, ""  # the caller is gone
+        if not why:
+            seccomp.respond_continue(self._launched.notify_fd, note.id)
+            return
+        self._emit(
+            Deny(
+                sandbox=self.id,
+                layer="unix",
+                what=target or path,
+                exec=self._current_exec,
+                process=_process_ref(note.pid),
+                detail=f"{name} to a UNIX socket {why}, not in network.unix_sockets",
+            )
+        )
+        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EACCES)
+
+    def _own_socket(self, pid: int, target: str) -> bool:
+        if any(target == root or target.startswith(root + "/") for root in self._writable):
+            return True
+        named = self.policy.network.unix_sockets
+        return target in named or any(
+            process_monitor.in_root_realpath(f"/proc/{pid}/root", entry) == target for entry in named
+        )
+
+    def _on_filter_install(self, note: seccomp.Notification, how: str) -> None:
+        """Recorded, then let through: the calls the new filter refuses never reach corral."""
+        assert self._launched is not None and self._launched.notify_fd is not None
+        try:
+            self._emit(
+                ProcSeccomp(sandbox=self.id, process=_process_ref(note.pid), how=how, exec=self._current_exec)
+            )
+        finally:
+            seccomp.respond_continue(self._launched.notify_fd, note.id)
 
     def _note_connect(self, note: seccomp.Notification) -> None:
         """Tell the fence who is connecting where, read while the caller is parked in connect():
