@@ -79,6 +79,19 @@ def test_readable_path_already_in_view_adds_nothing(host: Path) -> None:
     assert build(host, {"filesystem": {"readable": ["/usr/share"]}}).root_ops == build(host).root_ops
 
 
+def test_readable_path_in_view_through_a_recreated_symlink_adds_nothing(host: Path) -> None:
+    assert build(host, {"filesystem": {"readable": ["/bin"]}}).root_ops == build(host).root_ops
+
+
+def test_readable_path_inside_a_default_secret_location_is_shown(host: Path) -> None:
+    (host / "etc" / "ssl" / "private").mkdir(parents=True)
+    assert HideDir("/etc/ssl/private") in build(host).root_ops
+    assert (
+        HideDir("/etc/ssl/private")
+        not in build(host, {"filesystem": {"readable": ["/etc/ssl/private"]}}).root_ops
+    )
+
+
 def test_readable_path_missing_on_the_host_is_a_host_error(host: Path) -> None:
     with pytest.raises(HostError, match=r"^filesystem.readable: /data does not exist on this host$"):
         build(host, {"filesystem": {"readable": ["/data"]}})

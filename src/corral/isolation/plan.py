@@ -14,6 +14,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corral._errors import HostError
 from corral.isolation import _linux
 from corral.policy._schema import SANDBOX_OWN
 
@@ -260,24 +261,16 @@ def _hidden_ops(patterns: list[str], host_root: str, bound: list[str]) -> list[M
     return ops
 
 
-def _readable_kind(path: str, host_root: str) -> int:
-    """The file type of a `filesystem.readable` path on the host; HostError if it can't be bound as listed."""
-    from corral._errors import HostError
-
+def _readable_host_path(path: str, host_root: str) -> tuple[str, int]:
+    """Where a `filesystem.readable` path really is on the host, and its file type."""
     real = os.path.realpath(host_root + path)
     try:
         st = os.stat(real)
     except OSError:
         raise HostError(f"filesystem.readable: {path} does not exist on this host") from None
-    shown = "/" + os.path.relpath(real, os.path.realpath(host_root or "/"))
-    if shown != path:
-        # Bound at the listed name, the hidden secrets below it (found at their real paths) would miss.
-        raise HostError(
-            f"filesystem.readable: {path} goes through a symlink on this host (it is {shown}); list {shown}"
-        )
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise HostError(f"filesystem.readable: {path} is neither a directory nor a regular file")
-    return stat.S_IFMT(st.st_mode)
+    return "/" + os.path.relpath(real, os.path.realpath(host_root or "/")), stat.S_IFMT(st.st_mode)
 
 
 def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str = "") -> Plan:
@@ -311,7 +304,14 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
     for path in sorted(set(readable)):
         if path in bound or _below(path, bound):
             continue  # already in view
-        kind = _readable_kind(path, host_root)
+        real, kind = _readable_host_path(path, host_root)
+        if real in bound or _below(real, bound):
+            continue  # in view through a symlink corral recreates (/lib -> usr/lib)
+        if real != path:
+            # Bound at the listed name, the hidden secrets below it (found at their real paths) would miss.
+            raise HostError(
+                f"filesystem.readable: {path} goes through a symlink on this host (it is {real}); list {real}"
+            )
         parents(path)
         ops.append(Mkdir(path) if kind == stat.S_IFDIR else Touch(path))
         ops.append(Bind(path, path))
@@ -364,8 +364,6 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
 
 def gpu_devices(indices: list[int] | tuple[int, ...], host_root: str = "") -> list[Device]:
     """Device nodes for the granted GPUs (and the driver's shared nodes); absent GPUs are an error."""
-    from corral._errors import HostError
-
     if not indices:
         return []
     found: list[Device] = []
