@@ -92,6 +92,11 @@ def test_readable_path_inside_a_default_secret_location_is_shown(host: Path) -> 
     )
 
 
+def test_policy_can_hide_a_whole_bound_directory(host: Path) -> None:
+    ops = list(build(host, {"filesystem": {"hidden": ["/usr"]}}).root_ops)
+    assert ops.index(Bind("/usr", "/usr")) < ops.index(HideDir("/usr"))
+
+
 def test_readable_path_missing_on_the_host_is_a_host_error(host: Path) -> None:
     with pytest.raises(HostError, match=r"^filesystem.readable: /data does not exist on this host$"):
         build(host, {"filesystem": {"readable": ["/data"]}})

@@ -248,7 +248,7 @@ def _hidden_ops(patterns: list[str], host_root: str, bound: list[str]) -> list[M
         for host_path in sorted(glob.glob(host_root + pattern)) if "*" in pattern else [host_root + pattern]:
             rel = "/" + os.path.relpath(os.path.realpath(host_path), os.path.realpath(host_root) or "/")
             rel = os.path.normpath(rel)
-            if not _below(rel, bound):
+            if rel not in bound and not _below(rel, bound):
                 continue  # not in the sandbox's view: nothing to hide
             if rel in seen or _below(rel, list(seen)):
                 continue
