@@ -20,6 +20,7 @@ renumbering:
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -31,8 +32,11 @@ import yaml
 from corral.events.model import AlertCategory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The corpus sits next to the repository (CI has the same layout), read-only and shared between checkouts.
-CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "atomic-red-team"
+# The corpus sits next to the repository (CI has the same layout), read-only and shared between checkouts;
+# CORRAL_ATOMICS_CORPUS points elsewhere (a checkout with another layout).
+CORPUS = Path(
+    os.environ.get("CORRAL_ATOMICS_CORPUS") or REPO_ROOT.parent / "shared" / "corpora" / "atomic-red-team"
+)
 DOC = REPO_ROOT / "docs" / "atomics.md"
 CASES_DOC_COMMAND = ".venv/bin/python tests/atomics.py"
 

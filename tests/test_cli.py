@@ -145,6 +145,23 @@ def test_run_workspace_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
+def test_run_creates_a_missing_workspace_directory(tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "1"
+    r = corral("run", "--policy", OFFLINE, "--workspace", str(out), "--", "sh", "-c", "echo done > result")
+    assert r.returncode == 0, r.stderr
+    assert (out / "result").read_text() == "done\n"
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_run_workspace_that_cannot_be_created_is_a_corral_failure(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "ws"
+    r = corral("run", "--policy", OFFLINE, "--workspace", str(bad), "--", "true")
+    assert r.returncode == 125
+    assert r.stderr == f"corral: --workspace {bad}: cannot create it: Not a directory\n"
+
+
+@pytest.mark.root
 def test_run_timeout_kills_and_says_so() -> None:
     r = corral("run", "--policy", OFFLINE, "--timeout", "0.5", "--", "sleep", "30")
     assert r.returncode == 137

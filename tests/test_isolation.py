@@ -18,6 +18,7 @@ import pytest
 import corral
 from corral import ExecResult, Policy, Sandbox
 from corral.isolation import landlock
+from corral.isolation import plan as planning
 
 pytestmark = pytest.mark.root
 
@@ -40,9 +41,20 @@ def sb() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def host_dir() -> Iterator[str]:
-    """A host directory the sandbox would normally see (/tmp is replaced in the sandbox; /var/tmp is not)."""
+    """A host directory outside the default view: a policy lists it in `filesystem.readable` to show it."""
     path = tempfile.mkdtemp(prefix="corral-test-", dir="/var/tmp")
     os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def srv_dir() -> Iterator[str]:
+    """A directory like another job's data, at the top of the host's tree."""
+    path = tempfile.mkdtemp(prefix="corral-test-", dir="/srv")
+    os.chmod(path, 0o755)
+    Path(path, "data.csv").write_text("private,rows\n")
+    os.chmod(f"{path}/data.csv", 0o644)
     yield path
     shutil.rmtree(path)
 
@@ -125,12 +137,55 @@ def test_tcp_server_on_host_loopback_is_unreachable() -> None:
 # --- filesystem --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("directory", ["/usr", "/etc", "/var", "/opt", "/"])
+@pytest.mark.parametrize("directory", ["/usr", "/etc", "/"])
 def test_host_directories_are_read_only(sb: Sandbox, directory: str) -> None:
     name = f"{directory.rstrip('/')}/corral-escape-{uuid.uuid4().hex}"
     r = sb.exec(["touch", name], text=True)
     assert r.exit_code != 0 and "Read-only file system" in str(r.stderr), show(r)
     assert not os.path.exists(name)
+
+
+def test_host_beyond_the_system_directories_is_absent(srv_dir: str) -> None:
+    # Each of these is on this host, and a sandbox used to see all of them.
+    present = [
+        d
+        for d in ("/srv", "/opt", "/home", "/root", "/var/tmp", "/var/lib", "/work", "/boot")
+        if os.path.isdir(d)
+    ]
+    assert "/srv" in present and "/var/tmp" in present
+    with Sandbox(policy(), keep_workspace=False) as sb:
+        r = sb.exec(
+            ["sh", "-c", 'for d; do test -e "$d" && echo "$d"; done; ls /', "sh", *present, srv_dir],
+            text=True,
+        )
+    assert r.exit_code == 0, show(r)
+    system = [p.strip("/") for p in planning.DEFAULT_READABLE if os.path.lexists(p)]
+    own = [p.strip("/") for p in planning.SANDBOX_OWN]
+    assert sorted(str(r.stdout).split()) == sorted([*system, *own]), show(r)
+
+
+def test_readable_directory_appears_read_only_and_the_rest_of_its_parent_does_not(srv_dir: str) -> None:
+    Path("/srv/corral-test-sibling").mkdir(exist_ok=True)
+    try:
+        with Sandbox(policy(filesystem={"readable": [srv_dir]}), keep_workspace=False) as sb:
+            r = sb.exec(["cat", f"{srv_dir}/data.csv"], text=True)
+            assert r.exit_code == 0 and r.stdout == "private,rows\n", show(r)
+            r = sb.exec(["touch", f"{srv_dir}/new"], text=True)
+            assert r.exit_code != 0 and "Read-only file system" in str(r.stderr), show(r)
+            r = sb.exec(["ls", "-A", "/srv"], text=True)
+            assert str(r.stdout).split() == [os.path.basename(srv_dir)], show(r)
+    finally:
+        os.rmdir("/srv/corral-test-sibling")
+    assert not os.path.exists(f"{srv_dir}/new")
+
+
+def test_mountinfo_names_neither_the_hosts_other_directories_nor_corrals_state(sb: Sandbox) -> None:
+    r = sb.exec(["cat", "/proc/self/mountinfo"], text=True)
+    assert r.exit_code == 0, show(r)
+    roots = {line.split()[3] for line in str(r.stdout).splitlines()}
+    points = {line.split()[4] for line in str(r.stdout).splitlines()}
+    assert "/run/corral" not in str(r.stdout) and sb.id not in str(r.stdout), show(r)
+    assert not {"/old_root", "/srv", "/opt", "/home", "/root", "/var"} & (roots | points), show(r)
 
 
 def test_existing_host_file_cannot_be_modified(sb: Sandbox) -> None:
@@ -140,7 +195,7 @@ def test_existing_host_file_cannot_be_modified(sb: Sandbox) -> None:
     assert Path("/etc/hostname").read_bytes() == before
 
 
-def test_root_home_is_hidden(sb: Sandbox) -> None:
+def test_root_home_is_absent(sb: Sandbox) -> None:
     assert os.listdir("/root"), "the host's /root should not be empty for this test to mean something"
     r = sb.exec(["ls", "-A", "/root"], text=True)
     assert r.exit_code != 0 and r.stdout == "", show(r)
@@ -148,11 +203,9 @@ def test_root_home_is_hidden(sb: Sandbox) -> None:
     assert r.exit_code != 0, show(r)
 
 
-def test_home_directories_are_hidden(sb: Sandbox) -> None:
-    r = sb.exec(["ls", "-A", "/home"], text=True)
-    assert r.exit_code != 0 and r.stdout == "", show(r)
+def test_home_directories_are_absent(sb: Sandbox) -> None:
     r = sb.exec(["stat", "-c", "%a", "/home"], text=True)
-    assert str(r.stdout).strip() == "0", show(r)
+    assert r.exit_code != 0 and "No such file or directory" in str(r.stderr), show(r)
 
 
 def test_etc_shadow_is_hidden(sb: Sandbox) -> None:
@@ -185,10 +238,12 @@ def test_policy_hidden_directory_is_hidden(host_dir: str) -> None:
     with open(f"{host_dir}/token", "w") as f:
         f.write("s3cret\n")
     os.chmod(f"{host_dir}/token", 0o644)
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(policy(filesystem={"readable": [host_dir]}), keep_workspace=False) as sb:
         r = sb.exec(["cat", f"{host_dir}/token"], text=True)
         assert r.stdout == "s3cret\n", "control: without `hidden` the sandbox sees the file\n" + show(r)
-    with Sandbox(policy(filesystem={"hidden": [host_dir]}), keep_workspace=False) as sb:
+    with Sandbox(
+        policy(filesystem={"readable": ["/var/tmp"], "hidden": [host_dir]}), keep_workspace=False
+    ) as sb:
         r = sb.exec(["cat", f"{host_dir}/token"], text=True)
         assert r.exit_code != 0 and "s3cret" not in str(r.stdout), show(r)
         r = sb.exec(["ls", "-A", host_dir], text=True)
@@ -199,7 +254,9 @@ def test_policy_hidden_file_is_hidden(host_dir: str) -> None:
     with open(f"{host_dir}/token", "w") as f:
         f.write("s3cret\n")
     os.chmod(f"{host_dir}/token", 0o644)
-    with Sandbox(policy(filesystem={"hidden": [f"{host_dir}/token"]}), keep_workspace=False) as sb:
+    with Sandbox(
+        policy(filesystem={"readable": [host_dir], "hidden": [f"{host_dir}/token"]}), keep_workspace=False
+    ) as sb:
         r = sb.exec(["cat", f"{host_dir}/token"], text=True)
         assert r.exit_code != 0 and "Permission denied" in str(r.stderr), show(r)
         r = sb.exec(["stat", "-c", "%s", f"{host_dir}/token"], text=True)

@@ -560,6 +560,84 @@ def test_agent_symlink_is_copied_as_a_link_not_followed(workspace: Path) -> None
     assert link.is_symlink() and os.readlink(link) == "/etc/passwd"
 
 
+def _host_bytes(top: Path) -> int:
+    """What a tree takes on the host's disk, as du counts it: allocated blocks, each inode once."""
+    seen: set[int] = set()
+    total = 0
+    for p in [top, *top.rglob("*")]:
+        st = p.lstat()
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+def test_saving_the_workspace_writes_no_more_than_the_disk_budget(tmp_path: Path) -> None:
+    # The review's case: 4 MiB of storage used inside a 16 MiB budget, and 844 MiB written at close.
+    out = tmp_path / "ws"
+    out.mkdir()
+    budget = {"version": 1, "resources": {"disk": "16MiB", "memory": "256MiB"}}
+    with Sandbox(Policy.from_dict(budget), workspace=out) as sb:
+        r = sb.exec(
+            "truncate -s 600M sparse && head -c 4M /dev/urandom > data && printf tail >> sparse && "
+            "for i in $(seq 60); do ln data link$i; done && du -sk /workspace",
+            text=True,
+        )
+        assert r.exit_code == 0 and int(str(r.stdout).split()[0]) < 4200, show(r)
+        inside = sb.exec("sha256sum data", text=True).stdout
+        sb.close(wait=True)
+    assert _host_bytes(out) < 5 << 20, _host_bytes(out)
+    assert (out / "sparse").stat().st_size == (600 << 20) + 4
+    with open(out / "sparse", "rb") as f:
+        f.seek(600 << 20)
+        assert f.read() == b"tail"
+    assert (out / "data").stat().st_nlink == 61 and os.path.samefile(out / "data", out / "link60")
+    assert subprocess.run(["sha256sum", "data"], cwd=out, capture_output=True, text=True).stdout == inside
+    assert not [e for e in sb.events() if e.type == "deny"]
+
+
+def test_saving_stops_at_the_budget_leaves_no_half_file_and_says_what_was_not_saved(tmp_path: Path) -> None:
+    from corral.runtime import _fscopy
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    for name in ("a", "b", "d/c"):
+        (src / name).write_bytes(os.urandom(1 << 20))
+    dst.mkdir()
+    (dst / "b").write_text("stale: the host's copy from an earlier save\n")
+    saved = _fscopy.mirror(str(src), str(dst), limit=(5 << 20) // 2)
+    assert (saved.files, saved.bytes, saved.refused, saved.refused_bytes) == (2, 2 << 20, ["d/c"], 1 << 20)
+    assert (dst / "a").read_bytes() == (src / "a").read_bytes()
+    assert (dst / "b").read_bytes() == (src / "b").read_bytes()
+    assert not (dst / "d" / "c").exists() and (dst / "d").is_dir()
+    assert saved.describe() == (
+        "disk budget of 2621440 bytes reached while saving the workspace: saved 2 file(s) (2097152 bytes "
+        "of data) and 0 hard link(s); not saved, and absent from the saved copy: 1 file(s) (1048576 bytes "
+        "of data): d/c"
+    )
+
+
+def test_a_workspace_save_over_the_budget_is_a_recorded_refusal(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sandbox's storage holds no more than the budget, so only a smaller limit can show the refusal.
+    from corral.runtime import _fscopy
+
+    real = _fscopy.mirror
+    monkeypatch.setattr(_fscopy, "mirror", lambda src, dst, *, limit: real(src, dst, limit=1 << 20))
+    with Sandbox(offline(), workspace=workspace) as sb:
+        assert sb.exec("head -c 3M /dev/zero > big && echo small > note").exit_code == 0
+        sb.close(wait=True)
+    assert (workspace / "note").read_text() == "small\n" and not (workspace / "big").exists()
+    deny = [e for e in sb.events() if e.type == "deny"]
+    assert len(deny) == 1 and isinstance(deny[0], corral.Deny), deny
+    assert (deny[0].layer, deny[0].what) == ("storage", "disk")
+    assert deny[0].detail.endswith(
+        "not saved, and absent from the saved copy: 1 file(s) (3145728 bytes of data): big"
+    )
+    assert sb.events()[-1].type == "sandbox.stop"
+
+
 def test_setuid_bit_is_stripped_when_copied_out(workspace: Path) -> None:
     with Sandbox(offline(), workspace=workspace) as sb:
         r = sb.exec("cp /bin/true suid && chmod 4755 suid && stat -c %a suid", text=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from corral import Policy
+from corral import HostError, Policy
 from corral.isolation import plan as planning
-from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, ReplaceFile, Symlink
+from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, ReplaceFile, Symlink, Touch
 
 UID = 1_300_123
 
@@ -41,18 +41,18 @@ def build(host: Path, policy: dict[str, object] | None = None) -> planning.Plan:
     )
 
 
-def test_top_level_directories_are_bound_read_only_in_name_order(host: Path) -> None:
+def test_only_the_system_directories_are_bound_and_the_rest_of_the_host_is_absent(host: Path) -> None:
     ops = build(host).root_ops
     top = [op for op in ops if op.path.count("/") == 1 and not isinstance(op, ReplaceFile)]
-    assert top[:7] == [
+    assert top[:5] == [
+        Mkdir("/usr"),
+        Bind("/usr", "/usr"),
         Symlink("/bin", "usr/bin"),
         Mkdir("/etc"),
         Bind("/etc", "/etc"),
-        Mkdir("/home", 0o000),
-        Mkdir("/root", 0o000),
-        Mkdir("/srv"),
-        Bind("/srv", "/srv"),
-    ], top
+    ]
+    for absent in ("/home", "/root", "/srv"):
+        assert not any(op.path == absent or op.path.startswith(absent + "/") for op in ops), (absent, ops)
 
 
 def test_symlink_at_top_level_is_kept_as_a_link_not_bound(host: Path) -> None:
@@ -61,12 +61,72 @@ def test_symlink_at_top_level_is_kept_as_a_link_not_bound(host: Path) -> None:
     assert not any(isinstance(op, Bind) and op.path == "/bin" for op in ops)
 
 
-def test_hidden_top_level_directories_become_empty_mode_0_directories(host: Path) -> None:
-    ops = build(host).root_ops
-    for name in ("/root", "/home"):
-        assert Mkdir(name, 0o000) in ops, ops
-        assert not any(isinstance(op, Bind) and op.path == name for op in ops), ops
-        assert not any(isinstance(op, HideDir) and op.path == name for op in ops), ops
+def test_readable_path_is_bound_at_its_name_with_its_parents_made(host: Path) -> None:
+    ops = list(build(host, {"filesystem": {"readable": ["/srv/secrets"]}}).root_ops)
+    i = ops.index(Mkdir("/srv"))
+    assert ops[i : i + 3] == [Mkdir("/srv"), Mkdir("/srv/secrets"), Bind("/srv/secrets", "/srv/secrets")]
+    assert not any(isinstance(op, Bind) and op.path == "/srv" for op in ops)
+
+
+def test_readable_file_gets_a_file_mount_point(host: Path) -> None:
+    (host / "srv" / "model.bin").write_bytes(b"w")
+    ops = build(host, {"filesystem": {"readable": ["/srv/model.bin"]}}).root_ops
+    assert Touch("/srv/model.bin") in ops and Bind("/srv/model.bin", "/srv/model.bin") in ops
+
+
+def test_readable_path_already_in_view_adds_nothing(host: Path) -> None:
+    (host / "usr" / "share").mkdir()
+    assert build(host, {"filesystem": {"readable": ["/usr/share"]}}).root_ops == build(host).root_ops
+
+
+def test_readable_path_in_view_through_a_recreated_symlink_adds_nothing(host: Path) -> None:
+    assert build(host, {"filesystem": {"readable": ["/bin"]}}).root_ops == build(host).root_ops
+
+
+def test_readable_path_inside_a_default_secret_location_is_shown(host: Path) -> None:
+    (host / "etc" / "ssl" / "private").mkdir(parents=True)
+    assert HideDir("/etc/ssl/private") in build(host).root_ops
+    assert (
+        HideDir("/etc/ssl/private")
+        not in build(host, {"filesystem": {"readable": ["/etc/ssl/private"]}}).root_ops
+    )
+
+
+def test_policy_can_hide_a_whole_bound_directory(host: Path) -> None:
+    ops = list(build(host, {"filesystem": {"hidden": ["/usr"]}}).root_ops)
+    assert ops.index(Bind("/usr", "/usr")) < ops.index(HideDir("/usr"))
+
+
+def test_readable_path_missing_on_the_host_is_a_host_error(host: Path) -> None:
+    with pytest.raises(HostError, match=r"^filesystem.readable: /data does not exist on this host$"):
+        build(host, {"filesystem": {"readable": ["/data"]}})
+
+
+def test_readable_path_through_a_symlink_is_a_host_error_naming_the_real_path(host: Path) -> None:
+    (host / "data").symlink_to("srv/secrets")
+    with pytest.raises(
+        HostError,
+        match=r"^filesystem.readable: /data goes through a symlink on this host \(it is "
+        r"/srv/secrets\); list /srv/secrets$",
+    ):
+        build(host, {"filesystem": {"readable": ["/data"]}})
+
+
+def test_readable_path_shows_a_default_secret_location_above_it_but_hides_those_below(host: Path) -> None:
+    (host / "var" / "log").mkdir(parents=True)
+    ops = build(host, {"filesystem": {"readable": ["/home/alice", "/var"]}}).root_ops
+    assert Bind("/home/alice", "/home/alice") in ops and Mkdir("/home") in ops
+    assert not any(isinstance(op, HideDir | HideFile) and op.path.startswith("/home") for op in ops)
+    assert HideDir("/var/log") in ops
+
+
+def test_writable_path_outside_the_view_gets_its_mount_point_made(host: Path) -> None:
+    plan = build(host, {"filesystem": {"writable": ["/srv/out/cache"]}})
+    assert [op for op in plan.root_ops if op.path.startswith("/srv")] == [
+        Mkdir("/srv"),
+        Mkdir("/srv/out"),
+        Mkdir("/srv/out/cache"),
+    ]
 
 
 def test_host_proc_is_never_bound_but_a_fresh_mount_point_is_made(host: Path) -> None:
@@ -99,7 +159,7 @@ def test_default_secrets_absent_on_the_host_need_no_step(host: Path) -> None:
 
 
 def test_policy_hidden_directory_is_hidden_after_its_parent_is_bound(host: Path) -> None:
-    ops = list(build(host, {"filesystem": {"hidden": ["/srv/secrets"]}}).root_ops)
+    ops = list(build(host, {"filesystem": {"readable": ["/srv"], "hidden": ["/srv/secrets"]}}).root_ops)
     assert HideDir("/srv/secrets") in ops
     assert ops.index(Bind("/srv", "/srv")) < ops.index(HideDir("/srv/secrets"))
 
@@ -162,10 +222,10 @@ def test_base_devices_only_without_gpus(host: Path) -> None:
 
 
 def test_describe_lists_every_step(host: Path) -> None:
-    lines = build(host, {"filesystem": {"hidden": ["/srv/secrets"]}}).describe()
+    lines = build(host, {"filesystem": {"readable": ["/srv"], "hidden": ["/srv/secrets"]}}).describe()
     text = "\n".join(lines)
     assert "  symlink /bin -> usr/bin" in lines
-    assert "  mkdir /root (mode 0)" in lines
+    assert "  bind /srv -> /srv (read-only)" in lines
     assert "  hide file /etc/shadow (empty, mode 000)" in lines
     assert "  hide directory /srv/secrets (empty, mode 000)" in lines
     assert "landlock: writes only under /workspace, /tmp, /dev" in text

@@ -161,10 +161,23 @@ def test_file_part_is_the_path_as_given(tmp_path: Path) -> None:
         ),
         (
             "version: 1\nfilesystem:\n  hiden: [/srv]\n",
-            "p.yaml: filesystem.hiden: unknown key; allowed keys: hidden, writable",
+            "p.yaml: filesystem.hiden: unknown key; allowed keys: hidden, readable, writable",
         ),
         ("resources: {}\n", "p.yaml: version: missing; use version: 1"),
         ("version: 2\n", "p.yaml: version: 2 is not accepted; use version: 1"),
+        (
+            "version: 1\nfilesystem:\n  readable: [srv/data]\n",
+            'p.yaml: filesystem.readable[0]: "srv/data" is not an absolute path; use e.g. /srv/datasets',
+        ),
+        (
+            "version: 1\nfilesystem:\n  readable: [/srv, /proc/1/root]\n",
+            'p.yaml: filesystem.readable[1]: "/proc/1/root" is under /proc, which is the sandbox\'s own '
+            "(a fresh mount); list a host path outside /proc, /sys, /dev, /run, /tmp, /workspace",
+        ),
+        (
+            "version: 1\nfilesystem:\n  readable: [/srv/data]\n  hidden: [/srv/data/]\n",
+            "p.yaml: filesystem: /srv/data is listed in both readable and hidden; keep it in one of them",
+        ),
         (
             "version: 1\nfilesystem:\n  writable: [tmp/x]\n",
             'p.yaml: filesystem.writable[0]: "tmp/x" is not an absolute path; use e.g. /workspace/out',
@@ -271,7 +284,7 @@ def test_every_problem_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     text = "resources:\n  memory: lots\n  timeout: soon\nfilesystem:\n  hiden: []\n"
     assert problems(tmp_path, monkeypatch, text) == [
         "p.yaml: version: missing; use version: 1",
-        "p.yaml: filesystem.hiden: unknown key; allowed keys: hidden, writable",
+        "p.yaml: filesystem.hiden: unknown key; allowed keys: hidden, readable, writable",
         'p.yaml: resources.memory: "lots" is not a size; use e.g. 512MiB',
         'p.yaml: resources.timeout: "soon" is not a duration; use e.g. 30s, 10m or 2h',
     ]

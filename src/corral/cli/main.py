@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one command in a fresh sandbox and exit with its code")
     run.add_argument("--policy", required=True, metavar="FILE", help="policy YAML file")
     run.add_argument("--events", metavar="OUT.jsonl", help="append the sandbox's events to this file")
-    run.add_argument("--workspace", metavar="DIR", help="host directory copied in and saved back at exit")
+    run.add_argument(
+        "--workspace",
+        metavar="DIR",
+        help="host directory copied in and saved back at exit (created if missing)",
+    )
     run.add_argument("--timeout", metavar="SECONDS", type=float, help="override resources.timeout")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
@@ -109,11 +113,23 @@ def _one_sandbox() -> None:
     launcher.NETWORKS_AHEAD = 0
 
 
+def _make_workspace(path: str | None) -> None:
+    """`--workspace` is where the sandbox's work is saved, so like any output directory a missing one
+    is created (with its parents, mode 0755), once the policy is known to be valid."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise CorralError(f"--workspace {path}: cannot create it: {e.strerror}") from e
+
+
 def _run(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         return _fail("run: no command given; use: corral run --policy FILE -- CMD [ARG...]")
     policy = Policy.load(args.policy)
+    _make_workspace(args.workspace)
     _one_sandbox()
     with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
         run = sb.stream(argv, timeout=args.timeout, stdio=(0, 1, 2))
@@ -136,6 +152,7 @@ def _shell(args: argparse.Namespace) -> int:
     the host's session (TIOCSTI) or read what the user types after the sandbox exits.
     """
     policy = Policy.load(args.policy)
+    _make_workspace(args.workspace)
     _one_sandbox()
     master, slave = os.openpty()
     interactive = os.isatty(0)

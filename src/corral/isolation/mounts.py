@@ -7,8 +7,9 @@ Phases (run by `launcher` in this order):
 - nothing to clean up: the mount namespace and every mount in it vanish with the last process.
 
 Why a fresh tmpfs root with host directories bound into it, instead of binding all of `/`: the
-sandbox then only ever sees what the plan names, /workspace can be created without touching the host,
-and host-only mounts (/proc, /sys, /run with its runtime sockets) are never reachable underneath.
+sandbox then only ever sees what the plan names (the system's programs, libraries and /etc, plus the
+policy's `filesystem.readable`), /workspace can be created without touching the host, and host-only
+mounts (/proc, /sys, /run with its runtime sockets) are never reachable underneath.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import os
 
 from corral.isolation import _linux as L
-from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, Plan, ReplaceFile, Symlink
+from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, Plan, ReplaceFile, Symlink, Touch
 
 _RO_ATTRS = L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+# Written by `prepare_host`, bound over their /etc namesakes by ReplaceFile steps.
+_GENERATED = ("passwd", "group", "resolv.conf", "hosts")
 
 
 def prepare_host(state_dir: str, uid: int, gid: int, hostname: str = "corral") -> None:
@@ -38,10 +41,7 @@ def prepare_host(state_dir: str, uid: int, gid: int, hostname: str = "corral") -
     # otherwise ask corral's resolver, get NXDOMAIN and leave a refusal in the record.
     with open(f"{state_dir}/hosts", "w") as f:
         f.write(f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost {hostname}\n")
-    # The target of every hidden file: empty, and unreadable even by its owner.
-    fd = os.open(f"{state_dir}/empty", os.O_CREAT | os.O_WRONLY, 0o000)
-    os.close(fd)
-    os.mkdir(f"{state_dir}/emptydir", mode=0o000)
+    os.mkdir(f"{state_dir}/files", mode=0o700)
 
 
 def apply_in_child(plan: Plan, state_dir: str) -> None:
@@ -50,6 +50,7 @@ def apply_in_child(plan: Plan, state_dir: str) -> None:
     # Nothing we mount may propagate back to the host, and nothing the host mounts later leaks in.
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
     L.mount("corral-root", root, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755,size=64k,nr_inodes=4096")
+    files = _stage_files(state_dir)
 
     for op in plan.root_ops:
         target = root + op.path
@@ -59,14 +60,17 @@ def apply_in_child(plan: Plan, state_dir: str) -> None:
                 os.chmod(target, mode)  # mkdir's mode is filtered by umask
             case Symlink(_, link_target):
                 os.symlink(link_target, target)
+            case Touch(_):
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
             case Bind(source, _):
                 L.mount(source, target, None, L.MS_BIND | L.MS_REC)
             case HideDir(_):
-                L.mount(f"{state_dir}/emptydir", target, None, L.MS_BIND)
+                L.mount(f"{files}/emptydir", target, None, L.MS_BIND)
             case HideFile(_):
-                L.mount(f"{state_dir}/empty", target, None, L.MS_BIND)
+                L.mount(f"{files}/empty", target, None, L.MS_BIND)
             case ReplaceFile(_, generated):
-                L.mount(f"{state_dir}/{generated}", target, None, L.MS_BIND)
+                L.mount(f"{files}/{generated}", target, None, L.MS_BIND)
+    L.umount2(files, L.MNT_DETACH)  # the binds above keep what they need of it
 
     # One atomic, recursive call: every host bind (and every mount below it) becomes read-only,
     # nosuid and nodev, so no setuid binary or device node from the host works in the sandbox.
@@ -83,6 +87,30 @@ def apply_in_child(plan: Plan, state_dir: str) -> None:
     L.pivot_root(".", ".")
     L.umount2(".", L.MNT_DETACH)
     os.chdir(plan.cwd)
+
+
+def _stage_files(state_dir: str) -> str:
+    """corral's generated files and the targets of hidden paths, on a small tmpfs of their own.
+
+    Bound from there, /proc/self/mountinfo inside shows them as paths of `corral-files`; bound from the
+    state directory, every hidden path would tell the agent where corral keeps its state on the host.
+    """
+    staging = f"{state_dir}/files"
+    generated = {}
+    for name in _GENERATED:
+        with open(f"{state_dir}/{name}", "rb") as f:
+            generated[name] = f.read()
+    L.mount("corral-files", staging, "tmpfs", L.MS_NOSUID | L.MS_NODEV, "mode=0755,size=64k,nr_inodes=64")
+    for name, data in generated.items():
+        fd = os.open(f"{staging}/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    # The target of every hidden path: empty, and unreadable even by its owner.
+    os.close(os.open(f"{staging}/empty", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o000))
+    os.mkdir(f"{staging}/emptydir", mode=0o000)
+    return staging
 
 
 def _mount_dev(plan: Plan, root: str) -> None:

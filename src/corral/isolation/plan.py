@@ -14,23 +14,26 @@ import stat
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from corral._errors import HostError
 from corral.isolation import _linux
+from corral.policy._schema import SANDBOX_OWN
 
 if TYPE_CHECKING:
     from corral.policy import Policy
 
 WORKSPACE = "/workspace"
 
-# Host top-level entries the sandbox never sees from the host: each is replaced by a fresh,
-# sandbox-private mount (proc, sys, dev, run, tmp) or makes no sense inside (lost+found, boot media).
-_REPLACED_TOP_LEVEL = frozenset(
-    {"proc", "sys", "dev", "run", "tmp", "workspace", "lost+found", "media", "mnt"}
-)
+# What every program needs to run: the system's binaries, libraries and configuration (the secrets in
+# /etc are hidden by DEFAULT_HIDDEN). The rest of the host (data, checkouts, other jobs' directories,
+# /opt, /srv, /mnt, /home, /var) is absent unless the policy lists it in `filesystem.readable`: a
+# deny-list of secrets always forgets something, so the view starts from nothing. Entries the host
+# lacks are skipped; on merged-/usr hosts /bin, /sbin and /lib* are symlinks and stay symlinks.
+DEFAULT_READABLE: tuple[str, ...] = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 
-# Secrets hidden by default: user homes (SSH keys, cloud CLIs' credentials, shell history), password
-# hashes, SSH host keys, container-runtime and orchestrator state, cloud-init user data (often holds
-# bootstrap secrets), logs, and corral's own state. Sockets of container runtimes live under /run,
-# which is always replaced by an empty one.
+# Secrets hidden by default wherever a readable path holds them: user homes (SSH keys, cloud CLIs'
+# credentials, shell history), password hashes, SSH host keys, container-runtime and orchestrator
+# state, cloud-init user data (often holds bootstrap secrets), logs, and corral's own state. Sockets of
+# container runtimes live under /run, which is always replaced by an empty one.
 DEFAULT_HIDDEN: tuple[str, ...] = (
     "/root",
     "/home",
@@ -89,6 +92,13 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class Touch:
+    """An empty file in the new root: the mount point of a host file bound in."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class HideDir:
     path: str
 
@@ -113,9 +123,9 @@ class Device:
     minor: int
 
 
-MountOp = Mkdir | Symlink | Bind | HideDir | HideFile | ReplaceFile
+MountOp = Mkdir | Symlink | Touch | Bind | HideDir | HideFile | ReplaceFile
 _OPS: dict[str, type[MountOp]] = {
-    t.__name__: t for t in (Mkdir, Symlink, Bind, HideDir, HideFile, ReplaceFile)
+    t.__name__: t for t in (Mkdir, Symlink, Touch, Bind, HideDir, HideFile, ReplaceFile)
 }
 
 
@@ -171,6 +181,8 @@ class Plan:
                     lines.append(f"  mkdir {path} (mode {mode:o})")
                 case Symlink(path, target):
                     lines.append(f"  symlink {path} -> {target}")
+                case Touch(path):
+                    lines.append(f"  create empty file {path}")
                 case Bind(source, path):
                     lines.append(f"  bind {source} -> {path} (read-only)")
                 case HideDir(path):
@@ -230,19 +242,20 @@ _NS_NAMES = (
 )
 
 
-def _hidden_ops(patterns: list[str], host_root: str, hidden_top: set[str]) -> list[MountOp]:
+def _below(path: str, parents: list[str]) -> bool:
+    return any(path.startswith(p + "/") for p in parents)
+
+
+def _hidden_ops(patterns: list[str], host_root: str, bound: list[str]) -> list[MountOp]:
     ops: list[MountOp] = []
     seen: set[str] = set()
     for pattern in patterns:
         for host_path in sorted(glob.glob(host_root + pattern)) if "*" in pattern else [host_root + pattern]:
             rel = "/" + os.path.relpath(os.path.realpath(host_path), os.path.realpath(host_root) or "/")
             rel = os.path.normpath(rel)
-            parts = rel.strip("/").split("/")
-            if not parts[0] or parts[0] in _REPLACED_TOP_LEVEL:
-                continue  # a fresh, empty mount replaces it anyway
-            if len(parts) == 1 and parts[0] in hidden_top:
-                continue  # never bound in the first place
-            if any(rel == s or rel.startswith(s + "/") for s in seen):
+            if rel not in bound and not _below(rel, bound):
+                continue  # not in the sandbox's view: nothing to hide
+            if rel in seen or _below(rel, list(seen)):
                 continue
             try:
                 st = os.lstat(host_root + rel)
@@ -253,27 +266,74 @@ def _hidden_ops(patterns: list[str], host_root: str, hidden_top: set[str]) -> li
     return ops
 
 
+def _readable_host_path(path: str, host_root: str) -> tuple[str, int]:
+    """Where a `filesystem.readable` path really is on the host, and its file type."""
+    real = os.path.realpath(host_root + path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise HostError(f"filesystem.readable: {path} does not exist on this host") from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise HostError(f"filesystem.readable: {path} is neither a directory nor a regular file")
+    return "/" + os.path.relpath(real, os.path.realpath(host_root or "/")), stat.S_IFMT(st.st_mode)
+
+
 def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str = "") -> Plan:
     """Turn a validated policy into a plan. `host_root` lets tests run this on a fake host tree."""
-    hidden = [*DEFAULT_HIDDEN, *policy.filesystem.hidden]
-    hidden_top = {p.strip("/") for p in hidden if p.count("/") == 1 and "*" not in p}
+    readable = policy.filesystem.readable
+    # A path the policy lists explicitly is shown even where a built-in secret location covers it.
+    hidden = [
+        *(h for h in DEFAULT_HIDDEN if not any(r == h or r.startswith(h + "/") for r in readable)),
+        *policy.filesystem.hidden,
+    ]
 
     ops: list[MountOp] = []
-    for entry in sorted(os.scandir(host_root + "/"), key=lambda e: e.name):
-        name = entry.name
-        if name in _REPLACED_TOP_LEVEL:
-            continue
-        if entry.is_symlink():
-            ops.append(Symlink("/" + name, os.readlink(entry.path)))
-        elif entry.is_dir():
-            if name in hidden_top:
-                ops.append(Mkdir("/" + name, 0o000))
-            else:
-                ops.append(Mkdir("/" + name))
-                ops.append(Bind("/" + name, "/" + name))
-    for name in ("proc", "sys", "dev", "run", "tmp", "workspace"):
-        ops.append(Mkdir("/" + name, 0o1777 if name == "tmp" else 0o755))
-    ops.extend(_hidden_ops(hidden, host_root, hidden_top))
+    made = {"/"}  # directories of the sandbox's own root (a tmpfs)
+    bound: list[str] = []  # host paths bound in: everything below one of them comes from the host
+
+    def parents(path: str, *, itself: bool = False) -> None:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1 if itself else len(parts)):
+            prefix = "/" + "/".join(parts[:i])
+            if prefix not in made and not _below(prefix, bound):
+                ops.append(Mkdir(prefix))
+                made.add(prefix)
+
+    for path in DEFAULT_READABLE:
+        if os.path.islink(host_root + path):
+            ops.append(Symlink(path, os.readlink(host_root + path)))
+        elif os.path.isdir(host_root + path):
+            ops.extend((Mkdir(path), Bind(path, path)))
+            made.add(path)
+            bound.append(path)
+    for path in sorted(set(readable)):
+        if path in bound or _below(path, bound):
+            continue  # already in view
+        real, kind = _readable_host_path(path, host_root)
+        if real in bound or _below(real, bound):
+            continue  # in view through a symlink corral recreates (/lib -> usr/lib)
+        if real != path:
+            # Bound at the listed name, the hidden secrets below it (found at their real paths) would miss.
+            raise HostError(
+                f"filesystem.readable: {path} goes through a symlink on this host (it is {real}); list {real}"
+            )
+        parents(path)
+        ops.append(Mkdir(path) if kind == stat.S_IFDIR else Touch(path))
+        ops.append(Bind(path, path))
+        made.add(path)
+        bound.append(path)
+    for own in SANDBOX_OWN:
+        ops.append(Mkdir(own, 0o1777 if own == "/tmp" else 0o755))
+        made.add(own)
+
+    writable = [WORKSPACE, "/tmp"]
+    writable.extend(p for p in policy.filesystem.writable if p not in writable)
+    for path in writable[2:]:
+        # Outside the host's view the mount point is made in the sandbox's own root; within it (or
+        # within /workspace or /tmp) it must already exist (the launcher says which one doesn't).
+        if not _below(path, bound) and path not in bound and not _below(path, list(SANDBOX_OWN)):
+            parents(path, itself=True)
+    ops.extend(_hidden_ops(hidden, host_root, bound))
     # The agent's user must resolve to a name (whoami, ssh, pip and git look it up).
     ops.append(ReplaceFile("/etc/passwd", "passwd"))
     ops.append(ReplaceFile("/etc/group", "group"))
@@ -287,13 +347,6 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
     devices = [Device(name, major, minor) for name, major, minor in _BASE_DEVICES]
     devices.extend(gpu_devices(policy.gpu, host_root))
 
-    writable = [WORKSPACE, "/tmp"]
-    writable.extend(p for p in policy.filesystem.writable if p not in writable)
-    for path in writable[2:]:
-        # A new top-level directory can be made in the sandbox's own root; deeper paths must exist
-        # on the host (the launcher says which one doesn't).
-        if path.count("/") == 1 and not os.path.isdir(host_root + path):
-            ops.insert(len(ops) - 2, Mkdir(path))
     return Plan(
         namespaces=sum(f for _, f in _NS_NAMES),
         hostname=f"corral-{sandbox_id[:8]}",
@@ -316,8 +369,6 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
 
 def gpu_devices(indices: list[int] | tuple[int, ...], host_root: str = "") -> list[Device]:
     """Device nodes for the granted GPUs (and the driver's shared nodes); absent GPUs are an error."""
-    from corral._errors import HostError
-
     if not indices:
         return []
     found: list[Device] = []

@@ -189,9 +189,36 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Filesystem(_Model):
-    """What the sandbox sees of the filesystem: the host read-only, except these."""
+# Top-level paths that are the sandbox's own (fresh, private mounts): no host path can be read there.
+SANDBOX_OWN = ("/proc", "/sys", "/dev", "/run", "/tmp", "/workspace")
 
+
+def _host_readable(path: str) -> str:
+    for own in SANDBOX_OWN:
+        if path == own or path.startswith(own + "/"):
+            raise ValueError(
+                f"{show_value(path)} is under {own}, which is the sandbox's own (a fresh mount); "
+                "list a host path outside " + ", ".join(SANDBOX_OWN)
+            )
+    return path
+
+
+class Filesystem(_Model):
+    """What the sandbox sees of the filesystem: the system's programs, libraries and configuration, and
+    the paths listed in readable, all read-only; nothing else of the host."""
+
+    readable: tuple[Annotated[str, _absolute_path("/srv/datasets"), AfterValidator(_host_readable)], ...] = (
+        Field(
+            (),
+            description="Absolute host paths (directories or files) the sandbox may read, at the same path, "
+            "read-only, on top of what every program needs: /usr, /bin, /sbin, /lib*, and /etc with its "
+            "secrets hidden. Everything else on the host (/home, /root, /opt, /srv, /mnt, /var, data and "
+            "checkouts) is absent unless listed here. A listed path must exist on the host and contain no "
+            "symlink; built-in hidden secrets at or above a listed path are shown, those below it stay "
+            "hidden. Default: none.",
+            examples=[["/srv/datasets"]],
+        )
+    )
     writable: tuple[Annotated[str, _absolute_path("/workspace/out")], ...] = Field(
         (),
         description="Absolute paths inside the sandbox that commands may write. /workspace and /tmp always "
@@ -205,6 +232,13 @@ class Filesystem(_Model):
         "built-in list of secret locations. Default: only the built-in list.",
         examples=[["/srv/secrets"]],
     )
+
+    @model_validator(mode="after")
+    def _readable_not_hidden(self) -> Filesystem:
+        for path in self.readable:
+            if path in self.hidden:
+                raise ValueError(f"{path} is listed in both readable and hidden; keep it in one of them")
+        return self
 
 
 class EgressRule(_Model):
@@ -375,7 +409,8 @@ class Policy(_Model):
     )
     filesystem: Filesystem = Field(
         Filesystem(),
-        description="Writable and hidden paths. Default: read-only host, writable /workspace and /tmp.",
+        description="Readable, writable and hidden paths. Default: the system's programs, libraries and /etc "
+        "read-only, nothing else of the host; writable /workspace and /tmp.",
         examples=[{"writable": ["/workspace/out"]}],
     )
     network: Network = Field(

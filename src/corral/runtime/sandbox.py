@@ -740,8 +740,16 @@ class Sandbox:
                 os.lchown(os.path.join(root, name), self.uid, self.uid)
 
     def _copy_out(self) -> None:
-        """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`)."""
-        _fscopy.mirror(self._sandbox_path(planning.WORKSPACE), self.workspace)
+        """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`).
+
+        At most `resources.disk` bytes of data reach the host: the sandbox's own storage holds no more,
+        and holes and hard links are kept as such. Files that would go over are left out and recorded.
+        """
+        saved = _fscopy.mirror(
+            self._sandbox_path(planning.WORKSPACE), self.workspace, limit=self.policy.resources.disk
+        )
+        if saved.refused:
+            self._emit(Deny(sandbox=self.id, layer="storage", what="disk", detail=saved.describe()))
 
     # --- events ------------------------------------------------------------------------------
 
