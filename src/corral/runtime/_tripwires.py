@@ -10,6 +10,7 @@ supervisor's thread.
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import math
 import os
@@ -32,6 +33,7 @@ from corral.events.model import (
     ProcessUsage,
 )
 from corral.isolation import cgroups
+from corral.monitors import _execpath as xp
 from corral.monitors import process as pm
 from corral.monitors import resource as rm
 from corral.monitors.gpu import GpuProcessUsage
@@ -64,10 +66,13 @@ class Responder(Protocol):
 
 @dataclass(frozen=True)
 class ExecVerdict:
-    """What to answer a parked execve: "continue"; "refuse" (its caller was killed); "hold" (no
-    answer: the sandbox is being frozen or closed, and the caller stays parked until then)."""
+    """What to answer a parked execve: "continue" (only once its program was resolved and judged);
+    "refuse" (answer `error`: its caller was killed, its program could not be resolved with
+    certainty, or the call is bound to fail and gets the kernel's own errno); "hold" (no answer: the
+    sandbox is being frozen or closed, and the caller stays parked until then)."""
 
     action: Literal["continue", "refuse", "hold"]
+    error: int = errno.EPERM
 
 
 class Tripwires:
@@ -129,26 +134,29 @@ class Tripwires:
         if self._closed:
             return ExecVerdict("continue")  # the sandbox is being closed; its processes are dying
         try:
-            path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
+            path, argv, dirfd, flags = pm.read_exec_call(pid, syscall, args)
         except PermissionError as e:
             # Fail closed: a program the monitor can't read is a program it can't judge.
             print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
-            self._emit(
-                Deny(
-                    sandbox=self.id,
-                    layer="seccomp",
-                    what=syscall,
-                    exec=self._current_exec(),
-                    process=ProcessRef(pid=pid),
-                    detail=f"refused: the process monitor could not read the call ({e.strerror})",
-                )
+            return self._refuse_exec(
+                pid, syscall, f"refused: the process monitor could not read the call ({e.strerror})"
             )
-            return ExecVerdict("refuse")
         except OSError:
-            return ExecVerdict("continue")  # the caller died meanwhile
-        target = pm.resolve_exec_path(pid, path, dirfd)
-        if target is None:
-            return ExecVerdict("continue")  # a PATH miss: the kernel answers ENOENT; not a program start
+            # The caller died meanwhile (nobody reads the answer), or passed a pointer it can't read
+            # either: the kernel would say EFAULT. A call that was not read is never let through.
+            return ExecVerdict("refuse", errno.EFAULT)
+        loader: list[str] | None = None
+        try:
+            target = xp.resolve(pid, path, dirfd, flags)
+            if isinstance(target, xp.ExecTarget):
+                target, argv, loader = self._through_loader(pid, target, argv)
+        except xp.ExecUnresolved as e:
+            shown = path.decode(errors="replace")[:200]
+            return self._refuse_exec(pid, syscall, f"refused: cannot tell which program {shown!r} runs: {e}")
+        if isinstance(target, int):
+            # Bound to fail (most often a PATH probe): answered here with the kernel's own errno, so
+            # that a wrong "no such file" can never let a program run unjudged. Not a program start.
+            return ExecVerdict("refuse", target)
         exe = target.exe
         try:
             cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
@@ -163,16 +171,56 @@ class Tripwires:
         # Built without validation: every field comes from the kernel, typed here, and this runs
         # while the execve waits.
         event = ProcExec.model_construct(
-            sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id
+            sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id, loader=loader
         )
         self._emit(event)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
-            "proc.content": lambda: pm.content_ref(pid, target, argv, cwd),
+            "proc.content": lambda: pm.content_ref(pid, target, argv),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
         return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
+
+    def _through_loader(
+        self, pid: int, target: xp.ExecTarget, argv: list[str]
+    ) -> tuple[xp.ExecTarget, list[str], list[str] | None]:
+        """`ld.so [OPTIONS] PROGRAM ARGS` is judged as PROGRAM ARGS, the program the loader maps (its
+        bytes, its name); returned with the loader's own path and options, for the record."""
+        loader: list[str] | None = None
+        depth = 0
+        while xp.is_loader(target):
+            loaded = xp.loaded_program(argv)
+            if loaded is None:
+                break  # the loader alone (--help, --version): nothing else runs
+            name = argv[loaded.index]
+            if depth >= 4:
+                raise xp.ExecUnresolved("dynamic loaders nested too deep")
+            if "/" not in name:
+                raise xp.ExecUnresolved(f"the dynamic loader would search its library paths for {name!r}")
+            program = xp.resolve(pid, os.fsencode(name), None, executable=False)
+            if isinstance(program, int):
+                raise xp.ExecUnresolved(
+                    f"the dynamic loader's program {name!r} is not a file it can map ({os.strerror(program)})"
+                )
+            if loader is None:
+                loader = [target.exe, *argv[1 : loaded.index]]
+            target, argv = program, loaded.argv
+            depth += 1
+        return target, argv, loader
+
+    def _refuse_exec(self, pid: int, syscall: str, detail: str) -> ExecVerdict:
+        self._emit(
+            Deny(
+                sandbox=self.id,
+                layer="seccomp",
+                what=syscall,
+                exec=self._current_exec(),
+                process=ProcessRef(pid=pid, exe=pm.exe(pid), cmdline=pm.cmdline(pid)),
+                detail=detail,
+            )
+        )
+        return ExecVerdict("refuse")
 
     def observe_event(self, event: Event) -> None:
         if self._closed or isinstance(event, Alert | ProcExec):
