@@ -164,6 +164,23 @@ def test_a_program_started_through_the_dynamic_loader_is_judged_as_that_program(
         assert sb.exec(f"{LOADER} --version").exit_code == 0
 
 
+@pytest.mark.parametrize(
+    "line",
+    ["#!/workspace/kworker", "#!/proc/self/root/workspace/kworker -x", f"#! {LOADER} /workspace/kworker"],
+)
+def test_a_scripts_interpreter_is_judged_with_the_script(line: str) -> None:
+    with sandbox() as sb:
+        sb.exec("cp /bin/true kworker && printf 'mining.subscribe' >> kworker")
+        sb.write_file("run.sh", line + "\n")
+        r = sb.exec("chmod +x run.sh && ./run.sh")
+        assert r.exit_code == 137, r
+        assert wait_until(lambda: any(a.rule == "miner content" for a in sb.alerts()))
+        # A script whose interpreter is missing fails as the kernel says, with no refusal.
+        sb.write_file("broken.sh", "#!/nonexistent/interpreter\n")
+        r = sb.exec("chmod +x broken.sh && ./broken.sh", text=True)
+        assert r.exit_code == 127 and r.denials == [], r
+
+
 REVERSE_SHELL = """
 import socket, subprocess, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))

@@ -38,6 +38,7 @@ _MAX_HOPS = 40  # symlinks followed in one lookup before ELOOP, as the kernel co
 _MAGIC = re.compile(rb"^\d+/(?:task/\d+/)?(root|cwd|exe|fd/\d+)$")
 
 Identity = tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
+_CACHE_MAX = 4096  # file versions remembered per cache (loader or not, `#!` line)
 
 
 class ExecUnresolved(Exception):
@@ -282,6 +283,42 @@ def _proc_link(
     return _anchor(caller, link, name.decode(errors="replace")), []
 
 
+# --- scripts --------------------------------------------------------------------------------------
+
+_SHEBANG_CACHE: dict[Identity, tuple[bytes, bytes | None] | None] = {}
+_BINPRM_BUF = 256  # how much of a file the kernel reads to find its `#!` line
+MAX_SCRIPT_DEPTH = 4  # interpreters that are scripts themselves, before the kernel says ELOOP
+
+
+def shebang(target: ExecTarget) -> tuple[bytes, bytes | None] | None:
+    """The interpreter a `#!` script names and its one optional argument, parsed as the kernel
+    does (read once per file version), or None for any other file."""
+    if target.identity in _SHEBANG_CACHE:
+        return _SHEBANG_CACHE[target.identity]
+    found: tuple[bytes, bytes | None] | None = None
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if target.follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(target.host_path, flags)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            head = os.pread(fd, _BINPRM_BUF, 0)
+        except OSError:
+            head = b""
+        finally:
+            os.close(fd)
+        if head.startswith(b"#!"):
+            line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].strip(b" \t\r")
+            interp, _, arg = line.replace(b"\t", b" ").partition(b" ")
+            if interp:
+                found = (interp, arg.strip(b" ") or None)
+    if len(_SHEBANG_CACHE) >= _CACHE_MAX:
+        _SHEBANG_CACHE.clear()
+    _SHEBANG_CACHE[target.identity] = found
+    return found
+
+
 # --- the dynamic loader ----------------------------------------------------------------------------
 
 # The loader's own names (glibc: ld-linux-x86-64.so.2, ld-linux-aarch64.so.1, ld64.so.2, ld-2.31.so;
@@ -290,7 +327,6 @@ _LOADER_NAME = re.compile(
     r"^(?:ld-linux[^/]*\.so[^/]*|ld-[^/]*\.so[^/]*|ld64\.so[^/]*|ld-musl[^/]*|libc\.musl[^/]*)$"
 )
 _LOADER_CACHE: dict[Identity, bool] = {}
-_CACHE_MAX = 4096
 
 # ld.so options, glibc's and musl's. Those taking a value take the next argument (musl also accepts
 # --option=value); the first argument after the options is the program.

@@ -23,7 +23,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -467,10 +467,13 @@ INTERPRETERS = frozenset(
 )
 
 
-def content_ref(pid: int, target: _execpath.ExecTarget, argv: list[str]) -> ContentRef | None:
+def content_ref(
+    pid: int, target: _execpath.ExecTarget, argv: list[str], also: Sequence[_execpath.ExecTarget] = ()
+) -> ContentRef | None:
     """The program (`target`, from `_execpath.resolve`), plus, for an interpreter, the first argument
-    that names a regular file (the script it runs), resolved as the parked caller `pid` would."""
-    targets = [target]
+    that names a regular file (the script it runs), resolved as the parked caller `pid` would; plus
+    `also` (a `#!` script's interpreter)."""
+    targets = [target, *also]
     name = os.path.basename(target.exe)
     if name in INTERPRETERS or name.startswith("python"):
         for a in argv[1:4]:

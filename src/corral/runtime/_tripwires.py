@@ -146,10 +146,16 @@ class Tripwires:
             # either: the kernel would say EFAULT. A call that was not read is never let through.
             return ExecVerdict("refuse", errno.EFAULT)
         loader: list[str] | None = None
+        also: list[xp.ExecTarget] = []
         try:
             target = xp.resolve(pid, path, dirfd, flags)
             if isinstance(target, xp.ExecTarget):
-                target, argv, loader = self._through_loader(pid, target, argv)
+                ran = self._interpreters(pid, target, argv, path)
+                if isinstance(ran, int):
+                    target = ran
+                else:
+                    also = ran
+                    target, argv, loader = self._through_loader(pid, target, argv)
         except xp.ExecUnresolved as e:
             shown = path.decode(errors="replace")[:200]
             return self._refuse_exec(pid, syscall, f"refused: cannot tell which program {shown!r} runs: {e}")
@@ -176,11 +182,38 @@ class Tripwires:
         self._emit(event)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
-            "proc.content": lambda: pm.content_ref(pid, target, argv),
+            "proc.content": lambda: pm.content_ref(pid, target, argv, also),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
         return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
+
+    def _interpreters(
+        self, pid: int, target: xp.ExecTarget, argv: list[str], path: bytes
+    ) -> list[xp.ExecTarget] | int:
+        """What the kernel runs for a `#!` script: its interpreter (and theirs, for a script
+        interpreter; and what a loader named there maps), whose bytes are judged with the script's.
+        The errno the kernel would give when the interpreter can't run (ENOENT, ELOOP)."""
+        out: list[xp.ExecTarget] = []
+        current, args = target, argv
+        for _ in range(xp.MAX_SCRIPT_DEPTH + 1):
+            line = xp.shebang(current)
+            if line is None:
+                break
+            interp, arg = line
+            found = xp.resolve(pid, interp, None)  # opened from the caller's cwd, as the kernel does
+            if isinstance(found, int):
+                return found
+            args = [os.fsdecode(interp), *([os.fsdecode(arg)] if arg else []), os.fsdecode(path), *args[1:]]
+            current = found
+            out.append(found)
+        else:
+            return errno.ELOOP
+        if out:
+            loaded, _, through = self._through_loader(pid, current, args)
+            if through is not None:
+                out.append(loaded)
+        return out
 
     def _through_loader(
         self, pid: int, target: xp.ExecTarget, argv: list[str]
