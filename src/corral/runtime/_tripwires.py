@@ -132,7 +132,8 @@ class Tripwires:
     def on_exec(self, pid: int, syscall: str, args: tuple[int, ...]) -> ExecVerdict:
         """An execve, with its caller parked. Records it and runs the rules before the program runs."""
         if self._closed:
-            return ExecVerdict("continue")  # the sandbox is being closed; its processes are dying
+            # The sandbox is being closed and its processes killed: nothing starts unjudged meanwhile.
+            return ExecVerdict("refuse")
         try:
             path, argv, dirfd, flags = pm.read_exec_call(pid, syscall, args)
         except PermissionError as e:
