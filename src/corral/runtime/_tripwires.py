@@ -142,10 +142,11 @@ class Tripwires:
             return self._refuse_exec(
                 pid, syscall, f"refused: the process monitor could not read the call ({e.strerror})"
             )
-        except OSError:
-            # The caller died meanwhile (nobody reads the answer), or passed a pointer it can't read
-            # either: the kernel would say EFAULT. A call that was not read is never let through.
-            return ExecVerdict("refuse", errno.EFAULT)
+        except OSError as e:
+            # The caller died meanwhile (nobody reads the answer), passed a pointer it can't read
+            # either (EFAULT) or an argv the kernel would not copy (E2BIG), as the kernel would say.
+            # A call that was not read whole is never let through.
+            return ExecVerdict("refuse", errno.E2BIG if e.errno == errno.E2BIG else errno.EFAULT)
         loader: list[str] | None = None
         also: list[xp.ExecTarget] = []
         try:
@@ -171,8 +172,9 @@ class Tripwires:
             cwd = None
         stdio, pipes = pm.stdio_kinds(pid)
         ppid, ns_pid = pm.status_ids(pid)
+        recorded = pm.recorded_argv(argv)
         info = pm.ProcInfo(
-            pid=pid, ppid=ppid or 0, exec_id=None, exe=exe, argv=argv, cwd=cwd, ns_pid=ns_pid, stdio=stdio
+            pid=pid, ppid=ppid or 0, exec_id=None, exe=exe, argv=recorded, cwd=cwd, ns_pid=ns_pid, stdio=stdio
         )
         info = self.table.on_exec(info)
         # Built without validation: every field comes from the kernel, typed here, and this runs
@@ -187,6 +189,8 @@ class Tripwires:
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
+        if recorded is not argv:  # recorded bounded, judged whole
+            obs._values.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
         return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
 
     def _interpreters(
