@@ -38,7 +38,9 @@ FIELDS: dict[str, FieldSpec] = {
     "proc.pid": FieldSpec("int", "host pid"),
     "proc.ppid": FieldSpec("int", "host pid of the parent"),
     "proc.name": FieldSpec("str", "file name of the executable (after a rename, the new name)"),
-    "proc.exe": FieldSpec("str", "path of the executable inside the sandbox"),
+    "proc.exe": FieldSpec(
+        "str", "path of the executable inside the sandbox, canonical (for `ld.so PROGRAM`: PROGRAM)"
+    ),
     "proc.argv0": FieldSpec("str", "the name the process gave itself (argv[0]); programs can forge it"),
     "proc.args": FieldSpec("list", "arguments after argv[0]"),
     "proc.cmdline": FieldSpec("str", "argv joined by spaces"),
@@ -62,8 +64,9 @@ FIELDS: dict[str, FieldSpec] = {
     ),
     "proc.content": FieldSpec(
         "content",
-        "the executable's bytes and those of a script it runs (first argument naming a file), read on the "
-        "host; only `contains`/`icontains` apply, and a renamed copy has the same content",
+        "the executable's bytes and those of a script it runs (first argument naming a file) or, for a `#!` "
+        "script, of its interpreter, read on the host; only `contains`/`icontains` apply, and a renamed copy "
+        "has the same content",
     ),
     "proc.cpu": FieldSpec("float", "cores the process used over the last sample (proc.sample)"),
     "proc.cpu_share": FieldSpec("float", "proc.cpu as a fraction of the sandbox's cpu budget (proc.sample)"),

@@ -136,6 +136,11 @@ class ProcExec(_Base):
         default_factory=list, description="what fds 0-2 were: socket, pipe, tty, file, null or other"
     )
     exec: int | None = Field(None, description="the command it belongs to")
+    loader: list[str] | None = Field(
+        None,
+        description="started through the dynamic loader (ld.so PROGRAM): the loader's path and the "
+        "options before PROGRAM; `process` is then PROGRAM",
+    )
 
 
 class ProcSeccomp(_Base):

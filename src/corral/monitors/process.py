@@ -17,23 +17,28 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import re
 import socket
 import stat
 import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from corral._once import process_wide
 from corral.isolation import _linux
+from corral.monitors import _execpath
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_MAX_ARGS = 4096
-_MAX_ARG_BYTES = 256 * 1024
+# What a proc.exec event records of a command line; the rules judge all of it.
+RECORDED_ARGS = 4096
+RECORDED_ARG_BYTES = 256 * 1024
+# The kernel's limits on what execve copies: one argument up to 32 pages with its NUL, and all of
+# them with their pointers within 3/4 of the largest stack it allows (6 MiB); beyond, it says E2BIG.
+_MAX_ARG_STRLEN = 32 * 4096
+_MAX_ARGV_BYTES = 6 << 20
 
 
 @dataclass
@@ -278,55 +283,81 @@ def killed(pid: int) -> bool:
     return False
 
 
-def _read_string(mem: int, addr: int, limit: int = 4096) -> bytes:
-    out = b""
+def _read_string(mem: int, addr: int, limit: int) -> bytes:
+    """The NUL-terminated string at `addr`, or its first `limit` bytes when it is that long."""
+    out = bytearray()
+    size = 512  # most strings are short; a long one is read a page at a time
     while len(out) < limit:
-        chunk = os.pread(mem, 512, addr + len(out))
+        chunk = os.pread(mem, min(size, limit - len(out)), addr + len(out))
         if not chunk:
             break
         nul = chunk.find(b"\0")
         if nul >= 0:
-            return out + chunk[:nul]
+            out += chunk[:nul]
+            return bytes(out)
         out += chunk
-    return out[:limit]
+        size = 4096
+    return bytes(out)
 
 
-def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, list[str], int | None]:
+def read_exec_call(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[bytes, list[str], int | None, int]:
     """The path and argv an execve/execveat caller passed, read from its memory while it is parked.
 
-    Returns (path, argv, dirfd). What the agent can change between this read and the kernel's own
-    (another thread rewriting the buffer) is why nothing here decides anything: the proc.exec event
-    is a record; the content rule reads the file the path names, and Landlock and the read-only root
-    decide what may run.
+    Returns (path, argv, dirfd, flags): dirfd None for AT_FDCWD (and execve), flags execveat's. The
+    path stays bytes, exactly as the kernel will read it; PATH_MAX bytes or more means ENAMETOOLONG.
+    Another thread of the caller can still rewrite the buffer after this read (see README, limits).
+    Raises OSError: E2BIG for an argv past the kernel's limits, EFAULT (or EIO) for unreadable memory.
     """
     if syscall == "execveat":
-        dirfd, path_ptr, argv_ptr = args[0], args[1], args[2]
-        dirfd_i: int | None = dirfd - (1 << 32) if dirfd >= 1 << 31 else dirfd
-        dirfd_i = None if dirfd_i is None or dirfd_i < 0 else dirfd_i
+        path_ptr, argv_ptr = args[1], args[2]
+        # int arguments: the kernel reads the low 32 bits, whatever the register's upper half holds.
+        low = args[0] & 0xFFFFFFFF
+        dirfd: int | None = low - (1 << 32) if low >= 1 << 31 else low
+        dirfd = None if dirfd == _execpath.AT_FDCWD else dirfd
+        flags = args[4] & 0xFFFFFFFF
     else:
-        path_ptr, argv_ptr, dirfd_i = args[0], args[1], None
+        path_ptr, argv_ptr, dirfd, flags = args[0], args[1], None, 0
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        path = _read_string(fd, path_ptr).decode(errors="replace") if path_ptr else ""
+        # An unreadable path (a bad pointer) raises here: the caller gets EFAULT, as from the kernel.
+        path = _read_string(fd, path_ptr, _execpath.PATH_MAX) if path_ptr else b""
         argv: list[str] = []
         total = 0
         if argv_ptr:
+            # All of it: a flag hidden after thousands of filler arguments is still judged.
             ptrs = b""
-            while len(argv) < _MAX_ARGS and total < _MAX_ARG_BYTES:
+            while True:
                 if not ptrs:
                     ptrs = os.pread(fd, 8 * 64, argv_ptr + 8 * len(argv))
-                    if len(ptrs) < 8:
-                        break
+                    ptrs = ptrs[: len(ptrs) - len(ptrs) % 8]
+                    if not ptrs:
+                        raise OSError(errno.EFAULT, "argv is not readable")
                 (p,) = struct.unpack_from("=Q", ptrs)
                 ptrs = ptrs[8:]
                 if p == 0:
                     break
-                s = _read_string(fd, p)
-                total += len(s) + 1
+                s = _read_string(fd, p, _MAX_ARG_STRLEN)
+                total += len(s) + 1 + 8
+                if len(s) >= _MAX_ARG_STRLEN or total > _MAX_ARGV_BYTES:
+                    raise OSError(errno.E2BIG, "argument list too long")
                 argv.append(s.decode(errors="replace"))
     finally:
         os.close(fd)
-    return path, argv, dirfd_i
+    return path, argv, dirfd, flags
+
+
+def recorded_argv(argv: list[str]) -> list[str]:
+    """The command line as events keep it: bounded, so that one exec can't fill the host's memory."""
+    if len(argv) <= RECORDED_ARGS and sum(len(a) for a in argv) <= RECORDED_ARG_BYTES:
+        return argv
+    out: list[str] = []
+    total = 0
+    for a in argv[:RECORDED_ARGS]:
+        total += len(a) + 1
+        if total > RECORDED_ARG_BYTES:
+            break
+        out.append(a)
+    return out
 
 
 def read_ipv4_sockaddr(pid: int, addr: int) -> tuple[ipaddress.IPv4Address, int] | None:
@@ -373,53 +404,6 @@ def socket_path(pid: int, path: str) -> str | None:
     if canonical == "/proc":
         raise Unfollowable("through /proc")
     return canonical
-
-
-@dataclass(frozen=True)
-class ExecTarget:
-    exe: str  # the program as the sandbox names it (for an fd: what the fd is, e.g. /memfd:x (deleted))
-    host_path: str  # where the host reads its bytes
-
-
-# A program run through one of its own file descriptors: fexecve, /proc/self/fd/N, /dev/fd/N. This
-# is how fileless programs (memfd_create) are started, so it must not read as a failed exec.
-_MAGIC_FD = re.compile(r"^/proc/\d+/fd/\d+$")
-_FD_PATH = re.compile(r"^/(?:proc/(?:self|thread-self)/fd|dev/fd)/(\d+)$")
-
-
-def resolve_exec_path(pid: int, path: str, dirfd: int | None) -> ExecTarget | None:
-    """The program's canonical path inside the sandbox, or None when the exec is bound to fail (no
-    such file: shells and execvp try each PATH directory in turn, and those misses are not program
-    starts)."""
-    root = f"/proc/{pid}/root"
-    fd: int | None = dirfd if path == "" else None
-    if not path.startswith("/") and path:
-        try:
-            where = f"/proc/{pid}/fd/{dirfd}" if dirfd is not None else f"/proc/{pid}/cwd"
-            path = os.path.join(os.readlink(where), path)
-        except OSError:
-            return None
-    m = _FD_PATH.match(os.path.normpath(path)) if path else None
-    if m is not None:
-        fd = int(m.group(1))
-    if fd is not None:
-        host = f"/proc/{pid}/fd/{fd}"  # a magic link: the host reaches the very file, deleted or not
-        try:
-            st = os.stat(host)
-            exe = os.readlink(host)
-        except OSError:
-            return None
-        return ExecTarget(exe, host) if stat.S_ISREG(st.st_mode) else None
-    canonical = in_root_realpath(root, path)
-    if canonical is None:
-        return None
-    try:
-        st = os.stat(root + canonical, follow_symlinks=False)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
-        return None
-    return ExecTarget(canonical, root + canonical)
 
 
 def in_root_realpath(root: str, path: str, stop: str | None = None) -> str | None:
@@ -544,15 +528,17 @@ class ContentRef:
 
     paths: tuple[str, ...]  # host paths (through /proc/PID/root)
     identity: tuple[tuple[int, int, int, int], ...]
+    follow: tuple[bool, ...] = ()  # per path: a magic link (an fd) to follow, not a name
 
     LIMIT = 32 << 20
 
     def read(self) -> bytes:
         parts = []
-        for p in self.paths:
+        for i, p in enumerate(self.paths):
             # A program run from its fd is read through that fd's magic link, which must be
             # followed; any other path is canonical already, so a symlink there is a swap.
-            nofollow = 0 if _MAGIC_FD.match(p) else os.O_NOFOLLOW
+            follow = i < len(self.follow) and self.follow[i]
+            nofollow = 0 if follow else os.O_NOFOLLOW
             try:
                 fd = os.open(p, os.O_RDONLY | nofollow | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
@@ -578,35 +564,30 @@ INTERPRETERS = frozenset(
 )
 
 
-def content_ref(pid: int, target: ExecTarget, argv: list[str], cwd: str | None) -> ContentRef | None:
-    """The program (`target`, from `resolve_exec_path`), plus, for an interpreter, the first argument
-    that names a regular file (the script it runs), inside the sandbox whose root `pid` sees."""
-    root = f"/proc/{pid}/root"
-    paths: list[str] = []
-    ident: list[tuple[int, int, int, int]] = []
-    candidates: list[str | None] = [target.host_path]
+def content_ref(
+    pid: int, target: _execpath.ExecTarget, argv: list[str], also: Sequence[_execpath.ExecTarget] = ()
+) -> ContentRef | None:
+    """The program (`target`, from `_execpath.resolve`), plus, for an interpreter, the first argument
+    that names a regular file (the script it runs), resolved as the parked caller `pid` would; plus
+    `also` (a `#!` script's interpreter)."""
+    targets = [target, *also]
     name = os.path.basename(target.exe)
     if name in INTERPRETERS or name.startswith("python"):
         for a in argv[1:4]:
             if a.startswith("-") or not a:
                 continue
-            script = in_root_realpath(root, a if a.startswith("/") else os.path.join(cwd or "/", a))
-            candidates.append(root + script if script is not None else None)
+            try:
+                script = _execpath.resolve(pid, os.fsencode(a), None, executable=False)
+            except _execpath.ExecUnresolved:
+                script = None
+            if isinstance(script, _execpath.ExecTarget):
+                targets.append(script)
             break
-    for host in candidates:
-        if host is None:
-            continue
-        try:
-            st = os.stat(host)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        paths.append(host)
-        ident.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-    if not paths:
-        return None
-    return ContentRef(tuple(paths), tuple(ident))
+    return ContentRef(
+        tuple(t.host_path for t in targets),
+        tuple(t.identity for t in targets),
+        tuple(t.follow for t in targets),
+    )
 
 
 # --- the kernel's process events -----------------------------------------------------------------

@@ -10,6 +10,7 @@ supervisor's thread.
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import math
 import os
@@ -32,6 +33,7 @@ from corral.events.model import (
     ProcessUsage,
 )
 from corral.isolation import cgroups
+from corral.monitors import _execpath as xp
 from corral.monitors import process as pm
 from corral.monitors import resource as rm
 from corral.monitors.gpu import GpuProcessUsage
@@ -64,10 +66,13 @@ class Responder(Protocol):
 
 @dataclass(frozen=True)
 class ExecVerdict:
-    """What to answer a parked execve: "continue"; "refuse" (its caller was killed); "hold" (no
-    answer: the sandbox is being frozen or closed, and the caller stays parked until then)."""
+    """What to answer a parked execve: "continue" (only once its program was resolved and judged);
+    "refuse" (answer `error`: its caller was killed, its program could not be resolved with
+    certainty, or the call is bound to fail and gets the kernel's own errno); "hold" (no answer: the
+    sandbox is being frozen or closed, and the caller stays parked until then)."""
 
     action: Literal["continue", "refuse", "hold"]
+    error: int = errno.EPERM
 
 
 class Tripwires:
@@ -127,28 +132,39 @@ class Tripwires:
     def on_exec(self, pid: int, syscall: str, args: tuple[int, ...]) -> ExecVerdict:
         """An execve, with its caller parked. Records it and runs the rules before the program runs."""
         if self._closed:
-            return ExecVerdict("continue")  # the sandbox is being closed; its processes are dying
+            # The sandbox is being closed and its processes killed: nothing starts unjudged meanwhile.
+            return ExecVerdict("refuse")
         try:
-            path, argv, dirfd = pm.read_exec_call(pid, syscall, args)
+            path, argv, dirfd, flags = pm.read_exec_call(pid, syscall, args)
         except PermissionError as e:
             # Fail closed: a program the monitor can't read is a program it can't judge.
             print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
-            self._emit(
-                Deny(
-                    sandbox=self.id,
-                    layer="seccomp",
-                    what=syscall,
-                    exec=self._current_exec(),
-                    process=ProcessRef(pid=pid),
-                    detail=f"refused: the process monitor could not read the call ({e.strerror})",
-                )
+            return self._refuse_exec(
+                pid, syscall, f"refused: the process monitor could not read the call ({e.strerror})"
             )
-            return ExecVerdict("refuse")
-        except OSError:
-            return ExecVerdict("continue")  # the caller died meanwhile
-        target = pm.resolve_exec_path(pid, path, dirfd)
-        if target is None:
-            return ExecVerdict("continue")  # a PATH miss: the kernel answers ENOENT; not a program start
+        except OSError as e:
+            # The caller died meanwhile (nobody reads the answer), passed a pointer it can't read
+            # either (EFAULT) or an argv the kernel would not copy (E2BIG), as the kernel would say.
+            # A call that was not read whole is never let through.
+            return ExecVerdict("refuse", errno.E2BIG if e.errno == errno.E2BIG else errno.EFAULT)
+        loader: list[str] | None = None
+        also: list[xp.ExecTarget] = []
+        try:
+            target = xp.resolve(pid, path, dirfd, flags)
+            if isinstance(target, xp.ExecTarget):
+                ran = self._interpreters(pid, target, argv, path)
+                if isinstance(ran, int):
+                    target = ran
+                else:
+                    also = ran
+                    target, argv, loader = self._through_loader(pid, target, argv)
+        except xp.ExecUnresolved as e:
+            shown = path.decode(errors="replace")[:200]
+            return self._refuse_exec(pid, syscall, f"refused: cannot tell which program {shown!r} runs: {e}")
+        if isinstance(target, int):
+            # Bound to fail (most often a PATH probe): answered here with the kernel's own errno, so
+            # that a wrong "no such file" can never let a program run unjudged. Not a program start.
+            return ExecVerdict("refuse", target)
         exe = target.exe
         try:
             cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
@@ -156,23 +172,93 @@ class Tripwires:
             cwd = None
         stdio, pipes = pm.stdio_kinds(pid)
         ppid, ns_pid = pm.status_ids(pid)
+        recorded = pm.recorded_argv(argv)
         info = pm.ProcInfo(
-            pid=pid, ppid=ppid or 0, exec_id=None, exe=exe, argv=argv, cwd=cwd, ns_pid=ns_pid, stdio=stdio
+            pid=pid, ppid=ppid or 0, exec_id=None, exe=exe, argv=recorded, cwd=cwd, ns_pid=ns_pid, stdio=stdio
         )
         info = self.table.on_exec(info)
         # Built without validation: every field comes from the kernel, typed here, and this runs
         # while the execve waits.
         event = ProcExec.model_construct(
-            sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id
+            sandbox=self.id, process=self._ref(info), cwd=cwd, stdio=stdio, exec=info.exec_id, loader=loader
         )
         self._emit(event)
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
-            "proc.content": lambda: pm.content_ref(pid, target, argv, cwd),
+            "proc.content": lambda: pm.content_ref(pid, target, argv, also),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
+        if recorded is not argv:  # recorded bounded, judged whole
+            obs._values.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
         return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
+
+    def _interpreters(
+        self, pid: int, target: xp.ExecTarget, argv: list[str], path: bytes
+    ) -> list[xp.ExecTarget] | int:
+        """What the kernel runs for a `#!` script: its interpreter (and theirs, for a script
+        interpreter; and what a loader named there maps), whose bytes are judged with the script's.
+        The errno the kernel would give when the interpreter can't run (ENOENT, ELOOP)."""
+        out: list[xp.ExecTarget] = []
+        current, args = target, argv
+        for _ in range(xp.MAX_SCRIPT_DEPTH + 1):
+            line = xp.shebang(current)
+            if line is None:
+                break
+            interp, arg = line
+            found = xp.resolve(pid, interp, None)  # opened from the caller's cwd, as the kernel does
+            if isinstance(found, int):
+                return found
+            args = [os.fsdecode(interp), *([os.fsdecode(arg)] if arg else []), os.fsdecode(path), *args[1:]]
+            current = found
+            out.append(found)
+        else:
+            return errno.ELOOP
+        if out:
+            loaded, _, through = self._through_loader(pid, current, args)
+            if through is not None:
+                out.append(loaded)
+        return out
+
+    def _through_loader(
+        self, pid: int, target: xp.ExecTarget, argv: list[str]
+    ) -> tuple[xp.ExecTarget, list[str], list[str] | None]:
+        """`ld.so [OPTIONS] PROGRAM ARGS` is judged as PROGRAM ARGS, the program the loader maps (its
+        bytes, its name); returned with the loader's own path and options, for the record."""
+        loader: list[str] | None = None
+        depth = 0
+        while xp.is_loader(target):
+            loaded = xp.loaded_program(argv)
+            if loaded is None:
+                break  # the loader alone (--help, --version): nothing else runs
+            name = argv[loaded.index]
+            if depth >= 4:
+                raise xp.ExecUnresolved("dynamic loaders nested too deep")
+            if "/" not in name:
+                raise xp.ExecUnresolved(f"the dynamic loader would search its library paths for {name!r}")
+            program = xp.resolve(pid, os.fsencode(name), None, executable=False)
+            if isinstance(program, int):
+                raise xp.ExecUnresolved(
+                    f"the dynamic loader's program {name!r} is not a file it can map ({os.strerror(program)})"
+                )
+            if loader is None:
+                loader = [target.exe, *argv[1 : loaded.index]]
+            target, argv = program, loaded.argv
+            depth += 1
+        return target, argv, loader
+
+    def _refuse_exec(self, pid: int, syscall: str, detail: str) -> ExecVerdict:
+        self._emit(
+            Deny(
+                sandbox=self.id,
+                layer="seccomp",
+                what=syscall,
+                exec=self._current_exec(),
+                process=ProcessRef(pid=pid, exe=pm.exe(pid), cmdline=pm.cmdline(pid)),
+                detail=detail,
+            )
+        )
+        return ExecVerdict("refuse")
 
     def observe_event(self, event: Event) -> None:
         if self._closed or isinstance(event, Alert | ProcExec):

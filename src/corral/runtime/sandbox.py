@@ -806,11 +806,13 @@ class Sandbox:
             return
         if name in seccomp.WATCHED:
             tw = self._tripwires
-            verdict = "continue" if tw is None else tw.on_exec(note.pid, name, note.args).action
-            if verdict == "continue":
+            verdict = (
+                _tripwires.ExecVerdict("continue") if tw is None else tw.on_exec(note.pid, name, note.args)
+            )
+            if verdict.action == "continue":
                 seccomp.respond_continue(self._launched.notify_fd, note.id)
-            elif verdict == "refuse":
-                seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
+            elif verdict.action == "refuse":
+                seccomp.respond_error(self._launched.notify_fd, note.id, verdict.error)
             # "hold": no answer; the caller stays parked until the freeze or the close reaches it
             return
         proc = _process_ref(note.pid)
