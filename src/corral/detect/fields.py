@@ -60,6 +60,16 @@ FIELDS: dict[str, FieldSpec] = {
         "fd 0 or 1 is a pipe whose other end is held by a process that holds a network socket "
         "(a shell driven through pipes by a process talking to the network)",
     ),
+    "proc.stdin_net": FieldSpec(
+        "str",
+        "where fd 0 reads from now (proc.sample): socket (a network socket), relay (a pipe or fifo whose "
+        "write end another process of the sandbox holding a network socket has open) or none",
+    ),
+    "proc.stdout_net": FieldSpec(
+        "str",
+        "where fd 1 writes to now (proc.sample): socket, relay (a pipe or fifo read by another process of "
+        "the sandbox holding a network socket) or none",
+    ),
     "proc.content": FieldSpec(
         "content",
         "the executable's bytes and those of a script it runs (first argument naming a file), read on the "

@@ -504,6 +504,148 @@ def pipe_peer_has_socket(pid: int, pipes: list[int], candidates: list[int]) -> b
     return False
 
 
+# fds the wiring check reads per process (in fd order). A relay that opens more than this many
+# before its socket or its end of the shell's pipe is read only this far: the bound is what keeps one
+# sandbox's fd tables from buying it the sampler's time.
+WIRING_FDS = 1024
+_O_ACCMODE = 0o3
+
+
+class Wiring:
+    """Where the stdin and stdout of a sandbox's processes lead, now: to a network socket (directly,
+    or through a pipe or fifo to another process of the sandbox that holds one), read on the host.
+
+    One per sample round and sandbox: the processes that hold network sockets are found once, on the
+    first question, and only if some process's stdio is a pipe, fifo or socket at all.
+    """
+
+    def __init__(
+        self, netns_pid: int, pids: list[int], unix_peer: Callable[[int], int | None] | None = None
+    ) -> None:
+        self._netns_pid = netns_pid
+        self._pids = pids
+        # Node's child_process (libuv) gives a child socketpairs, not pipes, for stdio: the other
+        # half has its own inode, which only sock_diag can name.
+        self._unix_peer = unix_peer
+        self._inet: set[int] | None = None
+        # pipe/fifo identity -> (pid, fd) of each of its ends held by a process that holds a socket
+        self._held: dict[tuple[int, ...], list[tuple[int, int]]] | None = None
+
+    def stdin(self, pid: int) -> str:
+        """ "socket", "relay" (a pipe, fifo or AF_UNIX socket whose other end another process holding
+        a network socket writes into) or "none"."""
+        return self._lead(pid, 0, want_writer=True)
+
+    def stdout(self, pid: int) -> str:
+        """As `stdin`, for fd 1: "relay" when another socket-holding process reads the other end."""
+        return self._lead(pid, 1, want_writer=False)
+
+    def _lead(self, pid: int, fd: int, want_writer: bool) -> str:
+        key = _fd_identity(pid, fd)
+        if key is None:
+            return "none"
+        if key[0] == _SOCKET:
+            if key[1] in self._inet_inodes():
+                return "socket"
+            holders = self._holders()
+            if not holders or self._unix_peer is None:
+                return "none"
+            try:
+                peer = self._unix_peer(key[1])
+            except OSError:
+                return "none"
+            held = holders.get((_SOCKET, peer), []) if peer is not None else []
+            # A stream socket carries both ways: whoever holds the other half feeds and reads it.
+            return "relay" if any(other != pid for other, _ in held) else "none"
+        for other, ofd in self._holders().get(key, []):
+            if other == pid:
+                continue
+            mode = _access_mode(other, ofd)
+            if mode == os.O_RDWR or mode == (os.O_WRONLY if want_writer else os.O_RDONLY):
+                return "relay"
+        return "none"
+
+    def _inet_inodes(self) -> set[int]:
+        if self._inet is None:
+            self._inet = _socket_inodes(self._netns_pid)
+        return self._inet
+
+    def _holders(self) -> dict[tuple[int, ...], list[tuple[int, int]]]:
+        if self._held is not None:
+            return self._held
+        held: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self._held = held
+        inet = self._inet_inodes()
+        if not inet:
+            return held  # no network socket in the sandbox: nothing can relay
+        for pid in self._pids:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            links: list[tuple[int, str]] = []
+            networked = False
+            for name in sorted(fds, key=_fd_number)[:WIRING_FDS]:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and int(target[8:-1]) in inet:
+                    networked = True
+                else:
+                    links.append((int(name), target))
+            if not networked:
+                continue  # pipes held by a process without a socket lead nowhere
+            for fd, target in links:
+                key = _link_identity(pid, fd, target)
+                if key is not None:
+                    held.setdefault(key, []).append((pid, fd))
+        return held
+
+
+_SOCKET, _PIPE, _FIFO = 0, 1, 2
+
+
+def _fd_number(name: str) -> int:
+    return int(name) if name.isdigit() else 1 << 31
+
+
+def _fd_identity(pid: int, fd: int) -> tuple[int, ...] | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return _link_identity(pid, fd, target)
+
+
+def _link_identity(pid: int, fd: int, target: str) -> tuple[int, ...] | None:
+    """(_SOCKET, inode), (_PIPE, inode) or (_FIFO, dev, inode) for what an fd is, else None. A fifo
+    shows as its path, not as pipe:[N], so it is told by the file's type and named by dev and inode
+    (another process may reach the same fifo by another path)."""
+    if target.startswith("socket:["):
+        return (_SOCKET, int(target[8:-1]))
+    if target.startswith("pipe:["):
+        return (_PIPE, int(target[6:-1]))
+    if not target.startswith("/"):
+        return None
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return (_FIFO, st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def _access_mode(pid: int, fd: int) -> int | None:
+    """O_RDONLY, O_WRONLY or O_RDWR: which way a process holds its end of a pipe or fifo."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            data = f.read(4096)
+        at = data.index(b"flags:")
+        return int(data[at + 6 :].split(None, 1)[0], 8) & _O_ACCMODE
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class ContentRef:
     """The bytes of a program and of the script it runs, read on demand and identified by file

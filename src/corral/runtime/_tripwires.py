@@ -13,6 +13,7 @@ import collections
 import ipaddress
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
+from corral.egress import sockdiag
 from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
 from corral.events.model import (
     Deny,
@@ -104,6 +106,8 @@ class Tripwires:
         self._last_cpu: tuple[float, float] | None = None
         self.connector_error: str | None = None
         self._closed = False
+        self._diag: socket.socket | None = None
+        self._diag_table: sockdiag.SocketTable | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -121,6 +125,8 @@ class Tripwires:
         self._closed = True
         rm.sampler().unwatch(self)
         pm.connector().forget(self.table)
+        if self._diag is not None:
+            self._diag.close()
 
     # --- observations ----------------------------------------------------------------------------
 
@@ -221,8 +227,12 @@ class Tripwires:
                     self.record_exit(gone)
         self._missing = missing
         matches: list[Match] = []
+        # Wiring done after a program started (a pipe partner that connects later, a fifo, a socket
+        # dup'd onto fd 0) is invisible at its execve; it is read here, each sample, for the processes
+        # a rule asks about (shells and interpreters), and only as far as the rule gets.
+        wiring = pm.Wiring(self.table.init_pid, pids, self._unix_peer)
         for s in stats:
-            obs = self._observation(None, s.pid)
+            obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
             obs._values.update(
                 {
                     "evt.type": "proc.sample",
@@ -300,6 +310,14 @@ class Tripwires:
         )
 
     # --- observation fields --------------------------------------------------------------------
+
+    def _unix_peer(self, inode: int) -> int | None:
+        # Opened on first need, in the sandbox's network namespace (unix sockets are per namespace).
+        if self._diag is None:
+            self._diag = sockdiag.open_socket_in(f"/proc/{self.table.init_pid}/ns/net")
+            self._diag_table = sockdiag.SocketTable(self._diag)
+        assert self._diag_table is not None
+        return self._diag_table.unix_peer(inode)
 
     def _pids(self) -> list[int]:
         try:
@@ -446,6 +464,10 @@ class Tripwires:
         )
 
 
+def _wiring_fields(wiring: pm.Wiring, pid: int) -> dict[str, Callable[[], Any]]:
+    return {"proc.stdin_net": lambda: wiring.stdin(pid), "proc.stdout_net": lambda: wiring.stdout(pid)}
+
+
 def _summary(obs: Observation) -> dict[str, Any]:
     if obs.source is not None:
         data: dict[str, Any] = obs.source.model_dump(mode="json", exclude={"v", "sandbox"})
@@ -458,6 +480,8 @@ def _summary(obs: Observation) -> dict[str, Any]:
         "proc.cpu_share",
         "proc.rss",
         "proc.in_command",
+        "proc.stdin_net",
+        "proc.stdout_net",
         "gpu.index",
         "gpu.memory",
         "gpu.sm",
