@@ -504,36 +504,62 @@ def pipe_peer_has_socket(pid: int, pipes: list[int], candidates: list[int]) -> b
     return False
 
 
-# fds the wiring check reads per process (in fd order). A relay that opens more than this many
-# before its socket or its end of the shell's pipe is read only this far: the bound is what keeps one
-# sandbox's fd tables from buying it the sampler's time.
-WIRING_FDS = 1024
+# What the wiring check reads in one sample round of one sandbox: at most WIRING_FDS fds of each
+# process (in fd order), and no new process once WIRING_ROUND_FDS have been read. A relay that opens
+# more than WIRING_FDS before its socket or its end of the shell's pipe is read only that far; a
+# sandbox with more fds open than a round reads is read in turns, each round going on where the last
+# stopped (a relay is reached a few rounds late, not never). The bound keeps a sandbox's fd tables
+# from buying it the sampler's time.
+WIRING_FDS = 512
+WIRING_ROUND_FDS = 1024
 _O_ACCMODE = 0o3
+# Protocol names sockfs reports (the system.sockprotoname attribute) for sockets that reach a network.
+_NETWORK_PROTOCOLS = frozenset(
+    p + v for p in ("TCP", "UDP", "UDPLITE", "MPTCP", "SCTP", "RAW", "PING") for v in ("", "v6")
+)
 
 
 class Wiring:
-    """Where the stdin and stdout of a sandbox's processes lead, now: to a network socket (directly,
-    or through a pipe or fifo to another process of the sandbox that holds one), read on the host.
-
-    One per sample round and sandbox: the processes that hold network sockets are found once, on the
-    first question, and only if some process's stdio is a pipe, fifo or socket at all.
+    """Where the stdio of a sandbox's processes leads, now: to a network socket directly, or through
+    a pipe, fifo or AF_UNIX socketpair to another process of the sandbox that holds one. Read on the
+    host, for one sample round; the sandbox's fd tables are read once, on the first question that
+    needs them (a process reading its program from stdin through a pipe).
     """
 
     def __init__(
-        self, netns_pid: int, pids: list[int], unix_peer: Callable[[int], int | None] | None = None
+        self, pids: list[int], unix_peer: Callable[[int], int | None] | None = None, start: int = 0
     ) -> None:
-        self._netns_pid = netns_pid
-        self._pids = pids
+        self._pids = sorted(pids)
         # Node's child_process (libuv) gives a child socketpairs, not pipes, for stdio: the other
         # half has its own inode, which only sock_diag can name.
         self._unix_peer = unix_peer
-        self._inet: set[int] | None = None
-        # pipe/fifo identity -> (pid, fd) of each of its ends held by a process that holds a socket
+        self._start = start
+        self.resume_at = start  # where the next round's scan should begin, when this one was cut short
+        # identity of a pipe, fifo or unix socket -> (pid, fd) of each end held by a process that
+        # also holds a network socket
         self._held: dict[tuple[int, ...], list[tuple[int, int]]] | None = None
 
+    def stdio(self, pid: int) -> list[str]:
+        """What fds 0-2 are now: socket (a network socket), unix, pipe, fifo, other or closed."""
+        kinds = []
+        for fd in (0, 1, 2):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                kinds.append("closed")
+                continue
+            key = _link_identity(pid, fd, target)
+            if key is None:
+                kinds.append("other")
+            elif key[0] == _SOCKET:
+                kinds.append("socket" if _network_socket(pid, fd) else "unix")
+            else:
+                kinds.append("pipe" if key[0] == _PIPE else "fifo")
+        return kinds
+
     def stdin(self, pid: int) -> str:
-        """ "socket", "relay" (a pipe, fifo or AF_UNIX socket whose other end another process holding
-        a network socket writes into) or "none"."""
+        """ "socket", "relay" (a pipe, fifo or unix socket whose other end another process holding a
+        network socket writes into) or "none"."""
         return self._lead(pid, 0, want_writer=True)
 
     def stdout(self, pid: int) -> str:
@@ -545,7 +571,7 @@ class Wiring:
         if key is None:
             return "none"
         if key[0] == _SOCKET:
-            if key[1] in self._inet_inodes():
+            if _network_socket(pid, fd):
                 return "socket"
             holders = self._holders()
             if not holders or self._unix_peer is None:
@@ -565,42 +591,53 @@ class Wiring:
                 return "relay"
         return "none"
 
-    def _inet_inodes(self) -> set[int]:
-        if self._inet is None:
-            self._inet = _socket_inodes(self._netns_pid)
-        return self._inet
-
     def _holders(self) -> dict[tuple[int, ...], list[tuple[int, int]]]:
         if self._held is not None:
             return self._held
-        held: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self._held = held
-        inet = self._inet_inodes()
-        if not inet:
-            return held  # no network socket in the sandbox: nothing can relay
-        for pid in self._pids:
+        self._held = {}
+        budget = WIRING_ROUND_FDS
+        n = len(self._pids)
+        first = self._start % n if n else 0
+        for i in range(n):
+            pid = self._pids[(first + i) % n]
+            if budget <= 0:
+                self.resume_at = (first + i) % n
+                break
             try:
-                fds = os.listdir(f"/proc/{pid}/fd")
+                fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=_fd_number)[:WIRING_FDS]
             except OSError:
                 continue
+            budget -= len(fds)
             links: list[tuple[int, str]] = []
             networked = False
-            for name in sorted(fds, key=_fd_number)[:WIRING_FDS]:
+            for name in fds:
                 try:
                     target = os.readlink(f"/proc/{pid}/fd/{name}")
                 except OSError:
                     continue
-                if target.startswith("socket:[") and int(target[8:-1]) in inet:
+                if target.startswith("socket:[") and not networked and _network_socket(pid, int(name)):
                     networked = True
-                else:
-                    links.append((int(name), target))
+                    continue
+                links.append((int(name), target))
             if not networked:
-                continue  # pipes held by a process without a socket lead nowhere
+                continue  # pipes held by a process without a network socket lead nowhere
             for fd, target in links:
                 key = _link_identity(pid, fd, target)
                 if key is not None:
-                    held.setdefault(key, []).append((pid, fd))
-        return held
+                    self._held.setdefault(key, []).append((pid, fd))
+        else:
+            self.resume_at = 0
+        return self._held
+
+
+def _network_socket(pid: int, fd: int) -> bool:
+    """Whether the fd is a TCP/UDP (or other IP) socket: sockfs names a socket's protocol in an
+    attribute of the socket's inode, one call, whatever network namespace the socket lives in."""
+    try:
+        name = os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname")
+    except OSError:
+        return False
+    return name.rstrip(b"\0").decode(errors="replace") in _NETWORK_PROTOCOLS
 
 
 _SOCKET, _PIPE, _FIFO = 0, 1, 2

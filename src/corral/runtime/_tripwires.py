@@ -107,6 +107,7 @@ class Tripwires:
         self.connector_error: str | None = None
         self._closed = False
         self._diag: socket.socket | None = None
+        self._wiring_from = 0  # where the next round's fd-table scan begins (pm.WIRING_ROUND_FDS)
         self._diag_table: sockdiag.SocketTable | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class Tripwires:
         # Wiring done after a program started (a pipe partner that connects later, a fifo, a socket
         # dup'd onto fd 0) is invisible at its execve; it is read here, each sample, for the processes
         # a rule asks about (shells and interpreters), and only as far as the rule gets.
-        wiring = pm.Wiring(self.table.init_pid, pids, self._unix_peer)
+        wiring = pm.Wiring(pids, self._unix_peer, self._wiring_from)
         for s in stats:
             obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
             obs._values.update(
@@ -257,6 +258,7 @@ class Tripwires:
                     }
                 )
                 matches += self.detector.observe(obs)
+        self._wiring_from = wiring.resume_at
         self._handle(matches)
         now = time.monotonic()
         if stats and now - self._last_record >= _RECORD_EVERY:
@@ -465,7 +467,11 @@ class Tripwires:
 
 
 def _wiring_fields(wiring: pm.Wiring, pid: int) -> dict[str, Callable[[], Any]]:
-    return {"proc.stdin_net": lambda: wiring.stdin(pid), "proc.stdout_net": lambda: wiring.stdout(pid)}
+    return {
+        "proc.stdio_now": lambda: wiring.stdio(pid),
+        "proc.stdin_net": lambda: wiring.stdin(pid),
+        "proc.stdout_net": lambda: wiring.stdout(pid),
+    }
 
 
 def _summary(obs: Observation) -> dict[str, Any]:
@@ -480,6 +486,7 @@ def _summary(obs: Observation) -> dict[str, Any]:
         "proc.cpu_share",
         "proc.rss",
         "proc.in_command",
+        "proc.stdio_now",
         "proc.stdin_net",
         "proc.stdout_net",
         "gpu.index",
