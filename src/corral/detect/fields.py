@@ -73,8 +73,8 @@ FIELDS: dict[str, FieldSpec] = {
     ),
     "proc.stdout_net": FieldSpec(
         "str",
-        "where fd 1 writes to now (proc.sample): socket, relay (a pipe or fifo read by another process of "
-        "the sandbox holding a network socket) or none",
+        "where fd 1 writes to now (proc.sample): socket, relay (a pipe, fifo or unix socketpair read by "
+        "another process of the sandbox holding a network socket) or none",
     ),
     "proc.content": FieldSpec(
         "content",
