@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,9 +107,10 @@ class Tripwires:
         self._last_cpu: tuple[float, float] | None = None
         self.connector_error: str | None = None
         self._closed = False
+        self._diag_lock = threading.Lock()
         self._diag: socket.socket | None = None
-        self._wiring_from = 0  # where the next round's fd-table scan begins (pm.WIRING_ROUND_FDS)
         self._diag_table: sockdiag.SocketTable | None = None
+        self._wiring_from = 0  # where the next round's fd-table scan begins (pm.WIRING_ROUND_FDS)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -126,8 +128,9 @@ class Tripwires:
         self._closed = True
         rm.sampler().unwatch(self)
         pm.connector().forget(self.table)
-        if self._diag is not None:
-            self._diag.close()
+        with self._diag_lock:
+            if self._diag is not None:
+                self._diag.close()
 
     # --- observations ----------------------------------------------------------------------------
 
@@ -314,12 +317,17 @@ class Tripwires:
     # --- observation fields --------------------------------------------------------------------
 
     def _unix_peer(self, inode: int) -> int | None:
-        # Opened on first need, in the sandbox's network namespace (unix sockets are per namespace).
-        if self._diag is None:
-            self._diag = sockdiag.open_socket_in(f"/proc/{self.table.init_pid}/ns/net")
-            self._diag_table = sockdiag.SocketTable(self._diag)
-        assert self._diag_table is not None
-        return self._diag_table.unix_peer(inode)
+        # Opened on first need, in the sandbox's network namespace (unix sockets are per namespace);
+        # never after close(), which closes it, so a sample still running then can't leak one.
+        with self._diag_lock:
+            if self._closed:
+                return None
+            if self._diag is None:
+                self._diag = sockdiag.open_socket_in(f"/proc/{self.table.init_pid}/ns/net")
+                self._diag_table = sockdiag.SocketTable(self._diag)
+            table = self._diag_table
+        assert table is not None
+        return table.unix_peer(inode)
 
     def _pids(self) -> list[int]:
         try:
