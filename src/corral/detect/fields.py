@@ -62,19 +62,19 @@ FIELDS: dict[str, FieldSpec] = {
     ),
     "proc.stdio_now": FieldSpec(
         "list",
-        "what fds 0, 1 and 2 are now (proc.sample): socket (a network socket), unix, pipe, fifo, other or "
-        "closed, in order",
+        "what fds 0, 1 and 2 are now (at exec, or each sample): socket (a network socket), unix, pipe, "
+        "fifo, other or closed, in order",
     ),
     "proc.stdin_net": FieldSpec(
         "str",
-        "where fd 0 reads from now (proc.sample): socket (a network socket), relay (a pipe, fifo or unix "
-        "socketpair whose writing end another process of the sandbox holding a network socket has open) "
-        "or none",
+        "where fd 0 reads from now (at exec, or each sample): socket (a network socket), relay (a pipe, "
+        "fifo or unix socketpair whose writing end another process of the sandbox holding a network "
+        "socket has open) or none",
     ),
     "proc.stdout_net": FieldSpec(
         "str",
-        "where fd 1 writes to now (proc.sample): socket, relay (a pipe, fifo or unix socketpair read by "
-        "another process of the sandbox holding a network socket) or none",
+        "where fd 1 writes to now (at exec, or each sample): socket, relay (a pipe, fifo or unix "
+        "socketpair read by another process of the sandbox holding a network socket) or none",
     ),
     "proc.content": FieldSpec(
         "content",

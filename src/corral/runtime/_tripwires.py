@@ -179,6 +179,7 @@ class Tripwires:
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
             "proc.content": lambda: pm.content_ref(pid, target, argv, cwd),
+            **_wiring_fields(pm.Wiring(self._pids(), self._unix_peer), pid),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
