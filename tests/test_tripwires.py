@@ -487,23 +487,23 @@ def test_the_wiring_check_follows_pipes_fifos_and_socketpairs_in_the_right_direc
                 os.close(fd)
             assert wait_until(lambda: len(c2.connections) == 3, timeout=10)
             pids = [p.pid for p in procs]
-            wiring = pm.Wiring(pids)
+            wiring = pm.Wiring(lambda: pids)
             assert (wiring.stdin(shell.pid), wiring.stdout(shell.pid)) == ("relay", "relay")
             assert wiring.stdio(shell.pid)[:2] == ["pipe", "pipe"]
             # The relay's own stdio leads to the shell, which holds no connection.
             assert (wiring.stdin(relay.pid), wiring.stdout(relay.pid)) == ("none", "none")
             assert wiring.stdout(writer.pid) == "none"
-            assert wait_until(lambda: pm.Wiring(pids).stdin(fifo_reader.pid) == "relay")
+            assert wait_until(lambda: pm.Wiring(lambda: pids).stdin(fifo_reader.pid) == "relay")
             assert wiring.stdio(fifo_reader.pid)[0] == "fifo"
             # Under a small per-round budget the fd tables are read in turns: the relay is reached
             # within a few rounds, each round going on where the last stopped.
             monkeypatch.setattr(pm, "WIRING_ROUND_FDS", 4)
-            first = pm.Wiring(pids)
+            first = pm.Wiring(lambda: pids)
             first.stdin(shell.pid)
             cursor, rounds = first.resume_at, 0
             assert cursor > 0  # cut short
             while rounds < 3 * len(pids):
-                w = pm.Wiring(pids, start=cursor)
+                w = pm.Wiring(lambda: pids, start=cursor)
                 rounds += 1
                 if w.stdin(shell.pid) == "relay":
                     break
@@ -511,7 +511,7 @@ def test_the_wiring_check_follows_pipes_fifos_and_socketpairs_in_the_right_direc
             assert 1 < rounds < 3 * len(pids), rounds
             monkeypatch.undo()
             # Only processes of the sandbox count: without the relay in the list, nothing leads out.
-            alone = pm.Wiring([shell.pid])
+            alone = pm.Wiring(lambda: [shell.pid])
             assert (alone.stdin(shell.pid), alone.stdout(shell.pid)) == ("none", "none")
             assert networked.poll() is None
             os.close(sib_r)

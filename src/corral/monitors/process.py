@@ -527,9 +527,13 @@ class Wiring:
     """
 
     def __init__(
-        self, pids: list[int], unix_peer: Callable[[int], int | None] | None = None, start: int = 0
+        self,
+        pids: Callable[[], list[int]],
+        unix_peer: Callable[[int], int | None] | None = None,
+        start: int = 0,
     ) -> None:
-        self._pids = sorted(pids)
+        # The sandbox's processes, asked for only if the fd tables are read (not on every execve).
+        self._list_pids = pids
         # Node's child_process (libuv) gives a child socketpairs, not pipes, for stdio: the other
         # half has its own inode, which only sock_diag can name.
         self._unix_peer = unix_peer
@@ -596,10 +600,11 @@ class Wiring:
             return self._held
         self._held = {}
         budget = WIRING_ROUND_FDS
-        n = len(self._pids)
+        pids = sorted(self._list_pids())
+        n = len(pids)
         first = self._start % n if n else 0
         for i in range(n):
-            pid = self._pids[(first + i) % n]
+            pid = pids[(first + i) % n]
             if budget <= 0:
                 self.resume_at = (first + i) % n
                 break

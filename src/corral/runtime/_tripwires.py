@@ -179,7 +179,7 @@ class Tripwires:
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
             "proc.content": lambda: pm.content_ref(pid, target, argv, cwd),
-            **_wiring_fields(pm.Wiring(self._pids(), self._unix_peer), pid),
+            **_wiring_fields(pm.Wiring(self._pids, self._unix_peer), pid),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
@@ -235,7 +235,7 @@ class Tripwires:
         # Wiring done after a program started (a pipe partner that connects later, a fifo, a socket
         # dup'd onto fd 0) is invisible at its execve; it is read here, each sample, for the processes
         # a rule asks about (shells and interpreters), and only as far as the rule gets.
-        wiring = pm.Wiring(pids, self._unix_peer, self._wiring_from)
+        wiring = pm.Wiring(lambda: pids, self._unix_peer, self._wiring_from)
         for s in stats:
             obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
             obs._values.update(
