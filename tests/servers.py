@@ -756,8 +756,9 @@ class TcpConnection:
 
 
 class _ListenerServer(_TcpServer):
-    def __init__(self, greeting: bytes) -> None:
+    def __init__(self, greeting: bytes, answer_at_eof: bool) -> None:
         self.greeting = greeting
+        self.answer_at_eof = answer_at_eof
         self.connections: list[TcpConnection] = []
         super().__init__(_ListenerHandler)
 
@@ -773,6 +774,10 @@ class _ListenerHandler(socketserver.BaseRequestHandler):
                 self.request.sendall(self.server.greeting)
             while chunk := self.request.recv(65536):
                 conn.data += chunk
+            if self.server.answer_at_eof:
+                # Only after the client's half-close: what a relay that drops one direction at the
+                # other's end would lose.
+                self.request.sendall(b"got:" + bytes(conn.data))
         except OSError:
             pass
         finally:
@@ -794,9 +799,11 @@ class TcpListener:
 
 
 @contextlib.contextmanager
-def tcp_listener(greeting: bytes = b"") -> Iterator[TcpListener]:
-    """`greeting` is sent to each client on accept (e.g. a command for a reverse shell to run)."""
-    server = _ListenerServer(greeting)
+def tcp_listener(greeting: bytes = b"", answer_at_eof: bool = False) -> Iterator[TcpListener]:
+    """`greeting` is sent to each client on accept (e.g. a command for a reverse shell to run);
+    `answer_at_eof` sends back b"got:" and everything received once the client has shut down its
+    sending side, then closes."""
+    server = _ListenerServer(greeting, answer_at_eof)
     with _serving(server, "tcp-listener"):
         yield TcpListener(port=server.port, connections=server.connections)
 

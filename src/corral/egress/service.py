@@ -797,11 +797,17 @@ class Fence:
                 attempt.decided()
             if cut:  # refused mid-stream: nothing more either way, not even an answer
                 dst.transport.abort()
+            # A half-close passes on as one, and only that: the other direction keeps flowing until
+            # its own end (a server that answers after the client's EOF, nc </dev/null). Closing the
+            # upstream here cut off whatever the server had not sent yet. `_serve` closes both ends
+            # once both directions are done.
             with contextlib.suppress(Exception):
-                if not cut and dst.can_write_eof():
+                if cut:
+                    pass
+                elif dst.can_write_eof():
                     dst.write_eof()
-            if counter == "bytes_out":
-                dst.close()
+                elif counter == "bytes_out":
+                    dst.close()  # a transport that can't half-close (TLS) can only end
 
     def _over_budget(self, record: dict[str, Any]) -> None:
         detail = f"bytes-out budget of {self.bytes_out.limit} per minute reached; connection cut"
