@@ -180,6 +180,7 @@ class _HttpServer(_TcpServer):
         self.requests: list[HttpRequest] = []
         # path -> (content type, body); "/host" is answered dynamically
         self.routes = routes
+        self.ignore_close = False
         super().__init__(handler)
         self.server_name = HOST
         self.server_port = self.port
@@ -212,6 +213,8 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
             self._respond(200, content_type, payload, head)
         else:
             self._respond(404, "text/plain", b"not found\n", head)
+        if self.server.ignore_close:
+            self.close_connection = False  # as some servers do: keeps serving until the client's EOF
 
     def do_GET(self) -> None:
         self._handle()
@@ -245,8 +248,10 @@ class HttpServer:
 
 
 @contextlib.contextmanager
-def http_server(body: bytes = DEFAULT_BODY) -> Iterator[HttpServer]:
+def http_server(body: bytes = DEFAULT_BODY, ignore_close: bool = False) -> Iterator[HttpServer]:
+    """`ignore_close`: answer further requests on a connection whatever its `Connection: close`."""
     server = _HttpServer(_HttpHandler, {"/": ("text/plain", body)})
+    server.ignore_close = ignore_close
     with _serving(server, "http"):
         yield HttpServer(port=server.port, body=body, requests=server.requests, errors=server.errors)
 

@@ -224,6 +224,69 @@ def test_forged_host_header_is_cut(web: Any) -> None:
     assert web.requests == []
 
 
+def test_a_second_request_on_a_kept_alive_connection_is_checked_too(web: Any) -> None:
+    # curl reuses its connection for the next URL; the second names another Host.
+    up = LocalUpstream({80: web.port})
+    p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        both = sb.exec(f"curl -sS --noproxy '*' http://{WEB}/host http://{WEB}/host", text=True)
+        assert both.exit_code == 0 and both.stdout == WEB * 2, show(both)
+        forged = sb.exec(
+            f"curl -sS --noproxy '*' http://{WEB}/host --next --noproxy '*' -H 'Host: evil.example' "
+            f"http://{WEB}/host",
+            text=True,
+        )
+        assert forged.exit_code != 0 and forged.stdout == WEB, show(forged)
+        assert any("HTTP Host 'evil.example' does not match" in d.detail for d in denials(sb))
+    assert [r.host for r in web.requests] == [WEB] * 3
+
+
+_KEEP_ALIVE = """
+import socket, sys
+first = b"GET /host HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % sys.argv[1].encode()
+second = b"GET /host HTTP/1.1\\r\\nHost: evil.example\\r\\n\\r\\n"
+s = socket.create_connection((sys.argv[1], 80), 5)
+if sys.argv[2] == "pipelined":
+    s.sendall(first + second)
+else:
+    s.sendall(first)
+    answer = b""
+    while not answer.endswith(sys.argv[1].encode()):
+        answer += s.recv(4096)
+    s.sendall(second)
+    sys.stdout.buffer.write(answer)
+while chunk := s.recv(4096):
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+@pytest.mark.parametrize("how", ["keep-alive", "pipelined"])
+def test_a_server_that_keeps_connections_open_never_sees_a_second_request(how: str) -> None:
+    # The fence, not the server, ends the connection: this server would answer every request on it.
+    with http_server(ignore_close=True) as web:
+        up = LocalUpstream({80: web.port})
+        p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            sb.write_file("keep_alive.py", _KEEP_ALIVE)
+            r = sb.exec(["python3", "keep_alive.py", WEB, how], text=True, timeout=30)
+            reused = sb.exec(f"curl -sS --noproxy '*' http://{WEB}/host http://{WEB}/host", text=True)
+            events = connects(sb)
+            denied = denials(sb)
+        hosts = [r.host for r in web.requests]
+    assert r.exit_code == 0, show(r)
+    # One answer, to the first request, then the end of the connection.
+    assert str(r.stdout).count("HTTP/1.1 200") == 1 and str(r.stdout).endswith(WEB), show(r)
+    # curl, finding its reused connection closed without an answer, opens a new one.
+    assert reused.exit_code == 0 and reused.stdout == WEB * 2, show(reused)
+    assert hosts == [WEB] * 3
+    forged = events[0]
+    assert forged.decision == "deny" and forged.sni == WEB
+    assert "HTTP Host 'evil.example' does not match the name connected to" in forged.reason
+    assert [d.detail for d in denied] == [forged.reason]
+    assert [e.decision for e in events[1:]] == ["deny", "allow"]
+    assert "the client must reconnect" in events[1].reason
+
+
 def test_ssh_is_allowed_only_where_named(tmp_path: Path) -> None:
     git, https = "git.example.internal", "code.example.internal"
     with ssh_server(tmp_path / "sshd") as sshd:
