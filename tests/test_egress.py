@@ -338,6 +338,40 @@ def test_internal_and_metadata_addresses_are_refused_and_recorded(command: str) 
     )
 
 
+_CONNECT_ERRORS = """
+import errno, socket, sys
+def tcp(address, port, blocking):
+    s = socket.socket()
+    s.setblocking(blocking)
+    return errno.errorcode.get(s.connect_ex((address, port)), "0")
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print(tcp("10.9.8.7", 22, True), tcp("10.9.8.7", 23, False), tcp(sys.argv[1], 81, True),
+      tcp("198.18.200.1", 80, True), udp.connect_ex(("10.9.8.7", 53)))
+"""
+
+
+def test_a_destination_refused_outright_is_refused_at_connect_and_recorded_once() -> None:
+    # A connect the destination alone decides fails as a closed port's does, blocking or not; it
+    # used to succeed and then see EOF. A UDP connect, which sends nothing, is left alone.
+    p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
+    with Sandbox(p, keep_workspace=False, upstream=LocalUpstream({})) as sb:
+        sb.write_file("connect.py", _CONNECT_ERRORS)
+        r = sb.exec(["python3", "connect.py", WEB], text=True)
+        events = connects(sb)
+        denied = denials(sb)
+    assert r.stdout == "ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED 0\n", show(r)
+    assert [(e.destination, e.port, e.name, e.decision) for e in events] == [
+        ("10.9.8.7", 22, None, "deny"),
+        ("10.9.8.7", 23, None, "deny"),
+        ("198.18.0.1", 81, WEB, "deny"),
+        ("198.18.200.1", 80, None, "deny"),
+    ]
+    assert [d.detail for d in denied] == [e.reason for e in events]
+    assert events[0].reason == "no egress rule allows 10.9.8.7 port 22 (private address)"
+    assert events[2].reason == f"no egress rule allows {WEB} port 81"
+    assert all(e.process is not None and e.process.cmdline[1:2] == ["connect.py"] for e in events)
+
+
 def test_nmap_scan_is_refused_connection_by_connection() -> None:
     if shutil.which("nmap") is None:
         pytest.fail("nmap is not installed; scripts/setup installs it")
@@ -540,7 +574,10 @@ import socket, struct
 for i in range(1, 31):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset on close
-    s.connect(("10.0.0.%d" % i, 22))
+    try:
+        s.connect(("10.0.0.%d" % i, 22))
+    except ConnectionRefusedError:
+        pass
     s.close()
 print("scanned", flush=True)
 """

@@ -117,6 +117,17 @@ class Connecting:
     at: float  # monotonic
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A reported connect that the destination alone refuses (see `Fence.judge_connect`): refused at
+    connect(), before the connection opens, instead of looking open and then closing."""
+
+    destination: IPAddress
+    port: int
+    name: str | None  # the name a synthetic address stands for
+    reason: str
+
+
 class _Attempt:
     """One connection from its accept until its decision. The fence counts undecided attempts, and
     `settle` and `close` wait for that count to reach zero, so every attempt is recorded."""
@@ -140,22 +151,32 @@ _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Attempt], Awai
 
 
 class _Budget:
-    """A sliding one-minute window."""
+    """A sliding one-minute window, taken from several threads (the loop, relays, the supervisor)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.events: deque[tuple[float, int]] = deque()
         self.total = 0
+        self._lock = threading.Lock()
 
     def take(self, amount: int = 1) -> bool:
+        with self._lock:
+            if not self._fits(amount):
+                return False
+            self.events.append((time.monotonic(), amount))
+            self.total += amount
+            return True
+
+    def spent(self) -> bool:
+        """Whether the next `take(1)` would fail, without taking."""
+        with self._lock:
+            return not self._fits(1)
+
+    def _fits(self, amount: int) -> bool:
         now = time.monotonic()
         while self.events and now - self.events[0][0] > 60:
             self.total -= self.events.popleft()[1]
-        if self.total + amount > self.limit:
-            return False
-        self.events.append((now, amount))
-        self.total += amount
-        return True
+        return self.total + amount <= self.limit
 
 
 class Fence:
@@ -279,6 +300,49 @@ class Fence:
                 waiting.popleft()
             waiting.append(entry)
         return entry
+
+    def judge_connect(self, dest: IPAddress, port: int) -> Refusal | None:
+        """A connect the sandbox's seccomp filter reported, judged while the caller is parked: a
+        `Refusal` when the destination alone decides against it (an address no rule allows, a name
+        with no rule for the port, an address the resolver never gave out, the connection budget
+        spent), None when the proxy must decide (a name to resolve, the protocol to read). Records
+        nothing: the caller acts on it, and calls `refuse_connect` once it has refused."""
+        name = self.addresses.get(dest)
+        if self.connections.spent():
+            reason = f"over {self.connections.limit} connections per minute"  # the proxy's first check
+        elif name is None and dest in _SYNTHETIC:
+            reason = f"{dest} is not an address corral's resolver gave out"
+        elif name is None:
+            verdict = self.rules.check_address(dest, port)
+            if verdict.allowed:
+                return None
+            reason = verdict.reason
+        elif name in self.rules.hosts or self.rules.rule_for_name(name, port) is None:
+            # Decided without asking any resolver, as `_destination` would.
+            verdict = self.rules.check_name(name, port, [])
+            if verdict.allowed:
+                return None
+            reason = verdict.reason
+        else:
+            return None
+        return Refusal(dest, port, name, reason)
+
+    def refuse_connect(self, refusal: Refusal, process: ProcessRef | None) -> None:
+        """Record a connect refused on `judge_connect`'s word, as the proxy records the attempts it
+        refuses (its `net.connect` and `deny` events), and count it against the connection budget as
+        the proxy would have. The connection never reaches the proxy, so this is its only record."""
+        self.connections.take()
+        record: dict[str, Any] = {
+            "sandbox": self.id,
+            "destination": str(refusal.destination),
+            "port": refusal.port,
+            "name": refusal.name,
+            "via": "transparent",
+            "exec": self.current_exec(),
+            "process": process,
+            "protocol": "unknown",
+        }
+        self._record_refusal(record, refusal.reason)
 
     def _reported(self, record: dict[str, Any], found: ProcessRef | None) -> Connecting | None:
         """With no owner `found` for a connection's socket, the oldest report of a connect to its

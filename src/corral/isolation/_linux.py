@@ -23,6 +23,7 @@ SYS_MOUNT_SETATTR = 442
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
+SYS_PIDFD_GETFD = 438
 
 # clone(2) flags
 CLONE_NEWNS = 0x00020000
@@ -162,6 +163,19 @@ def syscall(number: int, *args: object) -> int:
 
 def errno() -> int:
     return ctypes.get_errno()
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of descriptor `fd` of process `pid` (Linux 5.6)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = int(_libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)))
+    finally:
+        os.close(pidfd)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd {pid} fd {fd}: {os.strerror(err)}")
+    return got
 
 
 def set_cmdline(text: str) -> None:
