@@ -345,21 +345,24 @@ def tcp(address, port, blocking):
     s.setblocking(blocking)
     return errno.errorcode.get(s.connect_ex((address, port)), "0")
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server = socket.create_server(("0.0.0.0", 0))  # 0.0.0.0 reaches it: the sandbox's own loopback
 print(tcp("10.9.8.7", 22, True), tcp("10.9.8.7", 23, False), tcp(sys.argv[1], 81, True),
-      tcp("198.18.200.1", 80, True), udp.connect_ex(("10.9.8.7", 53)))
+      tcp("198.18.200.1", 80, True), udp.connect_ex(("10.9.8.7", 53)),
+      tcp("0.0.0.0", server.getsockname()[1], True))
 """
 
 
 def test_a_destination_refused_outright_is_refused_at_connect_and_recorded_once() -> None:
     # A connect the destination alone decides fails as a closed port's does, blocking or not; it
-    # used to succeed and then see EOF. A UDP connect, which sends nothing, is left alone.
+    # used to succeed and then see EOF. A UDP connect, which sends nothing, is left alone, and so is
+    # 0.0.0.0, which the kernel connects to the sandbox's own loopback.
     p = policy([{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"})
     with Sandbox(p, keep_workspace=False, upstream=LocalUpstream({})) as sb:
         sb.write_file("connect.py", _CONNECT_ERRORS)
         r = sb.exec(["python3", "connect.py", WEB], text=True)
         events = connects(sb)
         denied = denials(sb)
-    assert r.stdout == "ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED 0\n", show(r)
+    assert r.stdout == "ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED 0 0\n", show(r)
     assert [(e.destination, e.port, e.name, e.decision) for e in events] == [
         ("10.9.8.7", 22, None, "deny"),
         ("10.9.8.7", 23, None, "deny"),

@@ -807,7 +807,9 @@ class Sandbox:
         refused = False
         try:
             target = process_monitor.read_ipv4_sockaddr(note.pid, note.args[1])
-            if fence is not None and target is not None and not target[0].is_loopback:
+            # The kernel connects 0.0.0.0 to this host, which in the sandbox is its own loopback.
+            local = target is not None and (target[0].is_loopback or target[0].is_unspecified)
+            if fence is not None and target is not None and not local:
                 refusal = fence.judge_connect(target[0], target[1])
                 # Refused here, the connect fails at once with ECONNREFUSED, as a closed port's does,
                 # instead of opening to the proxy and then closing. Safe against a second thread
