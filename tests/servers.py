@@ -761,9 +761,10 @@ class TcpConnection:
 
 
 class _ListenerServer(_TcpServer):
-    def __init__(self, greeting: bytes, answer_at_eof: bool) -> None:
+    def __init__(self, greeting: bytes, answer_at_eof: bool, eof_after_greeting: bool) -> None:
         self.greeting = greeting
         self.answer_at_eof = answer_at_eof
+        self.eof_after_greeting = eof_after_greeting
         self.connections: list[TcpConnection] = []
         super().__init__(_ListenerHandler)
 
@@ -777,6 +778,8 @@ class _ListenerHandler(socketserver.BaseRequestHandler):
         try:
             if self.server.greeting:
                 self.request.sendall(self.server.greeting)
+            if self.server.eof_after_greeting:
+                self.request.shutdown(socket.SHUT_WR)  # and goes on reading
             while chunk := self.request.recv(65536):
                 conn.data += chunk
             if self.server.answer_at_eof:
@@ -804,11 +807,14 @@ class TcpListener:
 
 
 @contextlib.contextmanager
-def tcp_listener(greeting: bytes = b"", answer_at_eof: bool = False) -> Iterator[TcpListener]:
+def tcp_listener(
+    greeting: bytes = b"", answer_at_eof: bool = False, eof_after_greeting: bool = False
+) -> Iterator[TcpListener]:
     """`greeting` is sent to each client on accept (e.g. a command for a reverse shell to run);
     `answer_at_eof` sends back b"got:" and everything received once the client has shut down its
-    sending side, then closes."""
-    server = _ListenerServer(greeting, answer_at_eof)
+    sending side, then closes; `eof_after_greeting` shuts the server's sending side after the
+    greeting, and goes on receiving."""
+    server = _ListenerServer(greeting, answer_at_eof, eof_after_greeting)
     with _serving(server, "tcp-listener"):
         yield TcpListener(port=server.port, connections=server.connections)
 

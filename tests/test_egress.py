@@ -191,6 +191,45 @@ def test_a_half_close_reaches_the_server_and_the_answer_still_comes_back() -> No
     assert all(e.decision == "allow" and e.bytes_in == len(_GREETING) + 4 for e in events[:20])
 
 
+_AFTER_EOF = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 5)
+if sys.argv[3] == "ssh":
+    s.sendall(b"SSH-2.0-OpenSSH_9.2\\r\\n")
+got = b""
+while chunk := s.recv(65536):
+    got += chunk
+s.sendall(b"after your eof:%d" % len(got))
+"""
+
+
+def test_a_server_half_close_reaches_the_client_and_the_client_can_still_send() -> None:
+    # The other way round: the server says its piece and shuts its side; what the client sends
+    # after seeing that EOF must still reach it, on either relay.
+    with tcp_listener(_GREETING, eof_after_greeting=True) as server:
+        up = LocalUpstream({7000: server.port, 2222: server.port})
+        p = policy(
+            [
+                {"host": WEB, "ports": [7000], "protocols": ["any"]},
+                {"host": WEB, "ports": [2222], "protocols": ["ssh"]},
+            ],
+            {WEB: "127.0.0.1"},
+        )
+        with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+            sb.write_file("after_eof.py", _AFTER_EOF)
+            for port, first in ((7000, "nothing"), (2222, "ssh")):
+                client = f"python3 after_eof.py {WEB} {port} {first}"
+                r = sb.exec(
+                    f"for i in $(seq {_HALF_CLOSE_ROUNDS}); do {client}; done", text=True, timeout=120
+                )
+                assert r.exit_code == 0, show(r)
+        rounds = 2 * _HALF_CLOSE_ROUNDS
+        assert wait_for(lambda: sum(c.closed for c in server.connections) == rounds)
+    tail = b"after your eof:%d" % len(_GREETING)
+    expected = [tail] * _HALF_CLOSE_ROUNDS + [b"SSH-2.0-OpenSSH_9.2\r\n" + tail] * _HALF_CLOSE_ROUNDS
+    assert [bytes(c.data) for c in server.connections] == expected
+
+
 def test_tls_to_an_allowed_name_checks_the_sni(tmp_path: Path) -> None:
     name = "files.example.internal"
     with tls_server(name) as site:
