@@ -378,15 +378,18 @@ def test_internal_and_metadata_addresses_are_refused_and_recorded(command: str) 
 
 
 _CONNECT_ERRORS = """
-import errno, socket, sys
+import errno, socket, sys, threading
 def tcp(address, port, blocking):
     s = socket.socket()
     s.setblocking(blocking)
     return errno.errorcode.get(s.connect_ex((address, port)), "0")
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 server = socket.create_server(("0.0.0.0", 0))  # 0.0.0.0 reaches it: the sandbox's own loopback
+in_thread = []  # a thread that doesn't lead its process connects too
+thread = threading.Thread(target=lambda: in_thread.append(tcp("10.9.8.7", 24, True)))
+thread.start(); thread.join()
 print(tcp("10.9.8.7", 22, True), tcp("10.9.8.7", 23, False), tcp(sys.argv[1], 81, True),
-      tcp("198.18.200.1", 80, True), udp.connect_ex(("10.9.8.7", 53)),
+      tcp("198.18.200.1", 80, True), in_thread[0], udp.connect_ex(("10.9.8.7", 53)),
       tcp("0.0.0.0", server.getsockname()[1], True))
 """
 
@@ -401,16 +404,17 @@ def test_a_destination_refused_outright_is_refused_at_connect_and_recorded_once(
         r = sb.exec(["python3", "connect.py", WEB], text=True)
         events = connects(sb)
         denied = denials(sb)
-    assert r.stdout == "ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED 0 0\n", show(r)
+    assert r.stdout == "ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED ECONNREFUSED 0 0\n", show(r)
     assert [(e.destination, e.port, e.name, e.decision) for e in events] == [
+        ("10.9.8.7", 24, None, "deny"),
         ("10.9.8.7", 22, None, "deny"),
         ("10.9.8.7", 23, None, "deny"),
         ("198.18.0.1", 81, WEB, "deny"),
         ("198.18.200.1", 80, None, "deny"),
     ]
     assert [d.detail for d in denied] == [e.reason for e in events]
-    assert events[0].reason == "no egress rule allows 10.9.8.7 port 22 (private address)"
-    assert events[2].reason == f"no egress rule allows {WEB} port 81"
+    assert events[1].reason == "no egress rule allows 10.9.8.7 port 22 (private address)"
+    assert events[3].reason == f"no egress rule allows {WEB} port 81"
     assert all(e.process is not None and e.process.cmdline[1:2] == ["connect.py"] for e in events)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno as errno_module
 import os
 import platform
 
@@ -165,16 +166,25 @@ def errno() -> int:
     return ctypes.get_errno()
 
 
-def pidfd_getfd(pid: int, fd: int) -> int:
-    """A duplicate, in this process, of descriptor `fd` of process `pid` (Linux 5.6)."""
-    pidfd = os.pidfd_open(pid)
+PIDFD_THREAD = os.O_EXCL  # Linux 6.9: a pidfd for a thread that doesn't lead its group
+
+
+def pidfd_getfd(tid: int, fd: int) -> int:
+    """A duplicate, in this process, of descriptor `fd` of thread `tid` (Linux 5.6), from that
+    thread's own descriptor table. Before Linux 6.9 only a thread-group leader can be named."""
+    try:
+        pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+    except OSError as e:
+        if e.errno != errno_module.EINVAL:
+            raise
+        pidfd = os.pidfd_open(tid)
     try:
         got = int(_libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)))
     finally:
         os.close(pidfd)
     if got < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd {pid} fd {fd}: {os.strerror(err)}")
+        raise OSError(err, f"pidfd_getfd {tid} fd {fd}: {os.strerror(err)}")
     return got
 
 
