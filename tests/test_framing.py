@@ -41,11 +41,18 @@ def test_a_request_passes_once_with_connection_close_and_nothing_after_it(cuts: 
     assert deny and f"HTTP Host 'evil.example' does not match the name connected to, {NAME}" in reason
 
 
-def test_a_second_request_for_the_same_host_is_held_back_without_a_policy_denial() -> None:
-    passed, framer = run(GET + GET, [])
+@pytest.mark.parametrize("after", [GET, b"\r\n", b"\r\n" + GET], ids=["request", "line end", "both"])
+def test_a_second_request_for_the_same_host_is_held_back_without_a_policy_denial(after: bytes) -> None:
+    passed, framer = run(GET + after, [])
     assert passed == CLOSED.encode()
     reason, deny = framer.refusal()
     assert not deny and "the client must reconnect" in reason
+
+
+def test_anything_but_http_after_the_request_is_a_policy_denial() -> None:
+    _, framer = run(GET + b"SSH-2.0-OpenSSH_9.2\r\n", [])
+    reason, deny = framer.refusal()
+    assert deny and "ssh data after the request" in reason
 
 
 @pytest.mark.parametrize("cuts", [None, [], [len(CHUNKED) - 3]], ids=["byte by byte", "whole", "late"])

@@ -197,14 +197,16 @@ class OneRequest:
         return True
 
     def refusal(self) -> tuple[str, bool]:
-        """Why what followed the request was refused, and whether that is the policy's refusal (a
-        request for another host) rather than a client that just reused its connection."""
-        seen = sniff_client(bytes(self.after))
+        """Why what followed the request was held back, and whether that is the policy's refusal (a
+        request for another host, or something other than HTTP) rather than a client that reused
+        its connection (or ended its request with a stray line end, as old clients did)."""
+        after = bytes(self.after).lstrip(b"\r\n")
+        seen = sniff_client(after)
         host = seen.name if seen.protocol == "http" else None
         what = "a second HTTP request on the connection was not passed on (one request per connection)"
         expected = self.name or self.host
         if host is not None and host != expected:
             return f"{what}: HTTP Host {host!r} does not match the name connected to, {expected}", True
-        if seen.protocol != "http":
+        if after and seen.protocol != "http":
             return f"{what}: {seen.protocol} data after the request ({seen.detail})", True
         return f"{what}; the client must reconnect", False

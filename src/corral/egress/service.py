@@ -815,8 +815,13 @@ class Fence:
                 if not more:
                     break
                 request.after += more
-        reason, deny = request.refusal()
-        self._record_refusal(record, reason, deny)
+        reason, refused = request.refusal()
+        if refused:
+            self._record_refusal(record, reason)
+        else:
+            # Not the policy's business: the request that passed was allowed, and the client asks
+            # again on a new connection. A deny here would read as a refused destination to rules.
+            record["reason"] = f"{record['reason']}; {reason}"
         with contextlib.suppress(OSError):
             while os.read(client, _RELAY_FIRST):
                 pass
