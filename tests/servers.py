@@ -180,6 +180,7 @@ class _HttpServer(_TcpServer):
         self.requests: list[HttpRequest] = []
         # path -> (content type, body); "/host" is answered dynamically
         self.routes = routes
+        self.ignore_close = False
         super().__init__(handler)
         self.server_name = HOST
         self.server_port = self.port
@@ -212,6 +213,8 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
             self._respond(200, content_type, payload, head)
         else:
             self._respond(404, "text/plain", b"not found\n", head)
+        if self.server.ignore_close:
+            self.close_connection = False  # as some servers do: keeps serving until the client's EOF
 
     def do_GET(self) -> None:
         self._handle()
@@ -245,8 +248,10 @@ class HttpServer:
 
 
 @contextlib.contextmanager
-def http_server(body: bytes = DEFAULT_BODY) -> Iterator[HttpServer]:
+def http_server(body: bytes = DEFAULT_BODY, ignore_close: bool = False) -> Iterator[HttpServer]:
+    """`ignore_close`: answer further requests on a connection whatever its `Connection: close`."""
     server = _HttpServer(_HttpHandler, {"/": ("text/plain", body)})
+    server.ignore_close = ignore_close
     with _serving(server, "http"):
         yield HttpServer(port=server.port, body=body, requests=server.requests, errors=server.errors)
 
@@ -756,8 +761,10 @@ class TcpConnection:
 
 
 class _ListenerServer(_TcpServer):
-    def __init__(self, greeting: bytes) -> None:
+    def __init__(self, greeting: bytes, answer_at_eof: bool, eof_after_greeting: bool) -> None:
         self.greeting = greeting
+        self.answer_at_eof = answer_at_eof
+        self.eof_after_greeting = eof_after_greeting
         self.connections: list[TcpConnection] = []
         super().__init__(_ListenerHandler)
 
@@ -771,8 +778,14 @@ class _ListenerHandler(socketserver.BaseRequestHandler):
         try:
             if self.server.greeting:
                 self.request.sendall(self.server.greeting)
+            if self.server.eof_after_greeting:
+                self.request.shutdown(socket.SHUT_WR)  # and goes on reading
             while chunk := self.request.recv(65536):
                 conn.data += chunk
+            if self.server.answer_at_eof:
+                # Only after the client's half-close: what a relay that drops one direction at the
+                # other's end would lose.
+                self.request.sendall(b"got:" + bytes(conn.data))
         except OSError:
             pass
         finally:
@@ -794,9 +807,14 @@ class TcpListener:
 
 
 @contextlib.contextmanager
-def tcp_listener(greeting: bytes = b"") -> Iterator[TcpListener]:
-    """`greeting` is sent to each client on accept (e.g. a command for a reverse shell to run)."""
-    server = _ListenerServer(greeting)
+def tcp_listener(
+    greeting: bytes = b"", answer_at_eof: bool = False, eof_after_greeting: bool = False
+) -> Iterator[TcpListener]:
+    """`greeting` is sent to each client on accept (e.g. a command for a reverse shell to run);
+    `answer_at_eof` sends back b"got:" and everything received once the client has shut down its
+    sending side, then closes; `eof_after_greeting` shuts the server's sending side after the
+    greeting, and goes on receiving."""
+    server = _ListenerServer(greeting, answer_at_eof, eof_after_greeting)
     with _serving(server, "tcp-listener"):
         yield TcpListener(port=server.port, connections=server.connections)
 

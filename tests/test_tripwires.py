@@ -33,7 +33,7 @@ from corral.monitors import resource
 from corral.monitors.gpu import GpuMonitor
 from fakenvml import FakeNvml
 from helpers import wait_until
-from servers import LocalUpstream, package_index, tcp_listener, tls_listener
+from servers import LocalUpstream, http_server, package_index, tcp_listener, tls_listener
 
 pytestmark = pytest.mark.root
 
@@ -533,6 +533,37 @@ def test_a_probe_alerts_at_the_first_attempt_with_the_connection_as_evidence() -
             "/usr/bin/nc.traditional",
             "/usr/bin/ncat",
         )
+
+
+_PIPELINED = """
+import socket
+s = socket.create_connection(("web.example.internal", 80), 5)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: web.example.internal\\r\\n\\r\\n"
+          b"GET / HTTP/1.1\\r\\nHost: c2.example.internal\\r\\n\\r\\n")
+while s.recv(4096):
+    pass
+"""
+
+
+def test_a_request_for_another_host_behind_an_allowed_one_is_caught_at_once() -> None:
+    web_name = "web.example.internal"
+    with http_server(ignore_close=True) as web:
+        p = Policy.from_dict(
+            {
+                "version": 1,
+                "network": {
+                    "egress": [{"host": web_name, "ports": [80], "protocols": ["http"]}],
+                    "hosts": {web_name: "127.0.0.1"},
+                },
+            }
+        )
+        with Sandbox(p, keep_workspace=False, upstream=LocalUpstream({80: web.port})) as sb:
+            sb.write_file("pipelined.py", _PIPELINED)
+            sb.exec(["python3", "pipelined.py"], timeout=20)
+            [a] = alerts(sb, "relayed or fronted request")
+            assert (a.category, a.action) == ("tunnel", "kill")
+            assert "HTTP Host 'c2.example.internal' does not match" in a.evidence.trigger["reason"]
+        assert [r.host for r in web.requests] == [web_name]
 
 
 def test_freeze_keeps_the_processes_for_inspection() -> None:

@@ -45,7 +45,7 @@ import dns.rdatatype
 import dns.rrset
 
 from corral._once import process_wide
-from corral.egress import netns, sniff, sockdiag
+from corral.egress import framing, netns, sniff, sockdiag
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
 
@@ -117,6 +117,17 @@ class Connecting:
     at: float  # monotonic
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A reported connect that the destination alone refuses (see `Fence.judge_connect`): refused at
+    connect(), before the connection opens, instead of looking open and then closing."""
+
+    destination: IPAddress
+    port: int
+    name: str | None  # the name a synthetic address stands for
+    reason: str
+
+
 class _Attempt:
     """One connection from its accept until its decision. The fence counts undecided attempts, and
     `settle` and `close` wait for that count to reach zero, so every attempt is recorded."""
@@ -140,22 +151,32 @@ _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Attempt], Awai
 
 
 class _Budget:
-    """A sliding one-minute window."""
+    """A sliding one-minute window, taken from several threads (the loop, relays, the supervisor)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.events: deque[tuple[float, int]] = deque()
         self.total = 0
+        self._lock = threading.Lock()
 
     def take(self, amount: int = 1) -> bool:
+        with self._lock:
+            if not self._fits(amount):
+                return False
+            self.events.append((time.monotonic(), amount))
+            self.total += amount
+            return True
+
+    def spent(self) -> bool:
+        """Whether the next `take(1)` would fail, without taking."""
+        with self._lock:
+            return not self._fits(1)
+
+    def _fits(self, amount: int) -> bool:
         now = time.monotonic()
         while self.events and now - self.events[0][0] > 60:
             self.total -= self.events.popleft()[1]
-        if self.total + amount > self.limit:
-            return False
-        self.events.append((now, amount))
-        self.total += amount
-        return True
+        return self.total + amount <= self.limit
 
 
 class Fence:
@@ -279,6 +300,49 @@ class Fence:
                 waiting.popleft()
             waiting.append(entry)
         return entry
+
+    def judge_connect(self, dest: IPAddress, port: int) -> Refusal | None:
+        """A connect the sandbox's seccomp filter reported, judged while the caller is parked: a
+        `Refusal` when the destination alone decides against it (an address no rule allows, a name
+        with no rule for the port, an address the resolver never gave out, the connection budget
+        spent), None when the proxy must decide (a name to resolve, the protocol to read). Records
+        nothing: the caller acts on it, and calls `refuse_connect` once it has refused."""
+        name = self.addresses.get(dest)
+        if self.connections.spent():
+            reason = f"over {self.connections.limit} connections per minute"  # the proxy's first check
+        elif name is None and dest in _SYNTHETIC:
+            reason = f"{dest} is not an address corral's resolver gave out"
+        elif name is None:
+            verdict = self.rules.check_address(dest, port)
+            if verdict.allowed:
+                return None
+            reason = verdict.reason
+        elif name in self.rules.hosts or self.rules.rule_for_name(name, port) is None:
+            # Decided without asking any resolver, as `_destination` would.
+            verdict = self.rules.check_name(name, port, [])
+            if verdict.allowed:
+                return None
+            reason = verdict.reason
+        else:
+            return None
+        return Refusal(dest, port, name, reason)
+
+    def refuse_connect(self, refusal: Refusal, process: ProcessRef | None) -> None:
+        """Record a connect refused on `judge_connect`'s word, as the proxy records the attempts it
+        refuses (its `net.connect` and `deny` events), and count it against the connection budget as
+        the proxy would have. The connection never reaches the proxy, so this is its only record."""
+        self.connections.take()
+        record: dict[str, Any] = {
+            "sandbox": self.id,
+            "destination": str(refusal.destination),
+            "port": refusal.port,
+            "name": refusal.name,
+            "via": "transparent",
+            "exec": self.current_exec(),
+            "process": process,
+            "protocol": "unknown",
+        }
+        self._record_refusal(record, refusal.reason)
 
     def _reported(self, record: dict[str, Any], found: ProcessRef | None) -> Connecting | None:
         """With no owner `found` for a connection's socket, the oldest report of a connect to its
@@ -526,6 +590,7 @@ class Fence:
             "protocol": "unknown",
         }
         up_writer: asyncio.StreamWriter | None = None
+        framer: framing.OneRequest | None = None
         relaying = False
         try:
             if not self.connections.take():
@@ -560,6 +625,13 @@ class Fence:
                 verdict = self._protocol(verdict, name, dest, port, seen)
                 if not verdict.allowed:
                     return await self._refuse(writer, record, verdict.reason)
+                if seen.protocol == "http":
+                    # The Host just judged must be the only one: one request passes per connection.
+                    framer = framing.OneRequest(name)
+                    try:
+                        first = b"".join(framer.feed(first))
+                    except framing.Malformed as e:
+                        return await self._refuse(writer, record, e.reason)
             assert verdict.address is not None
             record["address"] = str(verdict.address)
             try:
@@ -586,6 +658,8 @@ class Fence:
             client_sock = writer.get_extra_info("socket")
             upstream_sock = upw.get_extra_info("socket")
             if inspect_in_flight or client_sock is None or upstream_sock is None:
+                if framer is not None:  # not reached with the fence's own sockets
+                    return await self._refuse(writer, record, "an HTTP connection the relay can't frame")
                 upw.write(first)
                 await asyncio.gather(
                     self._pump(reader, upw, record, "bytes_out", attempt if inspect_in_flight else None),
@@ -601,10 +675,15 @@ class Fence:
                 if extra and not self.bytes_out.take(len(extra)):
                     self._over_budget(record)
                     return await self._refuse(writer, record, "over the bytes-out budget", deny=False)
+                if framer is not None:
+                    try:
+                        extra = b"".join(framer.feed(extra))
+                    except framing.Malformed as e:
+                        return await self._refuse(writer, record, e.reason)
                 first += extra
                 # Likewise what the server already sent (an SSH banner arrives right after connect).
                 answer = bytes(getattr(up_reader, "_buffer", b""))
-                await self._relay(client_sock, upstream_sock, first, answer, record)
+                await self._relay(client_sock, upstream_sock, first, answer, record, framer)
         except asyncio.CancelledError:
             if "decision" not in record:
                 self._cut_off(record, "the sandbox closed before the connection was decided")
@@ -632,8 +711,11 @@ class Fence:
         first: bytes,
         answer: bytes,
         record: dict[str, Any],
+        framer: framing.OneRequest | None,
     ) -> None:
         """Relay a decided connection on two threads, one per direction, in blocking reads and writes.
+        With `framer`, the client's direction passes one HTTP request and the server's is watched for
+        a switch of protocols.
 
         The threads copy, where splice(2) would move pages: measured on 2 cores, copying ran about a
         third faster. Spliced pages stay referenced until the far reader has copied them, so the
@@ -646,7 +728,7 @@ class Fence:
             done.append(fut)
             threading.Thread(
                 target=self._relay_one,
-                args=(src, dst, outbound, head, loop, fut, record),
+                args=(src, dst, outbound, head, loop, fut, record, framer),
                 name="corral-relay",
                 daemon=True,
             ).start()
@@ -676,26 +758,40 @@ class Fence:
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[int],
         record: dict[str, Any],
+        framer: framing.OneRequest | None,
     ) -> None:
         total = 0
         cut = False
+        request = framer if outbound else None  # `head` is framed already, by `_serve`
+        watch = framer.response if framer is not None and framer.upgrade and not outbound else None
         try:
             for fd in (src, dst):
                 os.set_blocking(fd, True)
+            if watch is not None and not watch(head):
+                watch = None
             _write_all(dst, head)
             total += len(head)
             buf = bytearray(_RELAY_FIRST)
             view = memoryview(buf)
-            while n := os.readv(src, [buf]):
+            while not (request is not None and request.after) and (n := os.readv(src, [buf])):
                 if outbound and not self.bytes_out.take(n):
                     self._over_budget(record)
                     cut = True
                     break
-                _write_all(dst, view[:n])
+                if watch is not None and not watch(view[:n]):
+                    watch = None
+                if request is None:
+                    _write_all(dst, view[:n])
+                else:
+                    for piece in request.feed(view[:n]):
+                        _write_all(dst, piece)
                 total += n
                 if n == len(buf) and n < _RELAY_MOST:
                     buf = bytearray(2 * n)
                     view = memoryview(buf)
+        except framing.Malformed as e:
+            self._record_refusal(record, e.reason)
+            cut = True
         except OSError:
             pass
         finally:
@@ -703,7 +799,32 @@ class Fence:
                 # Normally the other side sees EOF, as it would without corral; a cut connection is
                 # closed both ways, so no answer to the truncated request comes back either.
                 _shutdown(dst, socket.SHUT_RDWR if cut else socket.SHUT_WR)
+            if request is not None and request.after:
+                self._refuse_later(src, request, record)
             loop.call_soon_threadsafe(fut.set_result, total)
+
+    def _refuse_later(self, client: int, request: framing.OneRequest, record: dict[str, Any]) -> None:
+        """The client sent more after its one request, and the server's side has been shut. Record
+        what that was (read on to its Host, when it is a request), then swallow the rest: the answer
+        to the request that passed still reaches the client, and ends when the server closes."""
+        with contextlib.suppress(OSError):
+            while (
+                len(request.after) < sniff.MAX_SNIFF and not sniff.sniff_client(bytes(request.after)).complete
+            ):
+                more = os.read(client, sniff.MAX_SNIFF - len(request.after))
+                if not more:
+                    break
+                request.after += more
+        reason, refused = request.refusal()
+        if refused:
+            self._record_refusal(record, reason)
+        else:
+            # Not the policy's business: the request that passed was allowed, and the client asks
+            # again on a new connection. A deny here would read as a refused destination to rules.
+            record["reason"] = f"{record['reason']}; {reason}"
+        with contextlib.suppress(OSError):
+            while os.read(client, _RELAY_FIRST):
+                pass
 
     def _tcp_owner(self, ends: _Ends | None) -> ProcessRef | None:
         inode = None if ends is None else self._table.tcp_inode(*ends)
@@ -797,11 +918,17 @@ class Fence:
                 attempt.decided()
             if cut:  # refused mid-stream: nothing more either way, not even an answer
                 dst.transport.abort()
+            # A half-close passes on as one, and only that: the other direction keeps flowing until
+            # its own end (a server that answers after the client's EOF, nc </dev/null). Closing the
+            # upstream here cut off whatever the server had not sent yet. `_serve` closes both ends
+            # once both directions are done.
             with contextlib.suppress(Exception):
-                if not cut and dst.can_write_eof():
+                if cut:
+                    pass
+                elif dst.can_write_eof():
                     dst.write_eof()
-            if counter == "bytes_out":
-                dst.close()
+                elif counter == "bytes_out":
+                    dst.close()  # a transport that can't half-close (TLS) can only end
 
     def _over_budget(self, record: dict[str, Any]) -> None:
         detail = f"bytes-out budget of {self.bytes_out.limit} per minute reached; connection cut"
@@ -880,19 +1007,17 @@ def _shutdown(fd: int, how: int) -> None:
 
 
 def _origin_form(request: bytes) -> bytes:
-    """Turn a proxy request (absolute URI) into what an origin server expects, and make it the only
-    request on the connection: a client reusing a proxy connection could otherwise send its next
+    """Turn a proxy request (absolute URI) into what an origin server expects. It goes on as the only
+    request on the connection (`framing`), or a client reusing a proxy connection could send its next
     request to another host past the check that allowed the first."""
     head, sep, body = request.partition(b"\r\n\r\n")
-    line, *headers = head.split(b"\r\n")
+    line, _, headers = head.partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) == 3 and b"://" in parts[1]:
         url = parts[1].split(b"://", 1)[1]
         path = b"/" + url.split(b"/", 1)[1] if b"/" in url else b"/"
         line = b" ".join((parts[0], path, parts[2]))
-    hop = (b"connection:", b"proxy-connection:", b"keep-alive:")
-    kept = [h for h in headers if not h.lower().startswith(hop)]
-    return b"\r\n".join([line, *kept, b"Connection: close"]) + sep + body
+    return b"\r\n".join([line, headers] if headers else [line]) + sep + body
 
 
 def _report_failure(done: concurrent.futures.Future[None]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno as errno_module
 import os
 import platform
 
@@ -23,6 +24,7 @@ SYS_MOUNT_SETATTR = 442
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
+SYS_PIDFD_GETFD = 438
 
 # clone(2) flags
 CLONE_NEWNS = 0x00020000
@@ -162,6 +164,28 @@ def syscall(number: int, *args: object) -> int:
 
 def errno() -> int:
     return ctypes.get_errno()
+
+
+PIDFD_THREAD = os.O_EXCL  # Linux 6.9: a pidfd for a thread that doesn't lead its group
+
+
+def pidfd_getfd(tid: int, fd: int) -> int:
+    """A duplicate, in this process, of descriptor `fd` of thread `tid` (Linux 5.6), from that
+    thread's own descriptor table. Before Linux 6.9 only a thread-group leader can be named."""
+    try:
+        pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+    except OSError as e:
+        if e.errno != errno_module.EINVAL:
+            raise
+        pidfd = os.pidfd_open(tid)
+    try:
+        got = int(_libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)))
+    finally:
+        os.close(pidfd)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd {tid} fd {fd}: {os.strerror(err)}")
+    return got
 
 
 def set_cmdline(text: str) -> None:

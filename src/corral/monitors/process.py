@@ -376,6 +376,17 @@ def read_ipv4_sockaddr(pid: int, addr: int) -> tuple[ipaddress.IPv4Address, int]
     return ipaddress.IPv4Address(raw[4:8]), socket.ntohs(port)
 
 
+def is_tcp_socket(pid: int, fd: int) -> bool:
+    """Whether descriptor `fd` of process `pid` is an IPv4 TCP socket (a parked connect's): only those
+    reach the proxy, so only those may be refused for it (a UDP connect sends nothing)."""
+    with socket.socket(fileno=_linux.pidfd_getfd(pid, fd)) as sock:  # reads family, type, protocol
+        return (sock.family, sock.type, sock.proto) == (
+            socket.AF_INET,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
+        )
+
+
 def read_memory(pid: int, addr: int, size: int) -> bytes:
     """Up to `size` bytes at `addr` in process `pid`'s memory (a parked caller's argument)."""
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)

@@ -905,17 +905,34 @@ class Sandbox:
         assert self._launched is not None and self._launched.notify_fd is not None
         fence = self._fence
         reported = None
+        refused = False
         try:
             target = process_monitor.read_ipv4_sockaddr(note.pid, note.args[1])
-            if fence is not None and target is not None and not target[0].is_loopback:
-                brief = ProcessRef(
-                    pid=note.pid, exe=process_monitor.exe(note.pid), cmdline=process_monitor.cmdline(note.pid)
-                )
-                reported = fence.note_connect(target[0], target[1], brief)
+            # The kernel connects 0.0.0.0 to this host, which in the sandbox is its own loopback.
+            local = target is not None and (target[0].is_loopback or target[0].is_unspecified)
+            if fence is not None and target is not None and not local:
+                refusal = fence.judge_connect(target[0], target[1])
+                # Refused here, the connect fails at once with ECONNREFUSED, as a closed port's does,
+                # instead of opening to the proxy and then closing. Safe against a second thread
+                # rewriting the address or the descriptor meanwhile: an error can only cost the
+                # caller its own connect; the proxy still decides every connect let through.
+                if refusal is not None and process_monitor.is_tcp_socket(note.pid, int(note.args[0])):
+                    fence.refuse_connect(refusal, _process_ref(note.pid))  # read while it is parked
+                    refused = True
+                else:
+                    brief = ProcessRef(
+                        pid=note.pid,
+                        exe=process_monitor.exe(note.pid),
+                        cmdline=process_monitor.cmdline(note.pid),
+                    )
+                    reported = fence.note_connect(target[0], target[1], brief)
         except OSError:
             pass  # gone, or an address it can't read: the connect fails or goes on unnamed
         finally:
-            seccomp.respond_continue(self._launched.notify_fd, note.id)
+            if refused:
+                seccomp.respond_error(self._launched.notify_fd, note.id, errno.ECONNREFUSED)
+            else:
+                seccomp.respond_continue(self._launched.notify_fd, note.id)
         if reported is not None:
             full = _process_ref(note.pid)
             if full.exe is not None and full.cmdline:  # still there, not yet a zombie
