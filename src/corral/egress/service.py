@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import os
 import select
@@ -44,6 +45,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from corral._lanes import Lanes
 from corral._once import process_wide
 from corral.egress import netns, sniff, sockdiag
 from corral.egress.rules import IPAddress, Rules, Verdict
@@ -73,6 +75,11 @@ _CONNECTING_KEYS = 4096  # destinations kept before expired ones are purged
 # (package indexes, CDN shards) stays far below it.
 _NAMES_KEPT = 4096
 _NAME_IDLE = 300.0
+# Queries a sandbox may have waiting for their asker to be found; past it the resolver stops reading
+# that sandbox's socket until they are answered, so a flood waits in its own socket buffer (where the
+# kernel drops the excess) instead of in the loop every sandbox shares.
+_DNS_WAITING = 64
+_LOOKUP_WORKERS = 4
 
 
 class Upstream(Protocol):
@@ -114,6 +121,34 @@ class _Loop:
 
 
 _loop = process_wide(_Loop)
+# Who asked or connected is found in a worker (sock_diag, then a bounded descriptor scan), in a lane
+# per sandbox: one sandbox's flood of queries or connections queues behind itself.
+_lookups = process_wide(lambda: Lanes("corral-egress-lookup", _LOOKUP_WORKERS))
+
+
+def _in_lane(lane: object, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """`fn()` in `lane` of the lookup workers, as a future of the running loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return  # cancelled meanwhile
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except Exception as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    _lookups().submit(lane, run)
+    return fut
 
 
 @dataclass
@@ -243,6 +278,7 @@ class Fence:
         self._tasks: set[asyncio.Task[None]] = set()
         self._deciding = 0  # attempts (connections, queries) not yet decided and recorded
         self._dns_records: set[asyncio.Future[None]] = set()
+        self._dns_paused = False  # reading stopped: _DNS_WAITING queries wait for their asker
         self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
         # Who connected where, as the sandbox's seccomp filter reported it (see `note_connect`).
         self._connecting: dict[tuple[IPAddress, int], deque[Connecting]] = {}
@@ -386,7 +422,7 @@ class Fence:
         # Read what is already queued, as the readers would have.
         for listener, handler in self._listeners():
             self._accept(listener, handler)
-        self._dns(self.sockets[2])
+        self._dns(self.sockets[2], bounded=False)
         self._dropped(self.sockets[3])
         deadline = time.monotonic() + _DRAIN_TIMEOUT
         while self._deciding and time.monotonic() < deadline:
@@ -401,8 +437,12 @@ class Fence:
 
     # --- DNS -----------------------------------------------------------------------------------
 
-    def _dns(self, sock: socket.socket) -> None:
+    def _dns(self, sock: socket.socket, bounded: bool = True) -> None:
         while True:
+            if bounded and len(self._dns_records) >= _DNS_WAITING:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                self._dns_paused = True
+                return
             try:
                 data, peer = sock.recvfrom(4096)
             except BlockingIOError:
@@ -440,15 +480,20 @@ class Fence:
             # the answer goes out, while the asker still waits with its socket open: answered first,
             # most queries had exited by the time of the lookup and went unattributed.
             self._deciding += 1
-            record = asyncio.get_running_loop().run_in_executor(
-                None, self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
+            answer_dns = functools.partial(
+                self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
             )
+            record = _in_lane(self, answer_dns)
             self._dns_records.add(record)
             record.add_done_callback(self._dns_recorded)  # on this loop's thread, like the += above
 
     def _dns_recorded(self, record: asyncio.Future[None]) -> None:
         self._dns_records.discard(record)
         self._deciding -= 1
+        if self._dns_paused and not self._closed and len(self._dns_records) < _DNS_WAITING // 2:
+            self._dns_paused = False
+            resolver = self.sockets[2]
+            asyncio.get_running_loop().add_reader(resolver.fileno(), self._dns, resolver)
 
     def _answer_dns(
         self,
@@ -575,7 +620,7 @@ class Fence:
     ) -> None:
         started = time.monotonic()
         # Who connected is looked up in a worker thread while the decision and dial go on.
-        process = asyncio.get_running_loop().run_in_executor(None, self._tcp_owner, ends)
+        process = _in_lane(self, functools.partial(self._tcp_owner, ends))
         exec_id = self.current_exec()
         name = name or self.names.name(dest)
         record: dict[str, Any] = {

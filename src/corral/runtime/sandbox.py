@@ -804,7 +804,8 @@ class Sandbox:
 
     def _find_process(self, inode: int) -> ProcessRef | None:
         """Which of the sandbox's processes holds the socket with this inode (the fence finds the
-        inode), read on the host."""
+        inode), read on the host. The scan is bounded (`FdScan`): past it the owner stays unknown
+        (a TCP connection is still named by the connect its seccomp filter reported)."""
         if self._cgroup is None:
             return None
         target = f"socket:[{inode}]"
@@ -812,13 +813,12 @@ class Sandbox:
             pids = self._cgroup.pids()
         except OSError:
             return None
+        scan = process_monitor.FdScan()
         for pid in pids:
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return _process_ref(pid)
-            except OSError:
-                continue
+            if target in scan.links(pid):
+                return _process_ref(pid)
+            if scan.left <= 0:
+                break
         return None
 
     def _on_seccomp(self, note: seccomp.Notification) -> None:
