@@ -7,6 +7,9 @@ Timing is only asserted with generous bounds; where possible the work done is co
 from __future__ import annotations
 
 import ipaddress
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -133,3 +136,96 @@ def test_the_events_kept_in_memory_are_bounded_and_the_file_keeps_them_all(
     assert len(kept) <= 51 and elided >= 60 * 2 - 50
     assert kept[0].type == "sandbox.start"
     assert len(path.read_text().splitlines()) == 1 + 60 * 2 + 1
+
+
+_FD_HOLDERS = r"""
+import os, resource, subprocess, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for _ in range(60):  # processes whose descriptors every exec's pipe check reads
+    if os.fork() == 0:
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(min(1000, hard - 64))]
+        time.sleep(120)
+        os._exit(0)
+print("ready", flush=True)
+while True:  # interactive shells on pipes: the dearest execs to judge
+    subprocess.run(["sh"], input=b"true\n")
+"""
+
+
+def test_a_sandbox_full_of_descriptors_does_not_hold_up_another_sandboxs_exec() -> None:
+    # The old supervisor judged every sandbox's execs on one thread: each of the flooder's shells
+    # read 60,000 descriptor links first, and the quiet sandbox's `true` waited behind them.
+    flood_policy = Policy.from_dict(
+        {"version": 1, "resources": {"processes": 256}, "tripwires": {"responses": {"reverse_shell": "log"}}}
+    )
+    with Sandbox(flood_policy, keep_workspace=False) as flooder, Sandbox(keep_workspace=False) as quiet:
+        quiet.exec("true")
+        run = flooder.stream(["python3", "-c", _FD_HOLDERS], timeout=120)
+        chunks = iter(run)
+        assert next(chunks).data.startswith(b"ready")
+
+        def drain() -> None:
+            for _ in chunks:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        time.sleep(0.5)
+        took = []
+        for _ in range(15):
+            t0 = time.monotonic()
+            assert quiet.exec(["true"]).ok
+            took.append(time.monotonic() - t0)
+        flooder.close()
+    took.sort()
+    assert took[len(took) // 2] < 0.1, took  # loose: alone it takes a few ms (the old code: 0.37 s)
+
+
+def test_a_lane_full_of_work_waits_behind_itself() -> None:
+    from corral._lanes import Lanes
+
+    lanes = Lanes("test-lanes", workers=1, share=1.0, burst=10.0)
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def item(name: str, seconds: float) -> Callable[[], None]:
+        def run() -> None:
+            time.sleep(seconds)
+            with lock:
+                done.append(name)
+
+        return run
+
+    for i in range(20):
+        lanes.submit("flood", item(f"flood{i}", 0.01))
+    lanes.submit("quiet", item("quiet", 0))
+    deadline = time.monotonic() + 10
+    while "quiet" not in done and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert done.index("quiet") <= 2, done  # one flood item ahead of it at most (the one running)
+
+
+def test_a_lane_in_cpu_debt_is_paused_while_others_go_on() -> None:
+    from corral._lanes import Lanes
+
+    lanes = Lanes("test-lanes", workers=2, share=0.1, burst=0.01)
+    counts = {"flood": 0, "quiet": 0}
+
+    def burn(lane: str, seconds: float) -> Callable[[], None]:
+        def run() -> None:
+            end = time.thread_time() + seconds
+            while time.thread_time() < end:
+                pass
+            counts[lane] += 1
+
+        return run
+
+    for _ in range(50):
+        lanes.submit("flood", burn("flood", 0.02))
+    time.sleep(0.5)
+    for _ in range(3):
+        lanes.submit("quiet", burn("quiet", 0.002))  # within its burst
+    time.sleep(0.3)
+    # 0.8 s at a tenth of a core, plus the burst, is about 5 items of 20 ms; unmetered it would be 40.
+    assert counts["flood"] <= 8, counts
+    assert counts["quiet"] == 3, counts
