@@ -1,15 +1,14 @@
 """Work the host does for sandboxes, shared fairly: a few worker threads, one FIFO lane per sandbox,
 lanes served in turn, at most one worker in a lane at a time, and each lane's worker time metered.
 
-One thread serving every sandbox in arrival order let one sandbox buy another's time: with 60 of its
-processes holding 19,000 descriptors each, the descriptor scans behind its execs held another
-sandbox's `exec("true")` for 4.8 s, and its DNS flood filled the one executor that finds who asked.
-Here a flood fills its own lane and waits behind itself. Taking turns is not enough on its own: all
-workers share the process's CPUs and its GIL with everything else corral does, so a lane that keeps
-a worker busy still slows every other sandbox. Each lane therefore has a token bucket of worker CPU
-time (`share` of a core, bursts up to `burst` seconds); a lane in debt waits until it has paid, and
-its sandbox's calls stay parked meanwhile. A thread per sandbox would be simpler, but 1,000 idle
-sandboxes would pay a stack each.
+The egress fence finds who made a query or a connection this way. On the loop's one default
+executor, shared by every sandbox, a DNS flood from one sandbox (each lookup scanning its
+descriptors) delayed every other sandbox's answers. Here a flood fills its own lane and waits behind
+itself. Taking turns is not enough on its own: all workers share the process's CPUs and its GIL with
+everything else corral does, so a lane that keeps a worker busy still slows every other sandbox.
+Each lane therefore has a `CpuMeter` (`share` of a core, bursts up to `burst` seconds); a lane in
+debt waits until it has paid. A thread per sandbox would be simpler, but 1,000 idle sandboxes would
+pay a stack each.
 """
 
 from __future__ import annotations
@@ -31,11 +30,28 @@ SHARE = 0.25
 BURST = 0.5  # seconds of worker CPU a quiet lane may spend at once
 
 
-class _Bucket:
-    __slots__ = ("stamp", "tokens")
+class CpuMeter:
+    """A token bucket of CPU seconds: `share` of a core, sustained, bursts up to `burst` seconds."""
 
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens, self.stamp = tokens, stamp
+    __slots__ = ("burst", "share", "stamp", "tokens")
+
+    def __init__(self, share: float = SHARE, burst: float = BURST) -> None:
+        self.share, self.burst = share, burst
+        self.tokens, self.stamp = burst, time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.share)
+        self.stamp = now
+
+    def charge(self, used: float) -> float:
+        """Take `used` CPU seconds; how long to wait before the next piece of work (0: none)."""
+        self.refill(time.monotonic())
+        self.tokens -= used
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.share
+
+    @property
+    def full(self) -> bool:
+        return self.tokens >= self.burst
 
 
 class Lanes:
@@ -50,7 +66,7 @@ class Lanes:
         self._deferred: list[tuple[float, int, Hashable]] = []  # lanes in debt: when they may go on
         self._seq = itertools.count()
         # Kept while a lane has work or debt, so that emptying its queue does not refill it.
-        self._buckets: dict[Hashable, _Bucket] = {}
+        self._buckets: dict[Hashable, CpuMeter] = {}
         self._threads = 0
         self._idle = 0
 
@@ -79,16 +95,14 @@ class Lanes:
             queue = self._lanes.get(lane)
             return 0 if queue is None else len(queue)
 
-    def _refill(self, lane: Hashable, now: float) -> _Bucket:
+    def _refill(self, lane: Hashable, now: float) -> CpuMeter:
         bucket = self._buckets.get(lane)
         if bucket is None:
-            bucket = self._buckets[lane] = _Bucket(self.burst, now)
-        else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.share)
-            bucket.stamp = now
+            bucket = self._buckets[lane] = CpuMeter(self.share, self.burst)
+        bucket.refill(now)
         return bucket
 
-    def _defer(self, lane: Hashable, bucket: _Bucket) -> None:
+    def _defer(self, lane: Hashable, bucket: CpuMeter) -> None:
         heapq.heappush(self._deferred, (bucket.stamp - bucket.tokens / self.share, next(self._seq), lane))
 
     def _work(self) -> None:
@@ -118,7 +132,7 @@ class Lanes:
                 queue.popleft()
                 if not queue:
                     del self._lanes[lane]
-                    if bucket.tokens >= self.burst:
+                    if bucket.full:
                         del self._buckets[lane]
                 elif bucket.tokens < 0:
                     self._defer(lane, bucket)  # in debt: the others' lanes go on meanwhile
@@ -134,5 +148,5 @@ class Lanes:
             return
         now = time.monotonic()
         for lane in [k for k in self._buckets if k not in self._lanes]:
-            if self._refill(lane, now).tokens >= self.burst:
+            if self._refill(lane, now).full:
                 del self._buckets[lane]
