@@ -181,6 +181,67 @@ def test_a_sandbox_full_of_descriptors_does_not_hold_up_another_sandboxs_exec() 
     assert took[len(took) // 2] < 0.1, took  # loose: alone it takes a few ms (the old code: 0.37 s)
 
 
+_DNS_FLOOD = r"""
+import os, resource, socket, struct, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for _ in range(60):  # every lookup of who asked reads these descriptors
+    if os.fork() == 0:
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(min(1000, hard - 64))]
+        time.sleep(120)
+        os._exit(0)
+resolver = open("/etc/resolv.conf").read().split("nameserver")[1].split()[0]
+q = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+q.setblocking(False)
+print("ready", flush=True)
+n = 0
+while True:
+    n += 1
+    name = b"".join(bytes([len(p)]) + p for p in (b"n%d" % n, b"flood", b"internal"))
+    try:
+        q.sendto(struct.pack(">HHHHHH", n & 0xFFFF, 0x100, 1, 0, 0, 0) + name + b"\0\0\1\0\1", (resolver, 53))
+    except OSError:
+        time.sleep(0.001)
+"""
+
+
+def test_a_dns_flood_does_not_hold_up_another_sandboxs_lookups() -> None:
+    # The old fence found every query's asker on the loop's one default executor, shared by all
+    # sandboxes: each of the flooder's lookups read 60,000 descriptor links, and the quiet
+    # sandbox's query waited behind them.
+    with (
+        Sandbox(
+            egress_policy([{"host": "*.flood.internal", "ports": [443]}], resources={"processes": 256}),
+            keep_workspace=False,
+        ) as flooder,
+        Sandbox(egress_policy([{"host": "quiet.internal", "ports": [443]}]), keep_workspace=False) as quiet,
+    ):
+        run = flooder.stream(["python3", "-c", _DNS_FLOOD], timeout=120)
+        chunks = iter(run)
+        assert next(chunks).data.startswith(b"ready")
+
+        def drain() -> None:
+            for _ in chunks:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        time.sleep(1.0)
+        r = quiet.exec(
+            [
+                "python3",
+                "-c",
+                "import socket, time\nfor _ in range(10):\n    t = time.perf_counter()\n"
+                "    socket.getaddrinfo('quiet.internal', 443, socket.AF_INET)\n"
+                "    print(time.perf_counter() - t)",
+            ],
+            text=True,
+        )
+        flooder.close()
+    assert r.exit_code == 0, r.stderr  # the old code: the lookups timed out (EAI_AGAIN)
+    took = sorted(float(x) for x in str(r.stdout).split())
+    assert took[5] < 0.1, took  # loose: alone a lookup takes about a millisecond
+
+
 def test_a_lane_full_of_work_waits_behind_itself() -> None:
     from corral._lanes import Lanes
 
