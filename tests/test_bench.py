@@ -27,6 +27,8 @@ ROWS = {
     "first_attempt_reverse_shell_reverse",
     "first_attempt_probe_metadata",
     "benign_alerts",
+    "fairness_exec",
+    "fairness_dns",
 }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import os
 import select
@@ -33,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
@@ -44,6 +45,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from corral._lanes import Lanes
 from corral._once import process_wide
 from corral.egress import framing, netns, sniff, sockdiag
 from corral.egress.rules import IPAddress, Rules, Verdict
@@ -66,6 +68,18 @@ _DRAIN_TIMEOUT = 2.0  # how long a closing fence waits for decisions in progress
 _CONNECTING_TTL = 10.0  # how long a reported connect waits to be paired with its connection
 _CONNECTING_KEPT = 256  # reports kept per destination
 _CONNECTING_KEYS = 4096  # destinations kept before expired ones are purged
+# A sandbox's name budget: names holding a synthetic address at once. Past it, the name used least
+# recently gives its address back once it has been idle for _NAME_IDLE (far beyond the 5 s TTL the
+# answers carry, so a program that cached an address past its TTL is still unlikely to see it reused
+# for another name); when none has, the query is refused and recorded. An agent's ordinary work
+# (package indexes, CDN shards) stays far below it.
+_NAMES_KEPT = 4096
+_NAME_IDLE = 300.0
+# Queries a sandbox may have waiting for their asker to be found; past it the resolver stops reading
+# that sandbox's socket until they are answered, so a flood waits in its own socket buffer (where the
+# kernel drops the excess) instead of in the loop every sandbox shares.
+_DNS_WAITING = 64
+_LOOKUP_WORKERS = 4
 
 
 class Upstream(Protocol):
@@ -107,6 +121,34 @@ class _Loop:
 
 
 _loop = process_wide(_Loop)
+# Who asked or connected is found in a worker (sock_diag, then a bounded descriptor scan), in a lane
+# per sandbox: one sandbox's flood of queries or connections queues behind itself.
+_lookups = process_wide(lambda: Lanes("corral-egress-lookup", _LOOKUP_WORKERS))
+
+
+def _in_lane(lane: object, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    """`fn()` in `lane` of the lookup workers, as a future of the running loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return  # cancelled meanwhile
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except Exception as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    _lookups().submit(lane, run)
+    return fut
 
 
 @dataclass
@@ -147,6 +189,7 @@ class _Attempt:
 
 
 _Ends = tuple[tuple[str, int], tuple[str, int]]
+_Refusal = tuple[str, str]  # a refused query's deny: what, detail
 _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, _Attempt], Awaitable[None]]
 
 
@@ -179,6 +222,61 @@ class _Budget:
         return self.total + amount <= self.limit
 
 
+class _NamePool:
+    """Synthetic addresses for one sandbox's names: a bounded map both ways, least recently used
+    first. Without a bound, 131,071 distinct names under one wildcard rule used up 198.18.0.0/15 and
+    the next query raised IndexError in the loop that serves every sandbox."""
+
+    def __init__(self, kept: int = _NAMES_KEPT, idle: float = _NAME_IDLE) -> None:
+        self.kept, self.idle = kept, idle
+        self._names: OrderedDict[str, tuple[IPAddress, float]] = OrderedDict()  # oldest use first
+        self._addresses: dict[IPAddress, str] = {}
+        self._free: list[IPAddress] = []
+        self._next = 1  # .0 is the network's own address; never given out
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def address(self, name: str) -> IPAddress | None:
+        """`name`'s address, given out now if it has none; None when the budget is spent."""
+        now = time.monotonic()
+        if name in self._names:
+            addr = self._names[name][0]
+            self._names[name] = (addr, now)
+            self._names.move_to_end(name)
+            return addr
+        if len(self._names) >= self.kept:
+            oldest, (old_addr, used) = next(iter(self._names.items()))
+            if now - used < self.idle:
+                return None
+            del self._names[oldest]
+            del self._addresses[old_addr]
+            self._free.append(old_addr)
+        if self._free:
+            addr = self._free.pop()
+        elif self._next < _SYNTHETIC.num_addresses - 1:  # the last one is the broadcast address
+            addr = _SYNTHETIC[self._next]
+            self._next += 1
+        else:
+            return None
+        self._names[name] = (addr, now)
+        self._addresses[addr] = name
+        return addr
+
+    def peek(self, address: IPAddress) -> str | None:
+        """The name `address` stands for, without counting a use: safe from another thread than the
+        egress loop's (a single dict read), which is where a parked connect is judged."""
+        return self._addresses.get(address)
+
+    def name(self, address: IPAddress) -> str | None:
+        """The name `address` stands for; a connection to it counts as a use of the name."""
+        name = self._addresses.get(address)
+        if name is not None:
+            self._names[name] = (address, time.monotonic())
+            self._names.move_to_end(name)
+        return name
+
+
 class Fence:
     """One sandbox's egress: its listeners, names, budgets and events."""
 
@@ -200,13 +298,13 @@ class Fence:
         self.upstream = upstream or SystemUpstream()
         self.sockets = [socket.socket(fileno=fd) for fd in fds]
         self._table = sockdiag.SocketTable(self.sockets[4])
-        self.names: dict[str, IPAddress] = {}
-        self.addresses: dict[IPAddress, str] = {}
+        self.names = _NamePool(_NAMES_KEPT, _NAME_IDLE)
         self.connections = _Budget(self.rules.limits.connections_per_minute)
         self.bytes_out = _Budget(self.rules.limits.bytes_out_per_minute)
         self._tasks: set[asyncio.Task[None]] = set()
         self._deciding = 0  # attempts (connections, queries) not yet decided and recorded
         self._dns_records: set[asyncio.Future[None]] = set()
+        self._dns_paused = False  # reading stopped: _DNS_WAITING queries wait for their asker
         self._relaying: dict[int | None, int] = {}  # open relays by the command that opened them
         # Who connected where, as the sandbox's seccomp filter reported it (see `note_connect`).
         self._connecting: dict[tuple[IPAddress, int], deque[Connecting]] = {}
@@ -307,7 +405,7 @@ class Fence:
         with no rule for the port, an address the resolver never gave out, the connection budget
         spent), None when the proxy must decide (a name to resolve, the protocol to read). Records
         nothing: the caller acts on it, and calls `refuse_connect` once it has refused."""
-        name = self.addresses.get(dest)
+        name = self.names.peek(dest)
         if self.connections.spent():
             reason = f"over {self.connections.limit} connections per minute"  # the proxy's first check
         elif name is None and dest in _SYNTHETIC:
@@ -393,7 +491,7 @@ class Fence:
         # Read what is already queued, as the readers would have.
         for listener, handler in self._listeners():
             self._accept(listener, handler)
-        self._dns(self.sockets[2])
+        self._dns(self.sockets[2], bounded=False)
         self._dropped(self.sockets[3])
         deadline = time.monotonic() + _DRAIN_TIMEOUT
         while self._deciding and time.monotonic() < deadline:
@@ -408,15 +506,12 @@ class Fence:
 
     # --- DNS -----------------------------------------------------------------------------------
 
-    def _synthetic(self, name: str) -> IPAddress:
-        if name not in self.names:
-            addr = _SYNTHETIC[len(self.names) + 1]
-            self.names[name] = addr
-            self.addresses[addr] = name
-        return self.names[name]
-
-    def _dns(self, sock: socket.socket) -> None:
+    def _dns(self, sock: socket.socket, bounded: bool = True) -> None:
         while True:
+            if bounded and len(self._dns_records) >= _DNS_WAITING:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                self._dns_paused = True
+                return
             try:
                 data, peer = sock.recvfrom(4096)
             except BlockingIOError:
@@ -426,40 +521,55 @@ class Fence:
             except Exception:
                 continue  # not DNS: the resolver answers nothing, like any resolver would
             response = dns.message.make_response(query)
-            seen: list[tuple[str, str, bool, list[str]]] = []
+            seen: list[tuple[str, str, _Refusal | None, list[str]]] = []
             for q in query.question:
                 name = q.name.to_text(omit_final_dot=True).lower()
-                allowed = self.rules.name_allowed(name)
+                qtype = dns.rdatatype.to_text(q.rdtype)
+                refusal: _Refusal | None = None
                 answer: list[str] = []
-                if not allowed:
+                if not self.rules.name_allowed(name):
                     response.set_rcode(dns.rcode.NXDOMAIN)
+                    refusal = (name, f"{qtype} query for a name no egress rule allows; answered NXDOMAIN")
                 elif q.rdtype == dns.rdatatype.A:
-                    addr = str(self._synthetic(name))
-                    answer.append(addr)
-                    response.answer.append(
-                        dns.rrset.from_text(q.name, 5, dns.rdataclass.IN, dns.rdatatype.A, addr)
-                    )
-                seen.append((name, dns.rdatatype.to_text(q.rdtype), allowed, answer))
+                    given = self.names.address(name)
+                    if given is None:
+                        response.set_rcode(dns.rcode.REFUSED)
+                        refusal = (
+                            "names",
+                            f"{name}: over the sandbox's budget of {self.names.kept} names with an address "
+                            f"(none idle for {self.names.idle:g}s to reclaim); answered REFUSED",
+                        )
+                    else:
+                        answer.append(str(given))
+                        response.answer.append(
+                            dns.rrset.from_text(q.name, 5, dns.rdataclass.IN, dns.rdatatype.A, str(given))
+                        )
+                seen.append((name, qtype, refusal, answer))
             # Who asked is found (its socket, then the process holding it, in a worker thread) before
             # the answer goes out, while the asker still waits with its socket open: answered first,
             # most queries had exited by the time of the lookup and went unattributed.
             self._deciding += 1
-            record = asyncio.get_running_loop().run_in_executor(
-                None, self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
+            answer_dns = functools.partial(
+                self._answer_dns, sock, response.to_wire(), peer, seen, self.current_exec()
             )
+            record = _in_lane(self, answer_dns)
             self._dns_records.add(record)
             record.add_done_callback(self._dns_recorded)  # on this loop's thread, like the += above
 
     def _dns_recorded(self, record: asyncio.Future[None]) -> None:
         self._dns_records.discard(record)
         self._deciding -= 1
+        if self._dns_paused and not self._closed and len(self._dns_records) < _DNS_WAITING // 2:
+            self._dns_paused = False
+            resolver = self.sockets[2]
+            asyncio.get_running_loop().add_reader(resolver.fileno(), self._dns, resolver)
 
     def _answer_dns(
         self,
         sock: socket.socket,
         wire: bytes,
         peer: tuple[str, int],
-        seen: list[tuple[str, str, bool, list[str]]],
+        seen: list[tuple[str, str, _Refusal | None, list[str]]],
         exec_id: int | None,
     ) -> None:
         try:
@@ -468,8 +578,8 @@ class Fence:
         finally:
             with contextlib.suppress(OSError):
                 sock.sendto(wire, peer)
-        for name, qtype, allowed, answer in seen:
-            decision: Literal["allow", "deny"] = "allow" if allowed else "deny"
+        for name, qtype, refusal, answer in seen:
+            decision: Literal["allow", "deny"] = "allow" if refusal is None else "deny"
             self.emit(
                 DnsQuery(
                     sandbox=self.id,
@@ -481,15 +591,15 @@ class Fence:
                     process=process,
                 )
             )
-            if not allowed:
+            if refusal is not None:
                 self.emit(
                     Deny(
                         sandbox=self.id,
                         layer="dns",
-                        what=name,
+                        what=refusal[0],
                         exec=exec_id,
                         process=process,
-                        detail=f"{qtype} query for a name no egress rule allows; answered NXDOMAIN",
+                        detail=refusal[1],
                     )
                 )
 
@@ -558,7 +668,10 @@ class Fence:
             dest: IPAddress = ipaddress.ip_address(host.strip("[]"))
             name = None
         except ValueError:
-            dest, name = self._synthetic(host.lower()), host.lower()
+            # The name decides (and is what is dialled); the address only stands for it in the record,
+            # so a spent name budget leaves the pool's own network address there.
+            name = host.lower()
+            dest = self.names.address(name) or _SYNTHETIC.network_address
         await self._serve(reader, writer, attempt, dest, port, name, "proxy", ends, first, reply)
 
     async def _serve(
@@ -576,9 +689,9 @@ class Fence:
     ) -> None:
         started = time.monotonic()
         # Who connected is looked up in a worker thread while the decision and dial go on.
-        process = asyncio.get_running_loop().run_in_executor(None, self._tcp_owner, ends)
+        process = _in_lane(self, functools.partial(self._tcp_owner, ends))
         exec_id = self.current_exec()
-        name = name or self.addresses.get(dest)
+        name = name or self.names.name(dest)
         record: dict[str, Any] = {
             "sandbox": self.id,
             "destination": str(dest),

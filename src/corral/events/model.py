@@ -85,14 +85,21 @@ class ExecExit(_Base):
 
 class Deny(_Base):
     type: Literal["deny"] = "deny"
-    layer: Literal["seccomp", "landlock", "unix", "cgroup", "storage", "timeout", "lifetime", "egress", "dns"]
+    layer: Literal[
+        "seccomp", "landlock", "unix", "cgroup", "storage", "timeout", "lifetime", "egress", "dns", "output"
+    ]
     what: str = Field(
         description="the refused syscall, the UNIX socket's path, or the budget: memory, processes, disk, "
-        "timeout, lifetime"
+        "timeout, lifetime, output"
     )
     exec: int | None = Field(None, description="the command running when it happened, if any")
     process: ProcessRef | None = None
     detail: str = ""
+    count: int = Field(
+        1, ge=1, description="how many identical denials this event stands for (repeats are aggregated)"
+    )
+    first: datetime | None = Field(None, description="when the first of `count` repeats happened")
+    last: datetime | None = Field(None, description="when the last of `count` repeats happened")
 
 
 class NetConnect(_Base):

@@ -358,6 +358,13 @@ class Resources(_Model):
         "10m", "Wall-clock limit of one command, unless the command is given its own."
     )
     lifetime: Duration = _duration_field("2h", "Wall-clock limit of the whole sandbox, from start to stop.")
+    output: Size = _size_field(
+        "64MiB",
+        "64KiB",
+        "Most of one command's output (stdout and stderr together) that corral keeps for its result; the "
+        "host holds it outside the sandbox's memory budget. Past it the rest is read and discarded (the "
+        "command runs on, unblocked), the result says output_truncated, and a deny event records it.",
+    )
 
 
 def _rule_path(value: str) -> str:

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import errno
 import functools
+import logging
 import os
 import queue
 import secrets
@@ -47,6 +48,7 @@ from corral.events import (
     SandboxStart,
     SandboxStop,
 )
+from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
 from corral.isolation import plan as planning
@@ -73,6 +75,12 @@ _KILL_GRACE = 5.0
 _SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 _OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
+# Events a sandbox keeps in memory for `events()`; past it the oldest (but sandbox.start) are dropped
+# a tenth at a time and counted in `events_elided`. The JSONL file, when there is one, has every event.
+# Repeated denials are aggregated first (see `DenyRepeats`), so ordinary work never comes near it.
+_EVENTS_KEPT = 10_000
+
+log = logging.getLogger("corral")
 
 _hierarchy: cgroups.Hierarchy | None = None
 _hierarchy_lock = threading.Lock()
@@ -256,6 +264,8 @@ class ExecResult:
     terminated: str | None = None
     leftover: list[ProcessRef] = field(default_factory=list)
     denials: list[Deny] = field(default_factory=list)
+    # stdout/stderr stop at the policy's `resources.output`; the rest was read and discarded
+    output_truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -383,6 +393,8 @@ class Sandbox:
         self.id = secrets.token_hex(6)
         self._events: list[Event] = []
         self._events_lock = threading.Lock()
+        self._repeats = DenyRepeats()
+        self.events_elided = 0  # events dropped from `events()` (not from the JSONL file) to bound memory
         self._sink = JsonlSink(events) if events is not None else None
         self._exec_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -498,6 +510,7 @@ class Sandbox:
                     "disk": r.disk,
                     "timeout": r.timeout,
                     "lifetime": r.lifetime,
+                    "output": r.output,
                 },
                 degraded=degraded,
                 workspace=self.workspace,
@@ -665,6 +678,7 @@ class Sandbox:
             # So is the running command's exit: its thread woke when the processes died. (A stream
             # its consumer stopped reading is not waited for long.)
             self._exit_recorded.wait(1.0)
+        self._flush_repeats()
         self._emit(
             SandboxStop(
                 sandbox=self.id,
@@ -757,20 +771,63 @@ class Sandbox:
         # Events come from several threads (the command's, the supervisor's, the egress loop's, the
         # monitors'); the file gets them in the same order as `events()`.
         with self._events_lock:
+            if isinstance(event, Deny):
+                recorded: list[Event] = [*self._repeats.add(event)]
+            else:
+                recorded = [*self._repeats.expired(), event]
+            self._record(recorded)
+        if self._tripwires is not None:
+            for e in recorded:
+                self._tripwires.observe_event(e)
+
+    def _flush_repeats(self) -> None:
+        """Record the denials still being counted (at a command's end, so its result lists them, and
+        at the sandbox's stop)."""
+        with self._events_lock:
+            recorded: list[Event] = [*self._repeats.flush()]
+            self._record(recorded)
+        if self._tripwires is not None:
+            for e in recorded:
+                self._tripwires.observe_event(e)
+
+    def _record(self, recorded: list[Event]) -> None:
+        for event in recorded:
             self._events.append(event)
             if self._sink is not None:
                 self._sink.write(event)
-        if self._tripwires is not None:
-            self._tripwires.observe_event(event)
+        if len(self._events) > _EVENTS_KEPT:
+            drop = _EVENTS_KEPT // 10
+            del self._events[1 : 1 + drop]  # [0] is sandbox.start, which says what the sandbox was
+            if not self.events_elided:
+                log.warning(
+                    "sandbox %s: over %d events; the oldest are dropped from events() (the event file "
+                    "keeps them)",
+                    self.id,
+                    _EVENTS_KEPT,
+                )
+            self.events_elided += drop
 
     def events(self) -> list[Event]:
-        """This sandbox's events so far, oldest first."""
+        """This sandbox's events so far, oldest first. At most `_EVENTS_KEPT` are kept in memory:
+        `events_elided` counts those dropped (the event file, if any, has them all)."""
         with self._events_lock:
             return list(self._events)
 
+    def _event_mark(self) -> int:
+        """A position in the event stream, for `_events_since`."""
+        with self._events_lock:
+            return self.events_elided + len(self._events)
+
+    def _events_since(self, mark: int) -> list[Event]:
+        with self._events_lock:
+            if mark == 0:
+                return list(self._events)
+            return self._events[max(1, mark - self.events_elided) :]
+
     def _find_process(self, inode: int) -> ProcessRef | None:
         """Which of the sandbox's processes holds the socket with this inode (the fence finds the
-        inode), read on the host."""
+        inode), read on the host. The scan is bounded (`FdScan`): past it the owner stays unknown
+        (a TCP connection is still named by the connect its seccomp filter reported)."""
         if self._cgroup is None:
             return None
         target = f"socket:[{inode}]"
@@ -778,13 +835,12 @@ class Sandbox:
             pids = self._cgroup.pids()
         except OSError:
             return None
+        scan = process_monitor.FdScan()
         for pid in pids:
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return _process_ref(pid)
-            except OSError:
-                continue
+            if target in scan.links(pid):
+                return _process_ref(pid)
+            if scan.left <= 0:
+                break
         return None
 
     def _on_seccomp(self, note: seccomp.Notification) -> None:
@@ -1036,6 +1092,7 @@ def _replace_output(r: ExecResult, out: bytes | str, err: bytes | str) -> ExecRe
         terminated=r.terminated,
         leftover=r.leftover,
         denials=r.denials,
+        output_truncated=r.output_truncated,
     )
 
 
@@ -1084,7 +1141,7 @@ class _Run:
         sb._exec_seq += 1
         exec_id = sb._exec_seq
         sb._current_exec = exec_id
-        denials_before = len(sb._events)
+        denials_before = sb._event_mark()
         cgroup.reset_peak()
         before = cgroup.usage()
         # Leftovers are told apart by pid, not start time: /proc start times are only as precise as
@@ -1148,6 +1205,8 @@ class _Run:
             os.close(fd)
 
         status: int | None = None
+        output_left = sb.policy.resources.output  # what may still be kept of stdout and stderr
+        truncated = False
         cpu = 0.0
         error = ""
         timed_out = False
@@ -1201,7 +1260,15 @@ class _Run:
                     else:
                         chunk = os.read(key.fd, 65536)
                         if chunk:
-                            yield Output(key.data, chunk)
+                            # Past the budget the pipe is still drained, so the command runs on as it
+                            # would have (not blocked, not killed); only what corral keeps is bounded.
+                            if len(chunk) > output_left and not truncated:
+                                truncated = True
+                                self._output_denial(exec_id)
+                            kept = chunk[:output_left]
+                            output_left -= len(kept)
+                            if kept:
+                                yield Output(key.data, kept)
                         else:
                             sel.unregister(key.fd)
                             os.close(key.fd)
@@ -1241,6 +1308,7 @@ class _Run:
                 # from its rusage; the cgroup charged it all (plus whatever else ran meanwhile).
                 cpu = max(cpu, after.cpu_seconds - before.cpu_seconds)
             leftover = _live_processes([p for p in cgroup.pids() if p not in pids_before])
+        sb._flush_repeats()
         sb._emit(
             ExecExit(
                 sandbox=sb.id,
@@ -1254,7 +1322,7 @@ class _Run:
                 leftover=leftover,
             )
         )
-        denials = [e for e in sb.events()[denials_before:] if isinstance(e, Deny)]
+        denials = [e for e in sb._events_since(denials_before) if isinstance(e, Deny)]
         self.result = ExecResult(
             exit_code=exit_code,
             stdout=b"",
@@ -1267,6 +1335,19 @@ class _Run:
             terminated=terminated,
             leftover=leftover,
             denials=denials,
+            output_truncated=truncated,
+        )
+
+    def _output_denial(self, exec_id: int) -> None:
+        self.sb._emit(
+            Deny(
+                sandbox=self.sb.id,
+                layer="output",
+                what="output",
+                exec=exec_id,
+                detail=f"output budget of {self.sb.policy.resources.output} bytes reached; the rest of "
+                "stdout and stderr was read and discarded",
+            )
         )
 
     def _budget_denials(
