@@ -35,9 +35,19 @@ from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError
 from corral.detect import rules as detect_rules
 from corral.egress import netns
 from corral.egress.service import Fence, Upstream
-from corral.events import Alert, Deny, ExecExit, ExecStart, JsonlSink, ProcessRef, SandboxStart, SandboxStop
+from corral.events import (
+    Alert,
+    Deny,
+    Evidence,
+    ExecExit,
+    ExecStart,
+    JsonlSink,
+    ProcessRef,
+    SandboxStart,
+    SandboxStop,
+)
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
+from corral.isolation import cgroups, landlock, launcher, mounts, protocol, seccomp
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
@@ -60,6 +70,8 @@ _UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
+# The alert raised when the control channel carries something init did not send (see `protocol`).
+CONTROL_TAMPER_RULE = "control-channel-tamper"
 _OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 
 _hierarchy: cgroups.Hierarchy | None = None
@@ -557,6 +569,24 @@ class Sandbox:
             target=self._terminate, args=("failed", f"tripwires: {reason}"), name=f"corral-fail-{self.id}"
         ).start()
 
+    def _control_violation(self, exec_id: int, reason: str) -> None:
+        """Something other than init wrote to the supervisor's control socket (or init misbehaved):
+        nothing this sandbox reports can be trusted any more, so it is recorded and ended here."""
+        self._emit(
+            Alert(
+                sandbox=self.id,
+                rule=CONTROL_TAMPER_RULE,
+                category="tamper",
+                severity="critical",
+                action="terminate",
+                outcome="sandbox terminating",
+                message=f"a message on init's control socket was not init's answer to the command: {reason}",
+                exec=exec_id,
+                evidence=Evidence(trigger={"reason": reason}),
+            )
+        )
+        self._terminate("tripwire", f"control channel: {reason}")
+
     def terminate_for(self, rule: str) -> None:
         threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
 
@@ -1002,19 +1032,17 @@ class _Run:
         with sb._state_lock:
             sb._exec_wake = wake_w
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
+        request = protocol.Exec(
+            id=exec_id,
+            token=protocol.new_token(),
+            argv=self.argv,
+            env=self.env,
+            cwd=self.cwd or "",
+            tty=self.tty,
+        )
+        exchange = protocol.Exchange(request)
         try:
-            launcher.send(
-                launched.control,
-                {
-                    "op": "exec",
-                    "id": exec_id,
-                    "argv": self.argv,
-                    "env": self.env,
-                    "cwd": self.cwd,
-                    "tty": self.tty,
-                },
-                child_fds,
-            )
+            launcher.send_message(launched.control, request, child_fds)
         except OSError as e:
             for fd in to_close:
                 os.close(fd)
@@ -1049,7 +1077,7 @@ class _Run:
                         terminated = "failed"
                         break
                     timed_out = True
-                    launcher.send(launched.control, {"op": "kill", "id": exec_id})
+                    launcher.send_message(launched.control, protocol.Kill(id=exec_id, token=request.token))
                     deadline = now + _KILL_GRACE
                     continue
                 if sb._frozen is not None and status is None:
@@ -1060,16 +1088,28 @@ class _Run:
                     if key.data == "wake":
                         os.read(key.fd, 64)
                     elif key.data == "control":
-                        msg, fds = launcher.recv(launched.control)
+                        data, fds = launcher.recv_bytes(launched.control)
                         for fd in fds:
                             os.close(fd)
-                        if msg is None:  # init is gone: the sandbox was closed under us
+                        if data is None:  # init is gone: the sandbox was closed under us
                             sel.unregister(launched.control)
                             terminated = sb._closed or "failed"
                             status = signal.SIGKILL
                             drain_until = time.monotonic()
-                        elif msg["op"] == "exit" and msg["id"] == exec_id:
-                            status, cpu, error = msg["status"], msg["cpu"], msg.get("error", "")
+                            continue
+                        try:
+                            reply = exchange.accept(data, len(fds))
+                        except protocol.ProtocolError as e:
+                            sb._control_violation(exec_id, str(e))
+                            raise ExecError(
+                                f"sandbox {sb.id}: {self.argv[0]}: the reply on init's control socket was "
+                                f"not init's ({e}); the sandbox was terminated as tampered with"
+                            ) from None
+                        if isinstance(reply, protocol.Exit):
+                            status, cpu = reply.status, reply.cpu
+                            drain_until = time.monotonic() + _DRAIN_GRACE
+                        elif isinstance(reply, protocol.Failed):
+                            status, error = reply.status, reply.error
                             drain_until = time.monotonic() + _DRAIN_GRACE
                     elif key.data == "stdin":
                         try:
