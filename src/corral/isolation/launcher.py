@@ -30,6 +30,7 @@ import gc
 import importlib
 import json
 import os
+import queue
 import select
 import shutil
 import signal
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import termios
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -180,14 +182,19 @@ def launch(
     state_dir: str,
     landlock_abi: int,
     notify: bool,
+    commands_memory: str | None = None,
     setup_timeout: float = 10.0,
 ) -> Launched:
+    """Start a sandbox: init joins `join_files` (cgroup.procs files); with `commands_memory` (a cgroup
+    v1 memory `tasks` file), init starts commands from a thread of its own in that group instead
+    (see `_Spawner`)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         request = {
             "op": "launch",
             "plan": plan.to_dict(),
             "join_files": join_files,
+            "commands_memory": commands_memory,
             "state_dir": state_dir,
             "landlock_abi": landlock_abi,
             "notify": notify,
@@ -273,6 +280,7 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
                 plan,
                 child,
                 msg["join_files"],
+                msg["commands_memory"],
                 msg["state_dir"],
                 msg["landlock_abi"],
                 msg["notify"],
@@ -378,6 +386,7 @@ def _child_a(
     plan: Plan,
     sock: socket.socket,
     join_files: list[str],
+    commands_memory: str | None,
     state_dir: str,
     landlock_abi: int,
     notify: bool,
@@ -400,12 +409,14 @@ def _child_a(
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         step = "cgroup"
         joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in join_files]
+        # Opened here, as root on the host, for init to move its spawning thread in (see `_Spawner`).
+        spawner_join = os.open(commands_memory, os.O_WRONLY | os.O_CLOEXEC) if commands_memory else None
         step = "namespaces"
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(joined_w)
-            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r)
+            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r, spawner_join)
         os.close(joined_r)
         # Moving a process into a cgroup waits for an RCU grace period (about 5 ms on a small VM, a
         # fifth of a cold start), so it is done here while init builds the sandbox's root; init goes
@@ -438,6 +449,7 @@ def _child_b(
     notify: bool,
     rules: list[seccomp.Rule],
     joined: int,
+    spawner_join: int | None,
 ) -> NoReturn:
     step = "fds"
     try:
@@ -445,10 +457,9 @@ def _child_b(
         # descriptor that must never reach a command.
         os.set_inheritable(sock.fileno(), False)
         # Nothing the supervisor holds (other sandboxes' sockets, files) may reach this sandbox.
-        low, high = sorted((sock.fileno(), joined))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
+        keep = sorted({sock.fileno(), joined} | ({spawner_join} if spawner_join is not None else set()))
+        for low, high in zip([2, *keep], [*keep, 1 << 20], strict=True):
+            os.closerange(low + 1, high)
         step = "mounts"
         mounts.apply_in_child(plan, state_dir)
         step = "cgroup"
@@ -478,13 +489,15 @@ def _child_b(
         if plan.watch_connect:
             watch.append(seccomp.WATCHED_CONNECT)
         notify_fd = seccomp.load(rules, notify=notify, watch=watch)
+        step = "cgroup"
+        spawner = _Spawner(spawner_join)  # after seccomp and Landlock: its thread inherits both
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:
             os.close(notify_fd)
     except BaseException as e:
         _fail(sock, step, e)
-    _serve(sock, plan.env)
+    _serve(sock, plan.env, spawner)
 
 
 def _loopback_up() -> None:
@@ -500,7 +513,7 @@ def _loopback_up() -> None:
 _SIGNALS_TO_RESET = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
+def _serve(sock: socket.socket, default_env: dict[str, str], spawner: _Spawner) -> NoReturn:
     """The init loop: spawn commands, reap every child (orphans too), report exits."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from its namespace
@@ -535,7 +548,7 @@ def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
                 # any more. Fail closed: init's exit ends the sandbox, and the supervisor sees it.
                 os._exit(SETUP_FAILED)
             if isinstance(msg, protocol.Exec):
-                _spawn(sock, msg, fds, default_env, running)
+                _spawn(sock, msg, fds, default_env, running, spawner)
             else:
                 for pid, request in running.items():
                     if request.id == msg.id:
@@ -546,6 +559,57 @@ def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
                                 pass
             for fd_ in fds:
                 os.close(fd_)
+
+
+class _Spawner:
+    """Where init starts commands from: itself, or (cgroup v1) a thread of its own in the sandbox's
+    memory cgroup.
+
+    The memory budget's OOM killer picks the biggest process in the group. Files the agent writes
+    to the workspace (tmpfs) are charged to the group but belong to no process, so once they fill
+    it, the biggest process is init (a Python interpreter) and killing it ends the sandbox: the
+    agent could stop its sandbox at will. Lowering init's oom_score_adj is no cure: it needs
+    CAP_SYS_RESOURCE, which hosts often withhold even from root, and commands would inherit the
+    exemption. Instead init's own process sits in corral's parent memory group (the launcher puts
+    it there) and only this thread sits in the sandbox's: a child belongs to the cgroups of the
+    thread that forked it, so every command starts inside the budget, while the OOM killer, which
+    considers whole processes by their leading thread, and the memory init allocates (charged by
+    the process's leader) stay outside it. cgroup v2 does not let one process's threads sit in
+    different memory groups; there init spawns itself (and can still be the OOM killer's victim).
+    """
+
+    def __init__(self, join: int | None) -> None:
+        self._thread: threading.Thread | None = None
+        if join is None:
+            return
+        self._work: queue.SimpleQueue[Callable[[], int]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="corral-spawner", daemon=True)
+        self._thread.start()
+        tid = self._done.get()
+        assert isinstance(tid, int)
+        try:
+            os.write(join, str(tid).encode())
+        finally:
+            os.close(join)
+
+    def run(self, spawn: Callable[[], int]) -> int:
+        if self._thread is None:
+            return spawn()
+        self._work.put(spawn)
+        result = self._done.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _serve(self) -> None:
+        self._done.put(threading.get_native_id())
+        while True:
+            spawn = self._work.get()
+            try:
+                self._done.put(spawn())
+            except BaseException as e:  # handed to init's loop, which reports it
+                self._done.put(e)
 
 
 def _leaks_to_command(stdio: list[int]) -> list[int]:
@@ -572,6 +636,7 @@ def _spawn(
     fds: list[int],
     default_env: dict[str, str],
     running: dict[int, protocol.Exec],
+    spawner: _Spawner,
 ) -> None:
     def failed(code: int, error: str) -> None:
         send_message(sock, protocol.Failed(id=msg.id, token=msg.token, status=code << 8, error=error))
@@ -592,10 +657,18 @@ def _spawn(
     actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
     try:
         if msg.cwd or msg.tty:
-            pid = _fork_exec(path, argv, env, fds, msg.cwd, msg.tty)
+            pid = spawner.run(lambda: _fork_exec(path, argv, env, fds, msg.cwd, msg.tty))
         else:
-            pid = os.posix_spawn(
-                path, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGNALS_TO_RESET, setsigmask=[]
+            pid = spawner.run(
+                lambda: os.posix_spawn(
+                    path,
+                    argv,
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=_SIGNALS_TO_RESET,
+                    setsigmask=[],
+                )
             )
     except OSError as e:
         failed(

@@ -399,6 +399,7 @@ class Sandbox:
         self._fence: Fence | None = None
         self._cgroup: cgroups.SandboxCgroup | None = None
         self._launched: launcher.Launched | None = None
+        self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
         self._state_dir = f"{STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._syscalls: dict[int, str] = {}
@@ -445,10 +446,17 @@ class Sandbox:
             self._syscalls = seccomp.syscall_numbers()
             self._launched = launcher.launch(
                 plan,
-                join_files=self._cgroup.join_files,
+                join_files=self._cgroup.init_join_files,
+                commands_memory=self._cgroup.commands_memory,
                 state_dir=self._state_dir,
                 landlock_abi=abi,
                 notify="seccomp_notify" not in self.policy.degrade,
+            )
+            # Held open, the workspace outlives the sandbox's mount namespace: it can be saved even
+            # if init dies first (and with it every path into the sandbox). Opened before any
+            # command has run, so nothing in the sandbox chose what it names.
+            self._workspace_fd = os.open(
+                self._sandbox_path(planning.WORKSPACE), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             )
             if self._launched.notify_fd is None:
                 degraded.append("seccomp_notify")
@@ -711,6 +719,9 @@ class Sandbox:
                 sel.select(_KILL_GRACE)
                 sel.close()
                 os.close(self._launched.pidfd)
+            if self._workspace_fd is not None:
+                os.close(self._workspace_fd)
+                self._workspace_fd = None
             if self._cgroup is not None:
                 self._cgroup.kill()  # only matters if init never started
                 self._cgroup.remove()
@@ -757,7 +768,8 @@ class Sandbox:
 
     def _copy_out(self) -> None:
         """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`)."""
-        _fscopy.mirror(self._sandbox_path(planning.WORKSPACE), self.workspace)
+        assert self._workspace_fd is not None
+        _fscopy.mirror(f"/proc/self/fd/{self._workspace_fd}", self.workspace)
 
     # --- events ------------------------------------------------------------------------------
 
