@@ -134,6 +134,13 @@ def _fds(pid: int) -> list[int]:
     return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
 def _init_pid(sb: Sandbox) -> int:
     assert sb._launched is not None
     return sb._launched.init_pid
@@ -149,13 +156,15 @@ def test_commands_and_what_they_leave_running_hold_only_their_stdio() -> None:
         sb.exec("true")  # an earlier command's pipes, in init, were among what leaked
         r = sb.exec("sleep 1000 & echo started")
         assert r.stdout == b"started\n" and len(r.leftover) == 1
+        assert wait_until(lambda: _exe(r.leftover[0].pid) == "/usr/bin/sleep")
         assert _fds(r.leftover[0].pid) == [0, 1, 2]
 
         seen: dict[int, list[int]] = {}
 
         def look() -> bool:
             for pid in _command_pids(sb):
-                if pid != r.leftover[0].pid:
+                # After its execve: before it, a spawned child still shares init's table.
+                if pid != r.leftover[0].pid and _exe(pid) == "/usr/bin/sleep":
                     seen[pid] = _fds(pid)
                     os.kill(pid, 9)
                     return True
