@@ -8,6 +8,7 @@ import pty
 import select
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -194,6 +195,47 @@ def test_shell_is_interactive_through_a_pty() -> None:
     assert b"inside-42" in out, out
     assert b"terminal-6" in out, out  # a terminal of its own: a pty, never the host's
     assert os.waitstatus_to_exitcode(status) == 5
+
+
+CLI = [sys.executable, "-m", "corral.cli"]
+
+
+@pytest.mark.root
+def test_run_on_a_terminal_gives_the_command_a_pty_and_leaves_the_host_terminal_as_it_was() -> None:
+    master, slave = os.openpty()  # the "host terminal" `corral run` is started on
+    try:
+        before = termios.tcgetattr(slave)
+        proc = subprocess.Popen(
+            [
+                *CLI,
+                "run",
+                "--policy",
+                OFFLINE,
+                "--",
+                "sh",
+                "-c",
+                "stty -echo -icanon && echo inside-$((6*7))",
+            ],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+        out = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                out += os.read(master, 4096)
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(5) == 0, out
+        assert b"inside-42" in out, out  # the pty's modes could be changed, and the output came through
+        after = termios.tcgetattr(slave)
+        assert after == before, "the command changed the host terminal's modes"
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 @pytest.mark.root

@@ -53,4 +53,6 @@ class SandboxClosedError(SandboxError):
 
 
 class ExecError(SandboxError):
-    """A command could not be started in the sandbox (for example: the sandbox's init is gone)."""
+    """A command could not be started in the sandbox (for example: the sandbox's init is gone), or
+    its result can't be trusted: something other than init wrote on the control channel, and the
+    sandbox was terminated with a `tamper` alert."""

@@ -8,6 +8,7 @@ corral itself failed (the reason is on stderr) — the same convention as `docke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -16,7 +17,7 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import FrameType
 
 from corral import __version__
@@ -131,10 +132,19 @@ def _run(args: argparse.Namespace) -> int:
     policy = Policy.load(args.policy)
     _make_workspace(args.workspace)
     _one_sandbox()
-    with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
-        run = sb.stream(argv, timeout=args.timeout, stdio=(0, 1, 2))
-        for _ in run:
-            pass
+    # Pipes and files pass straight through; a terminal never does (see `_Terminal`).
+    terminals = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+    with contextlib.ExitStack() as stack:
+        # Entered first, left last: the pty outlives the sandbox (see `_Terminal.__exit__`).
+        term = stack.enter_context(_Terminal(terminals)) if terminals else None
+        sb = stack.enter_context(Sandbox(policy, workspace=args.workspace, events=args.events))
+        if term is not None:
+            run = sb.stream(argv, timeout=args.timeout, stdio=term.stdio, tty=term.controlling)
+            term.relay(run)
+        else:
+            run = sb.stream(argv, timeout=args.timeout, stdio=(0, 1, 2))
+            for _ in run:
+                pass
         assert run.result is not None
         alerts = sb.alerts()
     _summary(run.result)
@@ -145,64 +155,104 @@ def _run(args: argparse.Namespace) -> int:
     return TRIPWIRE_STOPPED if stopped else run.result.exit_code
 
 
-def _shell(args: argparse.Namespace) -> int:
-    """Relay the terminal through a pty whose other end is the shell's controlling terminal.
+class _Terminal:
+    """A pty of corral's own, standing in for the host's terminal in the sandbox.
 
-    The host terminal itself never enters the sandbox: a shell holding it could push keystrokes into
-    the host's session (TIOCSTI) or read what the user types after the sandbox exits.
+    The host terminal itself never enters the sandbox: a command holding it could push keystrokes
+    into the host's session (TIOCSTI), read what the user types after the sandbox exits, or leave
+    it in a mode of its choosing (`stty -echo`). Each of stdin, stdout and stderr that is a
+    terminal becomes the pty instead (the others pass through); corral relays between the two and
+    restores the host terminal's modes at the end, whatever happened inside.
     """
-    policy = Policy.load(args.policy)
-    _make_workspace(args.workspace)
-    _one_sandbox()
-    master, slave = os.openpty()
-    interactive = os.isatty(0)
-    saved = termios.tcgetattr(0) if interactive else None
-    if interactive:
-        size = termios.tcgetwinsize(0)
-        termios.tcsetwinsize(slave, size)
-    code = CORRAL_FAILED
-    with Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
-        run = sb.stream(
-            ["/bin/bash", "-i"] if os.path.exists("/bin/bash") else ["/bin/sh", "-i"],
-            timeout=policy.resources.lifetime,
-            stdio=(slave, slave, slave),
-            tty=True,
+
+    def __init__(self, terminals: list[int]) -> None:
+        self.master, self.slave = os.openpty()
+        self.stdio = (
+            self.slave if 0 in terminals else 0,
+            self.slave if 1 in terminals else 1,
+            self.slave if 2 in terminals else 2,
         )
+        self.controlling = 0 in terminals  # the pty becomes the command's controlling terminal
+        self._input = 0 in terminals
+        self._output = 1 if 1 in terminals else 2 if 2 in terminals else None
+        self._saved = termios.tcgetattr(0) if self._input and os.isatty(0) else None
+        host = next((fd for fd in terminals if os.isatty(fd)), None)
+        if host is not None:
+            termios.tcsetwinsize(self.slave, termios.tcgetwinsize(host))
+
+    def __enter__(self) -> _Terminal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Only once the sandbox is closed: the request that hands the slave over may have been in
+        # flight until then.
+        os.close(self.slave)
+        os.close(self.master)
+
+    def relay(self, run: Iterable[object]) -> None:
+        """Copy keystrokes in and output out until `run` (iterated on a thread of its own) ends."""
         done = threading.Event()
 
         def wait() -> None:
-            for _ in run:
-                pass
-            done.set()
+            try:
+                for _ in run:
+                    pass
+            finally:
+                done.set()
 
         waiter = threading.Thread(target=wait, daemon=True)
         waiter.start()
+        watched = [self.master, 0] if self._input else [self.master]
         try:
-            if interactive:
-                tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop what was typed ahead
+            if self._saved is not None and self._output is not None:
+                # The pty echoes and edits lines now; TCSAFLUSH would drop what was typed ahead.
+                tty.setraw(0, termios.TCSANOW)
             while not done.is_set():
-                ready, _, _ = select.select([0, master], [], [], 0.1)
-                if master in ready:
-                    try:
-                        data = os.read(master, 65536)
-                    except OSError:  # EIO: the shell and everything on its terminal are gone
-                        break
-                    if not data:
-                        break
-                    os.write(1, data)
+                ready, _, _ = select.select(watched, [], [], 0.1)
+                if self.master in ready and not self._copy_out():
+                    break
                 if 0 in ready:
                     data = os.read(0, 65536)
                     if not data:
-                        break
-                    os.write(master, data)
+                        # Passed on as the pty's end-of-file character; the command decides.
+                        watched.remove(0)
+                        data = termios.tcgetattr(self.slave)[6][termios.VEOF]
+                    os.write(self.master, data)
+            # What the command wrote just before it exited reaches the master a moment later.
+            while select.select([self.master], [], [], 0.05)[0] and self._copy_out():
+                pass
         finally:
-            if saved is not None:
-                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            if self._saved is not None:
+                termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
         done.wait(2)
+
+    def _copy_out(self) -> bool:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the command and everything on its terminal are gone
+            return False
+        if data and self._output is not None:
+            os.write(self._output, data)
+        return bool(data)
+
+
+def _shell(args: argparse.Namespace) -> int:
+    """An interactive shell on a pty of its own (see `_Terminal`)."""
+    policy = Policy.load(args.policy)
+    _make_workspace(args.workspace)
+    _one_sandbox()
+    code = CORRAL_FAILED
+    # The shell gets the pty whatever stdin and stdout are; entered first, it outlives the sandbox.
+    with _Terminal([0, 1, 2]) as term, Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
+        run = sb.stream(
+            ["/bin/bash", "-i"] if os.path.exists("/bin/bash") else ["/bin/sh", "-i"],
+            timeout=policy.resources.lifetime,
+            stdio=(term.slave, term.slave, term.slave),
+            tty=True,
+        )
+        term.relay(run)
         if run.result is not None:
             code = run.result.exit_code
-    os.close(slave)  # only now: the request that hands it to the sandbox may still be in flight above
-    os.close(master)
     return code
 
 

@@ -70,6 +70,17 @@ class SandboxCgroup(Protocol):
 
     @property
     def join_files(self) -> list[str]: ...
+    @property
+    def init_join_files(self) -> list[str]:
+        """Where the sandbox's init goes (the launcher moves it in)."""
+        ...
+
+    @property
+    def commands_memory(self) -> str | None:
+        """With cgroup v1: the memory group's `tasks` file, for the thread of init that starts
+        commands (`launcher._Spawner`); init itself then stays out of the memory group."""
+        ...
+
     def usage(self) -> Usage: ...
     def reset_peak(self) -> None: ...
     def pids(self) -> list[int]: ...
@@ -125,6 +136,14 @@ class V2Cgroup:
     @property
     def join_files(self) -> list[str]:
         return [f"{self.path}/cgroup.procs"]
+
+    @property
+    def init_join_files(self) -> list[str]:
+        return self.join_files
+
+    @property
+    def commands_memory(self) -> str | None:
+        return None  # v2 keeps a process's threads in one memory group
 
     def usage(self) -> Usage:
         peak = 0
@@ -224,6 +243,21 @@ class V1Cgroup:
     def join_files(self) -> list[str]:
         # One directory per mounted hierarchy (cpu and cpuacct may share one).
         return sorted({f"{p}/cgroup.procs" for p in self.paths.values()})
+
+    @property
+    def init_join_files(self) -> list[str]:
+        # Init's process joins corral's parent memory group, not the sandbox's: files the agent
+        # writes to tmpfs fill the sandbox's group, and its OOM killer must find a command there,
+        # never init (see `launcher._Spawner`). Its other groups are the sandbox's.
+        outside = os.path.dirname(self.paths["memory"])
+        return sorted(
+            {f"{p}/cgroup.procs" for c, p in self.paths.items() if p != self.paths["memory"]}
+            | {f"{outside}/cgroup.procs"}
+        )
+
+    @property
+    def commands_memory(self) -> str | None:
+        return f"{self.paths['memory']}/tasks"
 
     def usage(self) -> Usage:
         mem, pids, acct = self.paths["memory"], self.paths["pids"], self.paths["cpuacct"]

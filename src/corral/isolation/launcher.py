@@ -15,20 +15,22 @@ leftover processes, refused syscalls) comes from the host side (cgroups, seccomp
 from init. When the supervisor dies, the control socket closes, init exits, and the kernel kills every
 process in the PID namespace: a sandbox never outlives its guard.
 
-Control protocol: JSON messages on a SOCK_SEQPACKET socketpair, file descriptors by SCM_RIGHTS.
-    -> {"op": "exec", "id", "argv", "env", "cwd", "tty"} + [stdin, stdout, stderr]
-    <- {"op": "started", "id", "pid"} | {"op": "exit", "id", "status", "cpu", "error"}
-    -> {"op": "kill", "id"}
+Control protocol: `corral.isolation.protocol` (typed messages, one per SOCK_SEQPACKET packet, file
+descriptors by SCM_RIGHTS). Every descriptor this module receives arrives close-on-exec
+(MSG_CMSG_CLOEXEC): a command gets its stdio as 0-2 and nothing else, and before each command init
+checks that (see `_leaks_to_command`).
 """
 
 from __future__ import annotations
 
+import array
 import atexit
 import fcntl
 import gc
 import importlib
 import json
 import os
+import queue
 import select
 import shutil
 import signal
@@ -38,15 +40,18 @@ import subprocess
 import sys
 import termios
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from corral.egress import netns
 from corral.isolation import _linux as L
-from corral.isolation import landlock, mounts, seccomp
+from corral.isolation import landlock, mounts, protocol, seccomp
 from corral.isolation.plan import Plan
 
 MAX_MESSAGE = 1 << 20
+_MAX_FDS = 8  # the most descriptors one message carries (a fence's sockets)
+_FD_SIZE = array.array("i").itemsize
 # Fenced network namespaces the zygote keeps made ahead of demand (see `_Networks`); read when the
 # zygote starts. A process that starts a single sandbox sets it to 0.
 NETWORKS_AHEAD = 2
@@ -77,15 +82,43 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None)
         sock.send(data)
 
 
+def send_message(
+    sock: socket.socket, msg: protocol.Request | protocol.Reply, fds: list[int] | None = None
+) -> None:
+    data = protocol.encode(msg)
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
 def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and the fds that came with it; (None, []) when the other side is gone."""
+    """One setup message and the fds that came with it; (None, []) when the other side is gone."""
+    data, fds = recv_bytes(sock)
+    return (json.loads(data) if data is not None else None), fds
+
+
+def recv_bytes(sock: socket.socket) -> tuple[bytes | None, list[int]]:
+    """One packet and the fds that came with it, close-on-exec; (None, fds) when the other side is gone.
+
+    Without MSG_CMSG_CLOEXEC a received descriptor is inheritable: init's own control socket (which
+    the zygote receives) and every command's stdio pipes would reach every later command, and a
+    process the agent leaves running could then answer the supervisor in init's place.
+    """
+    # recvmsg, not socket.recv_fds: until Python 3.12, recv_fds drops its `flags` argument.
     try:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 8)
+        data, ancillary, _flags, _addr = sock.recvmsg(
+            MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
+        )
     except OSError:  # ConnectionResetError included: the other side is gone
         return None, []
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
     if not data:
         return None, list(fds)
-    return json.loads(data), list(fds)
+    return data, list(fds)
 
 
 class _Zygote:
@@ -149,14 +182,19 @@ def launch(
     state_dir: str,
     landlock_abi: int,
     notify: bool,
+    commands_memory: str | None = None,
     setup_timeout: float = 10.0,
 ) -> Launched:
+    """Start a sandbox: init joins `join_files` (cgroup.procs files); with `commands_memory` (a cgroup
+    v1 memory `tasks` file), init starts commands from a thread of its own in that group instead
+    (see `_Spawner`)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         request = {
             "op": "launch",
             "plan": plan.to_dict(),
             "join_files": join_files,
+            "commands_memory": commands_memory,
             "state_dir": state_dir,
             "landlock_abi": landlock_abi,
             "notify": notify,
@@ -242,6 +280,7 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
                 plan,
                 child,
                 msg["join_files"],
+                msg["commands_memory"],
                 msg["state_dir"],
                 msg["landlock_abi"],
                 msg["notify"],
@@ -347,6 +386,7 @@ def _child_a(
     plan: Plan,
     sock: socket.socket,
     join_files: list[str],
+    commands_memory: str | None,
     state_dir: str,
     landlock_abi: int,
     notify: bool,
@@ -369,12 +409,14 @@ def _child_a(
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         step = "cgroup"
         joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in join_files]
+        # Opened here, as root on the host, for init to move its spawning thread in (see `_Spawner`).
+        spawner_join = os.open(commands_memory, os.O_WRONLY | os.O_CLOEXEC) if commands_memory else None
         step = "namespaces"
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(joined_w)
-            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r)
+            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r, spawner_join)
         os.close(joined_r)
         # Moving a process into a cgroup waits for an RCU grace period (about 5 ms on a small VM, a
         # fifth of a cold start), so it is done here while init builds the sandbox's root; init goes
@@ -407,14 +449,17 @@ def _child_b(
     notify: bool,
     rules: list[seccomp.Rule],
     joined: int,
+    spawner_join: int | None,
 ) -> NoReturn:
     step = "fds"
     try:
+        # Received close-on-exec already (`recv_bytes`); said again here because this is the one
+        # descriptor that must never reach a command.
+        os.set_inheritable(sock.fileno(), False)
         # Nothing the supervisor holds (other sandboxes' sockets, files) may reach this sandbox.
-        low, high = sorted((sock.fileno(), joined))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
+        keep = sorted({sock.fileno(), joined} | ({spawner_join} if spawner_join is not None else set()))
+        for low, high in zip([2, *keep], [*keep, 1 << 20], strict=True):
+            os.closerange(low + 1, high)
         step = "mounts"
         mounts.apply_in_child(plan, state_dir)
         step = "cgroup"
@@ -446,13 +491,15 @@ def _child_b(
         # Without a listener these can't be decided or recorded; `degrade: [seccomp_notify]` says so.
         watch += [*seccomp.WATCHED_ADDRESS, *seccomp.WATCHED_FILTER_INSTALL]
         notify_fd = seccomp.load(rules, notify=notify, watch=watch)
+        step = "cgroup"
+        spawner = _Spawner(spawner_join)  # after seccomp and Landlock: its thread inherits both
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:
             os.close(notify_fd)
     except BaseException as e:
         _fail(sock, step, e)
-    _serve(sock, plan.env)
+    _serve(sock, plan.env, spawner)
 
 
 def _loopback_up() -> None:
@@ -468,14 +515,14 @@ def _loopback_up() -> None:
 _SIGNALS_TO_RESET = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
+def _serve(sock: socket.socket, default_env: dict[str, str], spawner: _Spawner) -> NoReturn:
     """The init loop: spawn commands, reap every child (orphans too), report exits."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from its namespace
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    running: dict[int, int] = {}  # pid -> request id
+    running: dict[int, protocol.Exec] = {}  # pid -> the request it answers
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -492,15 +539,21 @@ def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
                     pass
                 _reap(sock, running)
                 continue
-            msg, fds = recv(sock)
-            if msg is None:
+            data, fds = recv_bytes(sock)
+            if data is None:
                 # The supervisor is gone: exiting as PID 1 makes the kernel kill everything here.
                 os._exit(0)
-            if msg["op"] == "exec":
-                _spawn(sock, msg, fds, default_env, running)
-            elif msg["op"] == "kill":
-                for pid, rid in running.items():
-                    if rid == msg["id"]:
+            try:
+                msg = protocol.decode_request(data)
+            except protocol.ProtocolError:
+                # Only the supervisor writes to this end; garbage means it is not the supervisor's
+                # any more. Fail closed: init's exit ends the sandbox, and the supervisor sees it.
+                os._exit(SETUP_FAILED)
+            if isinstance(msg, protocol.Exec):
+                _spawn(sock, msg, fds, default_env, running, spawner)
+            else:
+                for pid, request in running.items():
+                    if request.id == msg.id:
                         for target in (-pid, pid):
                             try:
                                 os.kill(target, signal.SIGKILL)
@@ -510,51 +563,122 @@ def _serve(sock: socket.socket, default_env: dict[str, str]) -> NoReturn:
                 os.close(fd_)
 
 
+class _Spawner:
+    """Where init starts commands from: itself, or (cgroup v1) a thread of its own in the sandbox's
+    memory cgroup.
+
+    The memory budget's OOM killer picks the biggest process in the group. Files the agent writes
+    to the workspace (tmpfs) are charged to the group but belong to no process, so once they fill
+    it, the biggest process is init (a Python interpreter) and killing it ends the sandbox: the
+    agent could stop its sandbox at will. Lowering init's oom_score_adj is no cure: it needs
+    CAP_SYS_RESOURCE, which hosts often withhold even from root, and commands would inherit the
+    exemption. Instead init's own process sits in corral's parent memory group (the launcher puts
+    it there) and only this thread sits in the sandbox's: a child belongs to the cgroups of the
+    thread that forked it, so every command starts inside the budget, while the OOM killer, which
+    considers whole processes by their leading thread, and the memory init allocates (charged by
+    the process's leader) stay outside it. cgroup v2 does not let one process's threads sit in
+    different memory groups; there init spawns itself (and can still be the OOM killer's victim).
+    """
+
+    def __init__(self, join: int | None) -> None:
+        self._thread: threading.Thread | None = None
+        if join is None:
+            return
+        self._work: queue.SimpleQueue[Callable[[], int]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="corral-spawner", daemon=True)
+        self._thread.start()
+        tid = self._done.get()
+        assert isinstance(tid, int)
+        try:
+            os.write(join, str(tid).encode())
+        finally:
+            os.close(join)
+
+    def run(self, spawn: Callable[[], int]) -> int:
+        if self._thread is None:
+            return spawn()
+        self._work.put(spawn)
+        result = self._done.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _serve(self) -> None:
+        self._done.put(threading.get_native_id())
+        while True:
+            spawn = self._work.get()
+            try:
+                self._done.put(spawn())
+            except BaseException as e:  # handed to init's loop, which reports it
+                self._done.put(e)
+
+
+def _leaks_to_command(stdio: list[int]) -> list[int]:
+    """Descriptors of init that a command would inherit besides its stdio (which become 0-2).
+
+    Checked before every command, from init's own table: whatever opened them, an inheritable
+    descriptor here (the control socket above all) would hand the agent a channel to the supervisor.
+    """
+    leaks = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in stdio:
+            try:
+                if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                    leaks.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                continue
+    return leaks
+
+
 def _spawn(
     sock: socket.socket,
-    msg: dict[str, Any],
+    msg: protocol.Exec,
     fds: list[int],
     default_env: dict[str, str],
-    running: dict[int, int],
+    running: dict[int, protocol.Exec],
+    spawner: _Spawner,
 ) -> None:
-    env = msg.get("env") or default_env
-    argv: list[str] = msg["argv"]
+    def failed(code: int, error: str) -> None:
+        send_message(sock, protocol.Failed(id=msg.id, token=msg.token, status=code << 8, error=error))
+
+    env = msg.env or default_env
+    argv = msg.argv
+    if len(fds) != 3:
+        failed(126, f"{argv[0]}: expected 3 stdio descriptors, got {len(fds)}")
+        return
+    leaks = _leaks_to_command(fds)
+    if leaks:
+        failed(126, f"{argv[0]}: not started: init would leak descriptor(s) {leaks} to it")
+        return
     path = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", ""))
     if path is None:
-        send(
-            sock,
-            {
-                "op": "exit",
-                "id": msg["id"],
-                "status": 127 << 8,
-                "cpu": 0.0,
-                "error": f"{argv[0]}: command not found",
-            },
-        )
+        failed(127, f"{argv[0]}: command not found")
         return
-    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds[:3])]
+    actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
     try:
-        if msg.get("cwd") or msg.get("tty"):
-            pid = _fork_exec(path, argv, env, fds, msg.get("cwd") or "", bool(msg.get("tty")))
+        if msg.cwd or msg.tty:
+            pid = spawner.run(lambda: _fork_exec(path, argv, env, fds, msg.cwd, msg.tty))
         else:
-            pid = os.posix_spawn(
-                path, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGNALS_TO_RESET, setsigmask=[]
+            pid = spawner.run(
+                lambda: os.posix_spawn(
+                    path,
+                    argv,
+                    env,
+                    file_actions=actions,
+                    setsid=True,
+                    setsigdef=_SIGNALS_TO_RESET,
+                    setsigmask=[],
+                )
             )
     except OSError as e:
-        code = 126 if e.errno in (13, 8) else 127  # EACCES / ENOEXEC, like a shell
-        send(
-            sock,
-            {
-                "op": "exit",
-                "id": msg["id"],
-                "status": code << 8,
-                "cpu": 0.0,
-                "error": f"{argv[0]}: {e.strerror}",
-            },
-        )
+        failed(
+            126 if e.errno in (13, 8) else 127, f"{argv[0]}: {e.strerror}"
+        )  # EACCES / ENOEXEC, like a shell
         return
-    running[pid] = msg["id"]
-    send(sock, {"op": "started", "id": msg["id"], "pid": pid})
+    running[pid] = msg
+    send_message(sock, protocol.Started(id=msg.id, token=msg.token, pid=pid))
 
 
 def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], cwd: str, tty: bool) -> int:
@@ -590,7 +714,7 @@ def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], 
     return pid
 
 
-def _reap(sock: socket.socket, running: dict[int, int]) -> None:
+def _reap(sock: socket.socket, running: dict[int, protocol.Exec]) -> None:
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -598,9 +722,10 @@ def _reap(sock: socket.socket, running: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        rid = running.pop(pid, None)
-        if rid is not None:
-            send(sock, {"op": "exit", "id": rid, "status": status, "cpu": usage.ru_utime + usage.ru_stime})
+        request = running.pop(pid, None)
+        if request is not None:
+            cpu = usage.ru_utime + usage.ru_stime
+            send_message(sock, protocol.Exit(id=request.id, token=request.token, status=status, cpu=cpu))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from corral.egress.service import Fence, Upstream
 from corral.events import (
     Alert,
     Deny,
+    Evidence,
     ExecExit,
     ExecStart,
     JsonlSink,
@@ -50,7 +51,7 @@ from corral.events import (
 )
 from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, seccomp
+from corral.isolation import cgroups, landlock, launcher, mounts, protocol, seccomp
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
@@ -74,6 +75,8 @@ _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still wr
 _KILL_GRACE = 5.0
 _SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
+# The alert raised when the control channel carries something init did not send (see `protocol`).
+CONTROL_TAMPER_RULE = "control-channel-tamper"
 _OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 # Events a sandbox keeps in memory for `events()`; past it the oldest (but sandbox.start) are dropped
 # a tenth at a time and counted in `events_elided`. The JSONL file, when there is one, has every event.
@@ -411,6 +414,7 @@ class Sandbox:
         self._fence: Fence | None = None
         self._cgroup: cgroups.SandboxCgroup | None = None
         self._launched: launcher.Launched | None = None
+        self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
         self._state_dir = f"{STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._syscalls: dict[int, str] = {}
@@ -459,10 +463,17 @@ class Sandbox:
             self._syscalls = seccomp.syscall_numbers()
             self._launched = launcher.launch(
                 plan,
-                join_files=self._cgroup.join_files,
+                join_files=self._cgroup.init_join_files,
+                commands_memory=self._cgroup.commands_memory,
                 state_dir=self._state_dir,
                 landlock_abi=abi,
                 notify="seccomp_notify" not in self.policy.degrade,
+            )
+            # Held open, the workspace outlives the sandbox's mount namespace: it can be saved even
+            # if init dies first (and with it every path into the sandbox). Opened before any
+            # command has run, so nothing in the sandbox chose what it names.
+            self._workspace_fd = os.open(
+                self._sandbox_path(planning.WORKSPACE), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
             )
             if self._launched.notify_fd is None:
                 degraded.append("seccomp_notify")
@@ -583,6 +594,24 @@ class Sandbox:
         threading.Thread(
             target=self._terminate, args=("failed", f"tripwires: {reason}"), name=f"corral-fail-{self.id}"
         ).start()
+
+    def _control_violation(self, exec_id: int, reason: str) -> None:
+        """Something other than init wrote to the supervisor's control socket (or init misbehaved):
+        nothing this sandbox reports can be trusted any more, so it is recorded and ended here."""
+        self._emit(
+            Alert(
+                sandbox=self.id,
+                rule=CONTROL_TAMPER_RULE,
+                category="tamper",
+                severity="critical",
+                action="terminate",
+                outcome="sandbox terminating",
+                message=f"a message on init's control socket was not init's answer to the command: {reason}",
+                exec=exec_id,
+                evidence=Evidence(trigger={"reason": reason}),
+            )
+        )
+        self._terminate("tripwire", f"control channel: {reason}")
 
     def terminate_for(self, rule: str) -> None:
         threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
@@ -709,6 +738,9 @@ class Sandbox:
                 sel.select(_KILL_GRACE)
                 sel.close()
                 os.close(self._launched.pidfd)
+            if self._workspace_fd is not None:
+                os.close(self._workspace_fd)
+                self._workspace_fd = None
             if self._cgroup is not None:
                 self._cgroup.kill()  # only matters if init never started
                 self._cgroup.remove()
@@ -756,11 +788,13 @@ class Sandbox:
     def _copy_out(self) -> None:
         """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`).
 
-        At most `resources.disk` bytes of data reach the host: the sandbox's own storage holds no more,
-        and holes and hard links are kept as such. Files that would go over are left out and recorded.
+        Read through the descriptor held since the start, so a dead init doesn't lose it. At most
+        `resources.disk` bytes of data reach the host: the sandbox's own storage holds no more, and
+        holes and hard links are kept as such. Files that would go over are left out and recorded.
         """
+        assert self._workspace_fd is not None
         saved = _fscopy.mirror(
-            self._sandbox_path(planning.WORKSPACE), self.workspace, limit=self.policy.resources.disk
+            f"/proc/self/fd/{self._workspace_fd}", self.workspace, limit=self.policy.resources.disk
         )
         if saved.refused:
             self._emit(Deny(sandbox=self.id, layer="storage", what="disk", detail=saved.describe()))
@@ -1177,19 +1211,17 @@ class _Run:
         with sb._state_lock:
             sb._exec_wake = wake_w
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
+        request = protocol.Exec(
+            id=exec_id,
+            token=protocol.new_token(),
+            argv=self.argv,
+            env=self.env,
+            cwd=self.cwd or "",
+            tty=self.tty,
+        )
+        exchange = protocol.Exchange(request)
         try:
-            launcher.send(
-                launched.control,
-                {
-                    "op": "exec",
-                    "id": exec_id,
-                    "argv": self.argv,
-                    "env": self.env,
-                    "cwd": self.cwd,
-                    "tty": self.tty,
-                },
-                child_fds,
-            )
+            launcher.send_message(launched.control, request, child_fds)
         except OSError as e:
             for fd in to_close:
                 os.close(fd)
@@ -1226,7 +1258,7 @@ class _Run:
                         terminated = "failed"
                         break
                     timed_out = True
-                    launcher.send(launched.control, {"op": "kill", "id": exec_id})
+                    launcher.send_message(launched.control, protocol.Kill(id=exec_id, token=request.token))
                     deadline = now + _KILL_GRACE
                     continue
                 if sb._frozen is not None and status is None:
@@ -1237,16 +1269,28 @@ class _Run:
                     if key.data == "wake":
                         os.read(key.fd, 64)
                     elif key.data == "control":
-                        msg, fds = launcher.recv(launched.control)
+                        data, fds = launcher.recv_bytes(launched.control)
                         for fd in fds:
                             os.close(fd)
-                        if msg is None:  # init is gone: the sandbox was closed under us
+                        if data is None:  # init is gone: the sandbox was closed under us
                             sel.unregister(launched.control)
                             terminated = sb._closed or "failed"
                             status = signal.SIGKILL
                             drain_until = time.monotonic()
-                        elif msg["op"] == "exit" and msg["id"] == exec_id:
-                            status, cpu, error = msg["status"], msg["cpu"], msg.get("error", "")
+                            continue
+                        try:
+                            reply = exchange.accept(data, len(fds))
+                        except protocol.ProtocolError as e:
+                            sb._control_violation(exec_id, str(e))
+                            raise ExecError(
+                                f"sandbox {sb.id}: {self.argv[0]}: the reply on init's control socket was "
+                                f"not init's ({e}); the sandbox was terminated as tampered with"
+                            ) from None
+                        if isinstance(reply, protocol.Exit):
+                            status, cpu = reply.status, reply.cpu
+                            drain_until = time.monotonic() + _DRAIN_GRACE
+                        elif isinstance(reply, protocol.Failed):
+                            status, error = reply.status, reply.error
                             drain_until = time.monotonic() + _DRAIN_GRACE
                     elif key.data == "stdin":
                         try:

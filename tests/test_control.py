@@ -1,0 +1,277 @@
+"""The control channel between the supervisor and a sandbox's init.
+
+No descriptor of corral's reaches a command or what it leaves running; and should anything but init
+ever write to the supervisor's control socket (here: the test itself, holding init's end, as an agent
+that got hold of it would), the exec raises ExecError, a `tamper` alert is recorded and the sandbox
+is terminated, instead of the forged reply being taken for the command's result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from corral import ExecError, ExecResult, Sandbox
+from corral.events import Alert, ExecStart
+from corral.isolation import launcher, protocol
+from helpers import wait_until
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic syscall table)
+
+
+# --- the protocol, on bytes (no root) ------------------------------------------------------------
+
+
+def _exec(id: int = 1, token: str = "t" * 32) -> protocol.Exec:
+    return protocol.Exec(id=id, token=token, argv=["/bin/true"], env={"PATH": "/bin"}, cwd="", tty=False)
+
+
+def test_every_message_round_trips() -> None:
+    messages: list[protocol.Request | protocol.Reply] = [
+        _exec(),
+        protocol.Kill(id=1, token="t"),
+        protocol.Started(id=1, token="t", pid=7),
+        protocol.Failed(id=1, token="t", status=127 << 8, error="x: command not found"),
+        protocol.Exit(id=1, token="t", status=0, cpu=0.25),
+    ]
+    for msg in messages:
+        data = protocol.encode(msg)
+        decoded = (
+            protocol.decode_request(data)
+            if isinstance(msg, protocol.Exec | protocol.Kill)
+            else protocol.decode_reply(data)
+        )
+        assert decoded == msg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\xff\x00junk", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"op": "exec", "id": 1}', "unknown op 'exec'"),  # a request is no reply
+        (b'{"id": 1}', "unknown op None"),
+        (b'{"op": "started", "id": 1, "token": "t"}', "started: missing field pid"),
+        (b'{"op": "started", "id": 1, "token": "t", "pid": 2, "x": 0}', "started: unexpected field(s) x"),
+        (b'{"op": "started", "id": true, "token": "t", "pid": 2}', "started: field id is not int"),
+        (b'{"op": "exit", "id": 1, "token": 5, "status": 0, "cpu": 0}', "exit: field token is not str"),
+        (b'{"op": "exit", "id": 1, "token": "t", "status": "0", "cpu": 0}', "exit: field status is not int"),
+    ],
+)
+def test_malformed_replies_are_protocol_errors(data: bytes, message: str) -> None:
+    with pytest.raises(protocol.ProtocolError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        protocol.decode_reply(data)
+
+
+def test_an_exec_without_a_command_is_malformed() -> None:
+    data = protocol.encode(_exec()).replace(b'["/bin/true"]', b"[]")
+    with pytest.raises(protocol.ProtocolError, match="exec: field argv is not list"):
+        protocol.decode_request(data)
+
+
+def test_an_exchange_takes_started_then_exit_or_failed() -> None:
+    request = _exec(id=3, token="secret")
+    ex = protocol.Exchange(request)
+    assert ex.accept(protocol.encode(protocol.Started(id=3, token="secret", pid=9))) == protocol.Started(
+        id=3, token="secret", pid=9
+    )
+    assert isinstance(
+        ex.accept(protocol.encode(protocol.Exit(id=3, token="secret", status=0))), protocol.Exit
+    )
+    failed = protocol.Exchange(request)
+    reply = failed.accept(protocol.encode(protocol.Failed(id=3, token="secret", status=127 << 8, error="e")))
+    assert isinstance(reply, protocol.Failed) and failed.done
+
+
+def _violation(sequence: list[protocol.Reply], fds: int = 0) -> str:
+    ex = protocol.Exchange(_exec(id=3, token="secret"))
+    with pytest.raises(protocol.ProtocolError) as info:
+        for i, msg in enumerate(sequence):
+            ex.accept(protocol.encode(msg), fds if i == len(sequence) - 1 else 0)
+    return str(info.value)
+
+
+def test_replies_that_do_not_answer_the_request_are_protocol_errors() -> None:
+    started = protocol.Started(id=3, token="secret", pid=9)
+    ended = protocol.Exit(id=3, token="secret", status=0)
+    assert "does not answer the outstanding request 3" in _violation(
+        [protocol.Started(id=2, token="secret", pid=9)]
+    )
+    assert "does not answer" in _violation([started, protocol.Exit(id=3, token="guess", status=0)])
+    assert _violation([ended]) == "exit before started for request 3"
+    assert _violation([started, started]) == "a second started for request 3"
+    assert _violation([started, ended, ended]) == "exit for request 3 after request 3 had ended"
+    assert _violation([started, protocol.Failed(id=3, token="secret", status=0, error="")]) == (
+        "failed after started for request 3"
+    )
+    assert "file descriptor" in _violation([started], fds=1)
+
+
+def test_init_finds_inheritable_descriptors_before_a_command_starts() -> None:
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(r, True)
+        os.set_inheritable(w, True)
+        leaks = launcher._leaks_to_command([w])
+        assert r in leaks and w not in leaks  # stdio is the command's own
+        os.set_inheritable(r, False)
+        assert r not in launcher._leaks_to_command([w])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# --- real sandboxes (root) -----------------------------------------------------------------------
+
+
+def _fds(pid: int) -> list[int]:
+    return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def _init_pid(sb: Sandbox) -> int:
+    assert sb._launched is not None
+    return sb._launched.init_pid
+
+
+def _command_pids(sb: Sandbox) -> list[int]:
+    return [p.pid for p in psutil.Process(_init_pid(sb)).children(recursive=True)]
+
+
+@pytest.mark.root
+def test_commands_and_what_they_leave_running_hold_only_their_stdio() -> None:
+    with Sandbox(keep_workspace=False) as sb:
+        sb.exec("true")  # an earlier command's pipes, in init, were among what leaked
+        r = sb.exec("sleep 1000 & echo started")
+        assert r.stdout == b"started\n" and len(r.leftover) == 1
+        assert wait_until(lambda: _exe(r.leftover[0].pid) == "/usr/bin/sleep")
+        assert _fds(r.leftover[0].pid) == [0, 1, 2]
+
+        seen: dict[int, list[int]] = {}
+
+        def look() -> bool:
+            for pid in _command_pids(sb):
+                # After its execve: before it, a spawned child still shares init's table.
+                if pid != r.leftover[0].pid and _exe(pid) == "/usr/bin/sleep":
+                    seen[pid] = _fds(pid)
+                    os.kill(pid, 9)
+                    return True
+            return False
+
+        result: list[ExecResult] = []
+        t = threading.Thread(target=lambda: result.append(sb.exec(["sleep", "1000"], timeout=30)))
+        t.start()
+        try:
+            assert wait_until(look, 10), "the command never started"
+        finally:
+            t.join(30)
+        assert list(seen.values()) == [[0, 1, 2]]
+        assert result[0].signal == 9
+
+
+def _take_control_socket(sb: Sandbox) -> socket.socket:
+    """A copy of init's end of the control socket, taken from the host as an agent holding it would
+    have it (pidfd_getfd; root on the host may, though init is not dumpable)."""
+    init = _init_pid(sb)
+    sockets = [
+        fd for fd in _fds(init) if fd > 2 and os.readlink(f"/proc/{init}/fd/{fd}").startswith("socket:")
+    ]
+    assert len(sockets) == 1, f"init's sockets: {sockets}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(init)
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, sockets[0], 0)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=fd)
+
+
+Forge = Callable[[Sandbox, int, bytes], bytes]
+
+
+def _forged_during_exec(forge: Forge) -> tuple[Sandbox, BaseException | None]:
+    """Run a command, and while it runs send what `forge(sb, exec id, an earlier exit)` makes on
+    init's end of the control socket; what exec() raised."""
+    replies: list[bytes] = []
+    original = launcher.recv_bytes
+
+    def recording(sock: socket.socket) -> tuple[bytes | None, list[int]]:
+        data, fds = original(sock)
+        if data is not None:
+            replies.append(data)
+        return data, fds
+
+    sb = Sandbox(keep_workspace=False)
+    try:
+        launcher.recv_bytes = recording  # type: ignore[assignment]
+        try:
+            assert sb.exec("true").exit_code == 0
+        finally:
+            launcher.recv_bytes = original  # type: ignore[assignment]
+        earlier_exit = next(d for d in replies if b'"exit"' in d)
+        raised: list[BaseException] = []
+        result: list[ExecResult] = []
+
+        def run() -> None:
+            try:
+                result.append(sb.exec("sleep 5; echo REAL OUTPUT; exit 3", timeout=30))
+            except BaseException as e:
+                raised.append(e)
+
+        ctl = _take_control_socket(sb)
+        try:
+            t = threading.Thread(target=run)
+            t.start()
+            assert wait_until(lambda: bool(_command_pids(sb)), 10), "the command never started"
+            exec_id = [e for e in sb.events() if isinstance(e, ExecStart)][-1].exec
+            ctl.send(forge(sb, exec_id, earlier_exit))
+            t.join(30)
+        finally:
+            ctl.close()
+        assert not result, f"exec() returned {result}"
+        return sb, (raised[0] if raised else None)
+    except BaseException:
+        sb.close()
+        raise
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(
+            lambda sb, i, _: protocol.encode(protocol.Started(id=i + 7, token="x", pid=1)), id="unsolicited"
+        ),
+        pytest.param(lambda sb, i, _: b"\xff\x00{junk", id="junk"),
+        pytest.param(lambda sb, i, earlier: earlier, id="replayed-exit"),
+        pytest.param(
+            lambda sb, i, _: protocol.encode(protocol.Exit(id=i, token="0" * 32, status=0, cpu=0.0)),
+            id="wrong-token",
+        ),
+    ],
+)
+def test_a_reply_init_did_not_send_ends_the_sandbox(forge: Forge) -> None:
+    sb, raised = _forged_during_exec(forge)
+    try:
+        assert isinstance(raised, ExecError), f"exec() raised {raised!r}"
+        assert "not init's" in str(raised) and "terminated as tampered with" in str(raised)
+        alerts = [a for a in sb.alerts() if isinstance(a, Alert)]
+        assert [(a.category, a.severity, a.action) for a in alerts] == [("tamper", "critical", "terminate")]
+        assert alerts[0].exec == 2
+        assert sb.closed
+    finally:
+        sb.close()
