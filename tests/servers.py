@@ -824,7 +824,7 @@ class _TlsListenerServer(_ListenerServer):
 
     def __init__(self, greeting: bytes, context: ssl.SSLContext) -> None:
         self.context = context
-        super().__init__(greeting)
+        super().__init__(greeting, answer_at_eof=False, eof_after_greeting=False)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(_CONNECTION_TIMEOUT)
