@@ -19,6 +19,7 @@ import pytest
 
 from corral import ExecError, ExecResult, Sandbox
 from corral.events import Alert, ExecStart
+from corral.isolation import _linux as L
 from corral.isolation import launcher, protocol
 from helpers import wait_until
 
@@ -113,15 +114,13 @@ def test_replies_that_do_not_answer_the_request_are_protocol_errors() -> None:
     assert "file descriptor" in _violation([started], fds=1)
 
 
-def test_init_finds_inheritable_descriptors_before_a_command_starts() -> None:
+def test_init_marks_every_descriptor_above_stdio_close_on_exec_before_a_command() -> None:
     r, w = os.pipe()
     try:
         os.set_inheritable(r, True)
         os.set_inheritable(w, True)
-        leaks = launcher._leaks_to_command([w])
-        assert r in leaks and w not in leaks  # stdio is the command's own
-        os.set_inheritable(r, False)
-        assert r not in launcher._leaks_to_command([w])
+        L.cloexec_from(3)
+        assert not os.get_inheritable(r) and not os.get_inheritable(w)
     finally:
         os.close(r)
         os.close(w)

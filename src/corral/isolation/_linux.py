@@ -132,6 +132,23 @@ def mount_setattr_recursive(path: str, attr_set: int) -> None:
     )
 
 
+SYS_CLOSE_RANGE = 436
+CLOSE_RANGE_CLOEXEC = 1 << 2
+
+
+def cloexec_from(first: int) -> None:
+    """Mark every descriptor from `first` up close-on-exec, in one call (Linux 5.11+)."""
+    _check(
+        _libc.syscall(
+            SYS_CLOSE_RANGE,
+            ctypes.c_uint(first),
+            ctypes.c_uint(0xFFFFFFFF),
+            ctypes.c_uint(CLOSE_RANGE_CLOEXEC),
+        ),
+        "close_range",
+    )
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(
         _libc.prctl(

@@ -18,7 +18,7 @@ process in the PID namespace: a sandbox never outlives its guard.
 Control protocol: `corral.isolation.protocol` (typed messages, one per SOCK_SEQPACKET packet, file
 descriptors by SCM_RIGHTS). Every descriptor this module receives arrives close-on-exec
 (MSG_CMSG_CLOEXEC): a command gets its stdio as 0-2 and nothing else, and before each command init
-checks that (see `_leaks_to_command`).
+marks every descriptor above 2 close-on-exec again (`_spawn`).
 """
 
 from __future__ import annotations
@@ -614,24 +614,6 @@ class _Spawner:
                 self._done.put(e)
 
 
-def _leaks_to_command(stdio: list[int]) -> list[int]:
-    """Descriptors of init that a command would inherit besides its stdio (which become 0-2).
-
-    Checked before every command, from init's own table: whatever opened them, an inheritable
-    descriptor here (the control socket above all) would hand the agent a channel to the supervisor.
-    """
-    leaks = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in stdio:
-            try:
-                if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                    leaks.append(fd)
-            except OSError:  # the listing's own descriptor, closed by now
-                continue
-    return leaks
-
-
 def _spawn(
     sock: socket.socket,
     msg: protocol.Exec,
@@ -648,10 +630,10 @@ def _spawn(
     if len(fds) != 3:
         failed(126, f"{argv[0]}: expected 3 stdio descriptors, got {len(fds)}")
         return
-    leaks = _leaks_to_command(fds)
-    if leaks:
-        failed(126, f"{argv[0]}: not started: init would leak descriptor(s) {leaks} to it")
-        return
+    # Whatever opened them, no descriptor of init's but the stdio (dup'ed onto 0-2, which clears the
+    # flag there) may reach a command: an inheritable one, the control socket above all, would hand
+    # the agent a channel to the supervisor. One call, not a scan of init's table per command.
+    L.cloexec_from(3)
     path = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", ""))
     if path is None:
         failed(127, f"{argv[0]}: command not found")
