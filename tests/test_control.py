@@ -8,7 +8,6 @@ is terminated, instead of the forged reply being taken for the command's result.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import threading
@@ -22,9 +21,6 @@ from corral.events import Alert, ExecStart
 from corral.isolation import _linux as L
 from corral.isolation import launcher, protocol
 from helpers import wait_until
-
-_SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic syscall table)
-
 
 # --- the protocol, on bytes (no root) ------------------------------------------------------------
 
@@ -188,15 +184,7 @@ def _take_control_socket(sb: Sandbox) -> socket.socket:
         fd for fd in _fds(init) if fd > 2 and os.readlink(f"/proc/{init}/fd/{fd}").startswith("socket:")
     ]
     assert len(sockets) == 1, f"init's sockets: {sockets}"
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(init)
-    try:
-        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, sockets[0], 0)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "pidfd_getfd")
-    finally:
-        os.close(pidfd)
-    return socket.socket(fileno=fd)
+    return socket.socket(fileno=L.pidfd_getfd(init, sockets[0]))
 
 
 Forge = Callable[[Sandbox, int, bytes], bytes]

@@ -44,22 +44,7 @@ def open_socket_in(namespace: str) -> socket.socket:
     """A sock_diag socket for the network namespace at `namespace` (/proc/PID/ns/net). The socket
     keeps the namespace it was made in; the setns happens on a thread that then exits, so the
     caller's threads stay where they are."""
-    result: list[socket.socket | BaseException] = []
-
-    def opener() -> None:
-        try:
-            with open(namespace, "rb") as f:
-                _linux.setns(f.fileno(), _linux.CLONE_NEWNET)
-            result.append(open_socket())
-        except BaseException as e:
-            result.append(e)
-
-    t = threading.Thread(target=opener, name="corral-sockdiag-open")
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    return _linux.made_in_network_namespace(namespace, open_socket)
 
 
 class SocketTable:

@@ -13,6 +13,11 @@ import ctypes.util
 import errno as errno_module
 import os
 import platform
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -216,3 +221,25 @@ def set_cmdline(text: str) -> None:
     size = arg_end - arg_start
     data = text.encode()[: max(size - 1, 0)]
     ctypes.memmove(arg_start, data + b"\0" * (size - len(data)), size)
+
+
+def made_in_network_namespace(namespace: str, make: Callable[[], _T]) -> _T:
+    """`make()` run with the network namespace at `namespace` (/proc/PID/ns/net): a socket it makes
+    keeps that namespace. The setns happens on a thread that then exits, so the caller's threads stay
+    where they are."""
+    result: list[_T | BaseException] = []
+
+    def opener() -> None:
+        try:
+            with open(namespace, "rb") as f:
+                setns(f.fileno(), CLONE_NEWNET)
+            result.append(make())
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=opener, name="corral-netns-open")
+    t.start()
+    t.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]

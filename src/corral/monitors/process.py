@@ -955,23 +955,7 @@ def _open_connector() -> socket.socket:
 
 
 def _subscribe_in(namespace: str) -> socket.socket:
-    # setns on a thread that then exits: the supervisor's other threads stay where they are.
-    result: list[socket.socket | BaseException] = []
-
-    def opener() -> None:
-        try:
-            with open(namespace, "rb") as f:
-                _linux.setns(f.fileno(), _linux.CLONE_NEWNET)
-            result.append(_subscribe())
-        except BaseException as e:
-            result.append(e)
-
-    t = threading.Thread(target=opener, name="corral-connector-open")
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    return _linux.made_in_network_namespace(namespace, _subscribe)
 
 
 def _subscribe() -> socket.socket:
