@@ -39,13 +39,17 @@ def test_files_filling_the_memory_budget_kill_the_command_not_init(tmp_path: Pat
         assert r.exit_code == 137 and r.signal == 9, r
         assert [(d.layer, d.what) for d in r.denials] == [("cgroup", "memory")], r.denials
         assert not sb.closed and Path(f"/proc/{init}").exists(), "init was killed"
-        # The sandbox still answers: its memory is spent on files, so the next command is refused
-        # memory in turn, and says so, instead of finding the sandbox gone.
+        # The sandbox still answers. Its memory is spent on files, so the next command may be
+        # refused memory in turn (and says so) or may squeeze in; either way it is not gone.
         after = sb.exec(["/bin/rm", "-f", "fill"])
-        assert after.exit_code == 137 and [d.what for d in after.denials] == ["memory"], after
+        refused = after.exit_code == 137
+        assert after.exit_code == 0 or (refused and [d.what for d in after.denials] == ["memory"]), after
     assert _stop(sb).error == ""
     assert (tmp_path / "kept.txt").read_text() == "kept\n"
-    assert (tmp_path / "fill").stat().st_size > 32 * MiB
+    if refused:
+        assert (tmp_path / "fill").stat().st_size > 32 * MiB
+    else:
+        assert not (tmp_path / "fill").exists()
 
 
 def test_commands_are_in_the_memory_group_and_init_is_not() -> None:

@@ -25,6 +25,7 @@ _libc.syscall.restype = ctypes.c_long
 _MACHINE = platform.machine()
 # New system calls share one number on every architecture since Linux 5.1; the older ones differ.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(_MACHINE)
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(_MACHINE)
 SYS_MOUNT_SETATTR = 442
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_ADD_RULE = 445
@@ -243,3 +244,26 @@ def made_in_network_namespace(namespace: str, make: Callable[[], _T]) -> _T:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+
+
+def seccomp_set_filter(program: bytes, flags: int) -> int:
+    """Install a classic-BPF seccomp filter (an array of 8-byte `struct sock_filter`) on the calling
+    thread; returns what seccomp(2) returns (the listener fd with NEW_LISTENER)."""
+    if _SYS_SECCOMP is None:
+        raise OSError(0, f"seccomp: unsupported architecture {_MACHINE}")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    return _check(
+        _libc.syscall(
+            _SYS_SECCOMP, ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(prog)
+        ),
+        "seccomp(SECCOMP_SET_MODE_FILTER)",
+    )

@@ -78,7 +78,7 @@ class SandboxCgroup(Protocol):
     @property
     def commands_memory(self) -> str | None:
         """With cgroup v1: the memory group's `tasks` file, for the thread of init that starts
-        commands (`launcher._Spawner`); init itself then stays out of the memory group."""
+        commands (`launcher._Server`); init's leading thread then stays out of it."""
         ...
 
     def usage(self) -> Usage: ...
@@ -248,7 +248,7 @@ class V1Cgroup:
     def init_join_files(self) -> list[str]:
         # Init's process joins corral's parent memory group, not the sandbox's: files the agent
         # writes to tmpfs fill the sandbox's group, and its OOM killer must find a command there,
-        # never init (see `launcher._Spawner`). Its other groups are the sandbox's.
+        # never init (see `launcher._Server`). Its other groups are the sandbox's.
         outside = os.path.dirname(self.paths["memory"])
         return sorted(
             {f"{p}/cgroup.procs" for c, p in self.paths.items() if p != self.paths["memory"]}

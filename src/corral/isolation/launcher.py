@@ -40,7 +40,6 @@ import subprocess
 import sys
 import termios
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -187,7 +186,7 @@ def launch(
 ) -> Launched:
     """Start a sandbox: init joins `join_files` (cgroup.procs files); with `commands_memory` (a cgroup
     v1 memory `tasks` file), init starts commands from a thread of its own in that group instead
-    (see `_Spawner`)."""
+    (see `_Server`)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         request = {
@@ -249,6 +248,7 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
     # every sandbox's first command.
     importlib.import_module("resource")
     rules = seccomp.default_rules()
+    programs: dict[tuple[bool, bool, bool], bytes] = {}  # seccomp filters built, by (notify, exec, connect)
     gc.freeze()
     # Made after each sandbox's fork, not before the first: a process that starts one sandbox would
     # pay for making networks it never uses, in the middle of its one start.
@@ -265,13 +265,19 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
             os._exit(0)  # the supervisor is gone
         child = socket.socket(fileno=fds[0])
         network = None
+        step = "fork"
         try:
             plan = Plan.from_dict(msg["plan"])
+            kind = (bool(msg["notify"]), plan.watch_exec, plan.watch_connect)
+            if kind not in programs:
+                step = "seccomp"
+                programs[kind] = seccomp.compile_program(rules, notify=kind[0], watch=_watched(plan))
+                step = "fork"
             network = networks.take() if plan.namespaces & L.CLONE_NEWNET else None
             pid = os.fork()
         except BaseException as e:
             _close_all(network or [])
-            send(child, {"op": "error", "step": "fork", "error": str(e)})
+            send(child, {"op": "error", "step": step, "error": str(e)})
             child.close()
             continue
         if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
@@ -284,7 +290,7 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
                 msg["state_dir"],
                 msg["landlock_abi"],
                 msg["notify"],
-                rules,
+                programs[kind],
                 network,
             )
         _close_all(network or [])  # the sandbox has them now
@@ -390,7 +396,7 @@ def _child_a(
     state_dir: str,
     landlock_abi: int,
     notify: bool,
-    rules: list[seccomp.Rule],
+    program: bytes,
     network: list[int] | None,
 ) -> NoReturn:
     gc.freeze()  # keep the collector off the pages shared with the supervisor (copy-on-write)
@@ -409,14 +415,14 @@ def _child_a(
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         step = "cgroup"
         joins = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in join_files]
-        # Opened here, as root on the host, for init to move its spawning thread in (see `_Spawner`).
+        # Opened here, as root on the host, for init to move its spawning thread in (see `_Server`).
         spawner_join = os.open(commands_memory, os.O_WRONLY | os.O_CLOEXEC) if commands_memory else None
         step = "namespaces"
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(joined_w)
-            _child_b(plan, sock, state_dir, landlock_abi, notify, rules, joined_r, spawner_join)
+            _child_b(plan, sock, state_dir, landlock_abi, notify, program, joined_r, spawner_join)
         os.close(joined_r)
         # Moving a process into a cgroup waits for an RCU grace period (about 5 ms on a small VM, a
         # fifth of a cold start), so it is done here while init builds the sandbox's root; init goes
@@ -447,7 +453,7 @@ def _child_b(
     state_dir: str,
     landlock_abi: int,
     notify: bool,
-    rules: list[seccomp.Rule],
+    program: bytes,
     joined: int,
     spawner_join: int | None,
 ) -> NoReturn:
@@ -485,21 +491,25 @@ def _child_b(
             step = "landlock"
             landlock.apply_in_child(list(plan.writable), landlock_abi)
         step = "seccomp"
-        watch = [seccomp.Rule(name) for name in seccomp.WATCHED] if plan.watch_exec else []
-        if plan.watch_connect:
-            watch.append(seccomp.WATCHED_CONNECT)
-        # Without a listener these can't be decided or recorded; `degrade: [seccomp_notify]` says so.
-        watch += [*seccomp.WATCHED_ADDRESS, *seccomp.WATCHED_FILTER_INSTALL]
-        notify_fd = seccomp.load(rules, notify=notify, watch=watch)
+        notify_fd = seccomp.load_program(program, notify=notify)  # built by the zygote (`_watched`)
         step = "cgroup"
-        spawner = _Spawner(spawner_join)  # after seccomp and Landlock: its thread inherits both
+        server = _Server(sock, plan.env, spawner_join)  # after seccomp and Landlock: its thread has both
         step = "ready"
         send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:
             os.close(notify_fd)
     except BaseException as e:
         _fail(sock, step, e)
-    _serve(sock, plan.env, spawner)
+    server.run()
+
+
+def _watched(plan: Plan) -> list[seccomp.Rule]:
+    """The calls a sandbox's filter reports to the supervisor, who answers them."""
+    watch = [seccomp.Rule(name) for name in seccomp.WATCHED] if plan.watch_exec else []
+    if plan.watch_connect:
+        watch.append(seccomp.WATCHED_CONNECT)
+    # Without a listener these can't be decided or recorded; `degrade: [seccomp_notify]` says so.
+    return [*watch, *seccomp.WATCHED_ADDRESS, *seccomp.WATCHED_FILTER_INSTALL]
 
 
 def _loopback_up() -> None:
@@ -515,103 +525,104 @@ def _loopback_up() -> None:
 _SIGNALS_TO_RESET = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]
 
 
-def _serve(sock: socket.socket, default_env: dict[str, str], spawner: _Spawner) -> NoReturn:
-    """The init loop: spawn commands, reap every child (orphans too), report exits."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from its namespace
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    running: dict[int, protocol.Exec] = {}  # pid -> the request it answers
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    while True:
-        try:
-            events = poller.poll()
-        except InterruptedError:
-            continue
-        for fd, _ in events:
-            if fd == wake_r:
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                _reap(sock, running)
-                continue
-            data, fds = recv_bytes(sock)
-            if data is None:
-                # The supervisor is gone: exiting as PID 1 makes the kernel kill everything here.
-                os._exit(0)
-            try:
-                msg = protocol.decode_request(data)
-            except protocol.ProtocolError:
-                # Only the supervisor writes to this end; garbage means it is not the supervisor's
-                # any more. Fail closed: init's exit ends the sandbox, and the supervisor sees it.
-                os._exit(SETUP_FAILED)
-            if isinstance(msg, protocol.Exec):
-                _spawn(sock, msg, fds, default_env, running, spawner)
-            else:
-                for pid, request in running.items():
-                    if request.id == msg.id:
-                        for target in (-pid, pid):
-                            try:
-                                os.kill(target, signal.SIGKILL)
-                            except ProcessLookupError:
-                                pass
-            for fd_ in fds:
-                os.close(fd_)
+class _Server:
+    """The init loop: spawn commands, reap every child (orphans too), report exits.
 
-
-class _Spawner:
-    """Where init starts commands from: itself, or (cgroup v1) a thread of its own in the sandbox's
-    memory cgroup.
-
-    The memory budget's OOM killer picks the biggest process in the group. Files the agent writes
-    to the workspace (tmpfs) are charged to the group but belong to no process, so once they fill
-    it, the biggest process is init (a Python interpreter) and killing it ends the sandbox: the
-    agent could stop its sandbox at will. Lowering init's oom_score_adj is no cure: it needs
-    CAP_SYS_RESOURCE, which hosts often withhold even from root, and commands would inherit the
-    exemption. Instead init's own process sits in corral's parent memory group (the launcher puts
-    it there) and only this thread sits in the sandbox's: a child belongs to the cgroups of the
-    thread that forked it, so every command starts inside the budget, while the OOM killer, which
-    considers whole processes by their leading thread, and the memory init allocates (charged by
-    the process's leader) stay outside it. cgroup v2 does not let one process's threads sit in
-    different memory groups; there init spawns itself (and can still be the OOM killer's victim).
+    Where it runs matters for the memory budget. The budget's OOM killer picks the biggest process
+    in the group. Files the agent writes to the workspace (tmpfs) are charged to the group but
+    belong to no process, so once they fill it, the biggest process is init (a Python interpreter)
+    and killing it ends the sandbox: the agent could stop its sandbox at will. Lowering init's
+    oom_score_adj is no cure: it needs CAP_SYS_RESOURCE, which hosts often withhold even from root,
+    and commands would inherit the exemption. Instead, with cgroup v1, init's own process sits in
+    corral's parent memory group (the launcher puts it there) and the loop runs on a thread of its
+    own that sits in the sandbox's: a child belongs to the cgroups of the thread that forked it, so
+    every command starts inside the budget, while the OOM killer, which considers whole processes
+    by their leading thread, and the memory init allocates (charged by the process's leader) stay
+    outside it. The leading thread only waits. cgroup v2 does not let one process's threads sit in
+    different memory groups; there the loop runs on the leading thread (and init can still be the
+    OOM killer's victim).
     """
 
-    def __init__(self, join: int | None) -> None:
+    def __init__(self, sock: socket.socket, default_env: dict[str, str], join: int | None) -> None:
+        self.sock, self.default_env = sock, default_env
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from its namespace
+        # Python runs signal handlers on the leading thread, but the wake-up byte is written by the C
+        # handler, whichever thread the signal lands on: the loop needs only that.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         self._thread: threading.Thread | None = None
         if join is None:
             return
-        self._work: queue.SimpleQueue[Callable[[], int]] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[int | BaseException] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="corral-spawner", daemon=True)
-        self._thread.start()
-        tid = self._done.get()
-        assert isinstance(tid, int)
-        try:
-            os.write(join, str(tid).encode())
-        finally:
-            os.close(join)
+        joined: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._go = threading.Event()
 
-    def run(self, spawn: Callable[[], int]) -> int:
-        if self._thread is None:
-            return spawn()
-        self._work.put(spawn)
-        result = self._done.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def _serve(self) -> None:
-        self._done.put(threading.get_native_id())
-        while True:
-            spawn = self._work.get()
+        def loop() -> None:
             try:
-                self._done.put(spawn())
-            except BaseException as e:  # handed to init's loop, which reports it
-                self._done.put(e)
+                os.write(join, str(threading.get_native_id()).encode())
+            except BaseException as e:
+                joined.put(e)
+                return
+            joined.put(None)
+            self._go.wait()
+            self._loop()
+
+        self._thread = threading.Thread(target=loop, name="corral-init", daemon=True)
+        self._thread.start()
+        error = joined.get()
+        os.close(join)
+        if error is not None:
+            raise error
+
+    def run(self) -> NoReturn:
+        if self._thread is None:
+            self._loop()
+        self._go.set()
+        while True:  # the loop ends the process itself (os._exit)
+            self._thread.join()
+
+    def _loop(self) -> NoReturn:
+        sock, wake_r = self.sock, self.wake_r
+        running: dict[int, protocol.Exec] = {}  # pid -> the request it answers
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    _reap(sock, running)
+                    continue
+                data, fds = recv_bytes(sock)
+                if data is None:
+                    # The supervisor is gone: exiting as PID 1 makes the kernel kill everything here.
+                    os._exit(0)
+                try:
+                    msg = protocol.decode_request(data)
+                except protocol.ProtocolError:
+                    # Only the supervisor writes to this end; garbage means it is not the supervisor's
+                    # any more. Fail closed: init's exit ends the sandbox, and the supervisor sees it.
+                    os._exit(SETUP_FAILED)
+                if isinstance(msg, protocol.Exec):
+                    _spawn(sock, msg, fds, self.default_env, running)
+                else:
+                    for pid, request in running.items():
+                        if request.id == msg.id:
+                            for target in (-pid, pid):
+                                try:
+                                    os.kill(target, signal.SIGKILL)
+                                except ProcessLookupError:
+                                    pass
+                for fd_ in fds:
+                    os.close(fd_)
 
 
 def _spawn(
@@ -620,7 +631,6 @@ def _spawn(
     fds: list[int],
     default_env: dict[str, str],
     running: dict[int, protocol.Exec],
-    spawner: _Spawner,
 ) -> None:
     def failed(code: int, error: str) -> None:
         send_message(sock, protocol.Failed(id=msg.id, token=msg.token, status=code << 8, error=error))
@@ -641,18 +651,10 @@ def _spawn(
     actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)]
     try:
         if msg.cwd or msg.tty:
-            pid = spawner.run(lambda: _fork_exec(path, argv, env, fds, msg.cwd, msg.tty))
+            pid = _fork_exec(path, argv, env, fds, msg.cwd, msg.tty)
         else:
-            pid = spawner.run(
-                lambda: os.posix_spawn(
-                    path,
-                    argv,
-                    env,
-                    file_actions=actions,
-                    setsid=True,
-                    setsigdef=_SIGNALS_TO_RESET,
-                    setsigmask=[],
-                )
+            pid = os.posix_spawn(
+                path, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGNALS_TO_RESET, setsigmask=[]
             )
     except OSError as e:
         failed(
