@@ -1273,6 +1273,12 @@ class _Run:
                         for fd in fds:
                             os.close(fd)
                         if data is None:  # init is gone: the sandbox was closed under us
+                            if sb._closed is None and not exchange.started:
+                                # Gone before it took the request (its last thread may still have
+                                # held the socket when the request went out): nothing was started.
+                                raise ExecError(
+                                    f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone"
+                                )
                             sel.unregister(launched.control)
                             terminated = sb._closed or "failed"
                             status = signal.SIGKILL
