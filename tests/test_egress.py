@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 
 from corral import Deny, ExecResult, Policy, Sandbox
-from corral.egress import netns, service, sockdiag
+from corral.egress import service
 from corral.egress.rules import IPAddress
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
-from corral.isolation import launcher
+from corral.isolation import launcher, netns, sockdiag
 from servers import (
     HOST_KEY_ALIAS,
     LocalUpstream,

@@ -47,9 +47,10 @@ import dns.rrset
 
 from corral._lanes import Lanes
 from corral._once import process_wide
-from corral.egress import framing, netns, sniff, sockdiag
+from corral.egress import framing, sniff
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
+from corral.isolation import netns, sockdiag
 
 if TYPE_CHECKING:
     from corral.events.model import Event

@@ -43,9 +43,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from corral.egress import netns
 from corral.isolation import _linux as L
-from corral.isolation import landlock, mounts, protocol, seccomp
+from corral.isolation import landlock, mounts, netns, protocol, seccomp
 from corral.isolation.plan import Plan
 
 MAX_MESSAGE = 1 << 20
@@ -63,7 +62,7 @@ class Launched:
     pidfd: int
     control: socket.socket
     notify_fd: int | None
-    fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG, sock_diag (egress.netns)
+    fence_fds: list[int]  # transparent proxy, explicit proxy, DNS, NFLOG, sock_diag (isolation.netns)
     network_made_ahead: bool = False  # joined a fenced network namespace the zygote had ready
 
 

@@ -24,7 +24,6 @@ from typing import Any, Literal, Protocol
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
-from corral.egress import sockdiag
 from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
 from corral.events.model import (
     Deny,
@@ -35,7 +34,7 @@ from corral.events.model import (
     NetConnect,
     ProcessUsage,
 )
-from corral.isolation import cgroups
+from corral.isolation import cgroups, sockdiag
 from corral.monitors import _execpath as xp
 from corral.monitors import process as pm
 from corral.monitors import resource as rm

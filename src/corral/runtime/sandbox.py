@@ -35,7 +35,6 @@ import psutil
 
 from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
 from corral.detect import rules as detect_rules
-from corral.egress import netns
 from corral.egress.service import Fence, Upstream
 from corral.events import (
     Alert,
@@ -51,7 +50,7 @@ from corral.events import (
 )
 from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, protocol, seccomp
+from corral.isolation import cgroups, landlock, launcher, mounts, netns, protocol, seccomp
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy

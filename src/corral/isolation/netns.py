@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from corral.egress import sockdiag
+from corral.isolation import sockdiag
 
 TRANSPARENT_PORT = 15001
 PROXY_PORT = 3128
