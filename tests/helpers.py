@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from corral.runtime.host import Host
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -14,3 +18,18 @@ def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+@contextlib.contextmanager
+def own_host(**options: Any) -> Iterator[Host]:
+    """A `Host` of the test's own, shut down afterwards. Until each host has a zygote of its own,
+    hosts share one, which a shutdown stops: it is started again here, so that its socket is not
+    counted as the next test's leak."""
+    from corral.isolation import launcher
+
+    host = Host(**options)
+    try:
+        yield host
+    finally:
+        host.shutdown()
+        launcher._get_zygote()

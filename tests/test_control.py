@@ -137,8 +137,8 @@ def _exe(pid: int) -> str:
 
 
 def _init_pid(sb: Sandbox) -> int:
-    assert sb._launched is not None
-    return sb._launched.init_pid
+    assert sb.init_pid is not None
+    return sb.init_pid
 
 
 def _command_pids(sb: Sandbox) -> list[int]:

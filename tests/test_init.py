@@ -20,8 +20,8 @@ MiB = 1 << 20
 
 
 def _init_pid(sb: Sandbox) -> int:
-    assert sb._launched is not None
-    return sb._launched.init_pid
+    assert sb.init_pid is not None
+    return sb.init_pid
 
 
 def _stop(sb: Sandbox) -> SandboxStop:

@@ -25,9 +25,10 @@ import psutil
 import pytest
 
 import corral
-from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox
+from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox, State
 from corral.events import NetConnect, parse_event
-from helpers import wait_until
+from corral.runtime.host import Host
+from helpers import own_host, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -158,7 +159,7 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
             time.sleep(0.2)
             launcher.send(child, {"op": "pid", "pid": stand_in.pid}, [fence.fileno()])
 
-    monkeypatch.setattr(launcher, "_get_zygote", lambda: types.SimpleNamespace(sock=ours))
+    monkeypatch.setattr(launcher, "_get_zygote", lambda *_: types.SimpleNamespace(sock=ours))
     answering = threading.Thread(target=zygote)
     answering.start()
     try:
@@ -183,21 +184,17 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
 
 
 @pytest.fixture
-def networks_ahead() -> Iterator[Callable[[int], None]]:
-    """Restart corral's zygote keeping `n` fenced network namespaces made ahead; afterwards, the
-    default again."""
+def networks_ahead() -> Iterator[Callable[[int], Host]]:
+    """A host whose zygote (started afresh) keeps `n` fenced network namespaces made ahead."""
     from corral.isolation import launcher
 
-    default = launcher.NETWORKS_AHEAD
+    with contextlib.ExitStack() as hosts:
 
-    def restart(n: int) -> None:
-        launcher._stop_zygote()
-        launcher.NETWORKS_AHEAD = n
+        def make(n: int) -> Host:
+            launcher._stop_zygote()  # shared by every host until each has its own
+            return hosts.enter_context(own_host(networks_ahead=n))
 
-    yield restart
-    launcher._stop_zygote()
-    launcher.NETWORKS_AHEAD = default
-    launcher._get_zygote()  # started now: its socket is not the next test's leak
+        yield make
 
 
 _FENCE_CHECK = """
@@ -209,9 +206,9 @@ assert socket.socket().connect_ex(("10.1.2.3", 22)) == errno.ECONNREFUSED
 
 @pytest.mark.parametrize("ahead", [0, 2])
 def test_a_sandbox_is_fenced_whether_its_network_was_made_ahead_or_at_its_start(
-    ahead: int, networks_ahead: Callable[[int], None]
+    ahead: int, networks_ahead: Callable[[int], Host]
 ) -> None:
-    networks_ahead(ahead)
+    host = networks_ahead(ahead)
     policy = Policy.from_dict(
         {
             "version": 1,
@@ -224,7 +221,7 @@ def test_a_sandbox_is_fenced_whether_its_network_was_made_ahead_or_at_its_start(
     )
     made_ahead = []
     for _ in range(3):
-        with Sandbox(policy, keep_workspace=False) as sb:
+        with Sandbox(policy, keep_workspace=False, host=host) as sb:
             assert sb._launched is not None
             made_ahead.append(sb._launched.network_made_ahead)
             r = sb.exec(["python3", "-c", _FENCE_CHECK], text=True)
@@ -240,12 +237,12 @@ def test_a_sandbox_is_fenced_whether_its_network_was_made_ahead_or_at_its_start(
         assert made_ahead == [False, True, True]  # the first start makes the first ones ahead
 
 
-def test_no_two_sandboxes_share_a_network_namespace(networks_ahead: Callable[[int], None]) -> None:
-    networks_ahead(2)
+def test_no_two_sandboxes_share_a_network_namespace(networks_ahead: Callable[[int], Host]) -> None:
+    host = networks_ahead(2)
     with contextlib.ExitStack() as stack:
         launched = []
         for _ in range(4):  # more than are kept ahead
-            sb = stack.enter_context(Sandbox(offline(), keep_workspace=False))
+            sb = stack.enter_context(Sandbox(offline(), keep_workspace=False, host=host))
             assert sb._launched is not None
             launched.append(sb._launched)
             time.sleep(0.2)  # time for the zygote to make the next ones
@@ -688,7 +685,7 @@ def test_copy_out_never_writes_into_a_host_directory_symlink(workspace: Path, tm
 def _release_after_failed_close(sb: Sandbox) -> None:
     """Only reached while close() raises (see the test below): finish the teardown it skipped so the
     host keeps no cgroups, state directory or fds from this test."""
-    if not sb._reaped.is_set():
+    if sb.state is not State.REAPED:
         sb._teardown()
 
 
@@ -743,8 +740,8 @@ def test_keep_workspace_false_saves_nothing(sb: Sandbox) -> None:
 
 def test_closed_sandbox_leaves_no_zombie() -> None:
     sb = Sandbox(keep_workspace=False)
-    assert sb._launched is not None
-    init = sb._launched.init_pid
+    init = sb.init_pid
+    assert init is not None
     sb.close(wait=True)
     # corral's zygote is the init's subreaper and reaps it; no reliance on the host's PID 1.
     assert wait_until(lambda: not os.path.exists(f"/proc/{init}")), f"init {init} was not reaped"
@@ -752,8 +749,9 @@ def test_closed_sandbox_leaves_no_zombie() -> None:
 
 def test_exec_when_init_is_gone_raises_exec_error() -> None:
     with Sandbox(keep_workspace=False) as sb:
-        assert sb._launched is not None
-        os.kill(sb._launched.init_pid, 9)  # from the host: the kernel tears the sandbox down
-        assert wait_until(lambda: not os.path.exists(f"/proc/{sb._launched.init_pid}/root/workspace"))
+        init = sb.init_pid
+        assert init is not None
+        os.kill(init, 9)  # from the host: the kernel tears the sandbox down
+        assert wait_until(lambda: not os.path.exists(f"/proc/{init}/root/workspace"))
         with pytest.raises(ExecError, match="its init is gone"):
             sb.exec(["true"])

@@ -32,7 +32,7 @@ from corral.monitors import process as pm
 from corral.monitors import resource
 from corral.monitors.gpu import GpuMonitor
 from fakenvml import FakeNvml
-from helpers import wait_until
+from helpers import own_host, wait_until
 from servers import LocalUpstream, http_server, package_index, tcp_listener, tls_listener
 
 pytestmark = pytest.mark.root
@@ -100,7 +100,7 @@ def test_a_process_keeps_its_command_after_a_double_fork() -> None:
         assert "sleep 30" in linger.message
         sb.exec("true")
         # Reparented to init, it still belongs to command 1, not to the command now running.
-        assert sb._launched is not None and pm._ppid(sleeper.process.pid) == sb._launched.init_pid
+        assert pm._ppid(sleeper.process.pid) == sb.init_pid
         info = sb._tripwires.table.get(sleeper.process.pid)  # type: ignore[union-attr]
         assert info is not None and info.exec_id == 1
 
@@ -201,7 +201,7 @@ def test_cpu_burnt_after_the_command_returned_is_killed_within_seconds() -> None
         [a] = alerts(sb, "cpu burnt outside a command")
         assert (a.category, a.action, a.outcome) == ("mining", "kill", "killed 1 process")
         assert a.evidence.trigger["proc.cpu"] >= 0.5 and a.evidence.trigger["proc.in_command"] is False
-        assert wait_until(lambda: sb._cgroup is not None and sb._cgroup.pids() == [sb._launched.init_pid])  # type: ignore[union-attr]
+        assert wait_until(lambda: sb.pids() == [sb.init_pid])  # type: ignore[union-attr]
         # The target is 2 s from start to kill on an idle machine (make bench measures it); a test
         # sharing two cores with others gets slack.
         assert caught < 6, caught
@@ -222,19 +222,20 @@ def test_resource_samples_are_recorded_while_processes_run() -> None:
         assert samples[-1].top and samples[-1].top[0].cmdline[0] == "python3" and samples[-1].top[0].cpu > 0.3
 
 
-def test_gpu_use_by_a_sandbox_without_a_grant_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_use_by_a_sandbox_without_a_grant_is_killed() -> None:
     # No GPU here: a fake NVML reports the sandbox's process on GPU 0, as the real one would.
     nvml = FakeNvml()
     gpu = nvml.add_device()
-    sampler = resource.Sampler(GpuMonitor(nvml))
-    monkeypatch.setattr(resource, "sampler", lambda: sampler)
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with (
+        own_host(sampler=resource.Sampler(GpuMonitor(nvml))) as host,
+        Sandbox(policy(), keep_workspace=False, host=host) as sb,
+    ):
         results: list[ExecResult] = []
         runner = threading.Thread(target=lambda: results.append(sb.exec(["sleep", "30"])))
         runner.start()
 
         def on_gpu() -> bool:
-            pids = [p for p in sb._cgroup.pids() if p != sb._launched.init_pid]  # type: ignore[union-attr]
+            pids = [p for p in sb.pids() if p != sb.init_pid]
             for p in pids:
                 gpu.add_process(p, sm=90)
             nvml.tick()
@@ -575,7 +576,7 @@ def test_freeze_keeps_the_processes_for_inspection() -> None:
         [a] = alerts(sb, "privilege tool")
         assert a.action == "freeze"
         # Everything is still there, stopped.
-        pids = sb._cgroup.pids()  # type: ignore[union-attr]
+        pids = sb.pids()
         assert any(pm.cmdline(p) == ["sleep", "60"] for p in pids)
         with pytest.raises(SandboxClosedError, match="frozen by tripwire 'privilege tool'"):
             sb.exec("true")
@@ -601,19 +602,19 @@ def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
 ) -> None:
     broken = pm.Connector()
     broken.error = "process-event connector unavailable (test)"
-    monkeypatch.setattr(pm, "connector", lambda: broken)
-    with pytest.raises(HostError, match=r"degrade: \[process_events\]"):
-        Sandbox(policy(), keep_workspace=False)
-    degraded = Policy.from_dict(
-        {"version": 1, "degrade": ["process_events"], "tripwires": {"sample_interval": 0.1}}
-    )
-    with Sandbox(degraded, keep_workspace=False) as sb:
-        assert sb.events()[0].degraded == ["process_events"]
-        sb.exec("sleep 0.5 &")
-        # Exits are noticed by the sampler's sweep instead, without a status.
-        assert wait_until(
-            lambda: any(isinstance(e, ProcExit) and e.cmdline == ["sleep", "0.5"] for e in sb.events())
+    with own_host(connector=broken) as host:
+        with pytest.raises(HostError, match=r"degrade: \[process_events\]"):
+            Sandbox(policy(), keep_workspace=False, host=host)
+        degraded = Policy.from_dict(
+            {"version": 1, "degrade": ["process_events"], "tripwires": {"sample_interval": 0.1}}
         )
+        with Sandbox(degraded, keep_workspace=False, host=host) as sb:
+            assert sb.events()[0].degraded == ["process_events"]
+            sb.exec("sleep 0.5 &")
+            # Exits are noticed by the sampler's sweep instead, without a status.
+            assert wait_until(
+                lambda: any(isinstance(e, ProcExit) and e.cmdline == ["sleep", "0.5"] for e in sb.events())
+            )
 
 
 def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -622,18 +623,19 @@ def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) ->
         raise RuntimeError("sampler bug")
 
     monkeypatch.setattr(resource.Sampler, "_loop", crash)
-    crashing = resource.Sampler()
-    monkeypatch.setattr(resource, "sampler", lambda: crashing)
-    sb = Sandbox(policy(), keep_workspace=False)
-    assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
-    [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
-    assert stop.reason == "failed" and "resource sampling stopped: RuntimeError('sampler bug')" in stop.error
-    sb.close(wait=True)
+    with own_host(sampler=resource.Sampler()) as host:
+        sb = Sandbox(policy(), keep_workspace=False, host=host)
+        assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
+        [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
+        assert (
+            stop.reason == "failed" and "resource sampling stopped: RuntimeError('sampler bug')" in stop.error
+        )
+        sb.close(wait=True)
 
 
 def test_a_sandbox_stops_when_process_events_stop() -> None:
     sb = Sandbox(policy(), keep_workspace=False)
-    conn = pm.connector()
+    conn = sb.host.connector
     try:
         table = sb._tripwires.table  # type: ignore[union-attr]
         # What the connector's thread does when its socket fails, for this sandbox's table only.

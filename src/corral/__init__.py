@@ -35,7 +35,7 @@ if _typing.TYPE_CHECKING:
         SandboxStop,
     )
     from corral.policy import Policy
-    from corral.runtime import AsyncSandbox, ExecResult, Output, Sandbox
+    from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
 
 __version__ = "0.1.0"
 
@@ -64,7 +64,7 @@ _HOME = {
         "SandboxStop",
     ],
     "corral.policy": ["Policy"],
-    "corral.runtime": ["AsyncSandbox", "ExecResult", "Output", "Sandbox"],
+    "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
 
@@ -78,7 +78,9 @@ __all__ = [
     "ExecExit",
     "ExecResult",
     "ExecStart",
+    "Host",
     "HostError",
+    "HostState",
     "Output",
     "Policy",
     "PolicyError",
@@ -93,6 +95,7 @@ __all__ = [
     "SandboxStart",
     "SandboxStartError",
     "SandboxStop",
+    "State",
     "__version__",
 ]
 

@@ -211,7 +211,7 @@ def _wait_reaped(sandboxes: Sequence[Sandbox], timeout: float = 60.0) -> float:
     t0 = time.monotonic()
     deadline = t0 + timeout
     for sb in sandboxes:
-        if not sb._reaped.wait(max(0.0, deadline - time.monotonic())):
+        if not sb.wait_closed(max(0.0, deadline - time.monotonic())):
             raise BenchError(f"sandbox {sb.id} was not torn down within {timeout:g}s of close()")
     return time.monotonic() - t0
 

@@ -24,10 +24,11 @@ from corral import __version__
 from corral._errors import CorralError, PolicyError
 from corral.detect import rules as detect_rules
 from corral.events import Alert, Deny, event_json_schema
-from corral.isolation import launcher
 from corral.isolation import plan as planning
 from corral.policy import Policy
-from corral.runtime.sandbox import ExecResult, Sandbox, rule_files, tripwire_ruleset
+from corral.runtime.host import Host
+from corral.runtime.rulesets import RulesetCache, rule_files
+from corral.runtime.sandbox import ExecResult, Sandbox
 
 CORRAL_FAILED = 125
 TRIPWIRE_STOPPED = 124
@@ -109,9 +110,9 @@ def _verdict(alerts: list[Alert], stopped: str | None) -> None:
 _SEVERITY = ("critical", "high", "medium", "low", "info")
 
 
-def _one_sandbox() -> None:
+def _one_sandbox() -> Host:
     """This process starts one sandbox: no network namespace is worth making ahead for a next."""
-    launcher.NETWORKS_AHEAD = 0
+    return Host(networks_ahead=0)
 
 
 def _make_workspace(path: str | None) -> None:
@@ -131,13 +132,14 @@ def _run(args: argparse.Namespace) -> int:
         return _fail("run: no command given; use: corral run --policy FILE -- CMD [ARG...]")
     policy = Policy.load(args.policy)
     _make_workspace(args.workspace)
-    _one_sandbox()
+    host = _one_sandbox()
     # Pipes and files pass straight through; a terminal never does (see `_Terminal`).
     terminals = [fd for fd in (0, 1, 2) if os.isatty(fd)]
     with contextlib.ExitStack() as stack:
         # Entered first, left last: the pty outlives the sandbox (see `_Terminal.__exit__`).
         term = stack.enter_context(_Terminal(terminals)) if terminals else None
-        sb = stack.enter_context(Sandbox(policy, workspace=args.workspace, events=args.events))
+        stack.enter_context(host)
+        sb = stack.enter_context(Sandbox(policy, workspace=args.workspace, events=args.events, host=host))
         if term is not None:
             run = sb.stream(argv, timeout=args.timeout, stdio=term.stdio, tty=term.controlling)
             term.relay(run)
@@ -240,10 +242,13 @@ def _shell(args: argparse.Namespace) -> int:
     """An interactive shell on a pty of its own (see `_Terminal`)."""
     policy = Policy.load(args.policy)
     _make_workspace(args.workspace)
-    _one_sandbox()
     code = CORRAL_FAILED
     # The shell gets the pty whatever stdin and stdout are; entered first, it outlives the sandbox.
-    with _Terminal([0, 1, 2]) as term, Sandbox(policy, workspace=args.workspace, events=args.events) as sb:
+    with (
+        _Terminal([0, 1, 2]) as term,
+        _one_sandbox() as host,
+        Sandbox(policy, workspace=args.workspace, events=args.events, host=host) as sb,
+    ):
         run = sb.stream(
             ["/bin/bash", "-i"] if os.path.exists("/bin/bash") else ["/bin/sh", "-i"],
             timeout=policy.resources.lifetime,
@@ -268,7 +273,7 @@ def _policy(args: argparse.Namespace) -> int:
     if args.policy_command == "check":
         if policy.tripwires.enabled:
             try:
-                tripwire_ruleset(policy)
+                RulesetCache().load(policy)
             except PolicyError as e:
                 print(e, file=sys.stderr)
                 return 1

@@ -129,14 +129,14 @@ class _Zygote:
     Sandboxes don't depend on it once started: each talks to the supervisor over its own socket.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, networks_ahead: int = NETWORKS_AHEAD) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 *("-I", "-m", "corral.isolation.launcher"),
-                *(str(theirs.fileno()), str(NETWORKS_AHEAD)),
+                *(str(theirs.fileno()), str(networks_ahead)),
             ],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
@@ -165,11 +165,11 @@ def _stop_zygote() -> None:
                 _zygote.proc.wait()
 
 
-def _get_zygote() -> _Zygote:
+def _get_zygote(networks_ahead: int = NETWORKS_AHEAD) -> _Zygote:
     global _zygote
     with _zygote_lock:
         if _zygote is None or not _zygote.alive():
-            _zygote = _Zygote()
+            _zygote = _Zygote(networks_ahead)
         return _zygote
 
 
@@ -182,6 +182,7 @@ def launch(
     notify: bool,
     commands_memory: str | None = None,
     setup_timeout: float = 10.0,
+    networks_ahead: int = NETWORKS_AHEAD,
 ) -> Launched:
     """Start a sandbox: init joins `join_files` (cgroup.procs files); with `commands_memory` (a cgroup
     v1 memory `tasks` file), init starts commands from a thread of its own in that group instead
@@ -198,7 +199,7 @@ def launch(
             "notify": notify,
         }
         try:
-            send(_get_zygote().sock, request, [child_sock.fileno()])
+            send(_get_zygote(networks_ahead).sock, request, [child_sock.fileno()])
         except OSError as e:
             raise LaunchError("zygote", f"cannot reach corral's zygote process ({e})") from None
         child_sock.close()

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from corral._once import process_wide
 from corral.isolation import _linux
 from corral.monitors import _execpath
 
@@ -861,15 +860,27 @@ class Connector:
             for pid in [p for p, t in self._owners.items() if t is table]:
                 del self._owners[pid]
 
+    def stop(self) -> None:
+        """Close the socket (its owner's sandboxes are all closed). The thread, blocked in a receive,
+        ends at the next event on the host, which it no longer reports."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self.error = "stopped"
+            self._owners.clear()
+        if sock is not None:
+            sock.close()
+
     def _run(self) -> None:
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
         while True:
             try:
-                data = self._sock.recv(1 << 16)
+                data = sock.recv(1 << 16)
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     continue  # overrun: the sampler's sweep adopts what was lost
-                self._failed(f"process events stopped: {e}")
+                if self._sock is not None:
+                    self._failed(f"process events stopped: {e}")
                 return
             off = 0
             while off + _NLMSG_HDR.size <= len(data):
@@ -973,9 +984,6 @@ def _subscribe() -> socket.socket:
     except BaseException:
         s.close()
         raise
-
-
-connector = process_wide(Connector)
 
 
 def started_at(info: ProcInfo) -> datetime:

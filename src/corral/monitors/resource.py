@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corral._once import process_wide
 from corral.monitors.gpu import GpuMonitor, GpuProcessUsage
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -94,6 +93,7 @@ class Sampler:
         self._thread: threading.Thread | None = None
         self._gpu = gpu
         self._gpu_checked = gpu is not None
+        self._stopping = False
 
     @property
     def gpu(self) -> GpuMonitor | None:
@@ -116,7 +116,7 @@ class Sampler:
             # one round, so a thousand of them wake this thread 4 times a second, not 4,000.
             due = (math.floor(time.monotonic() / interval) + 1) * interval
             self._watches[key] = _Watch(interval, due, callback, on_failure)
-            if self._thread is None or not self._thread.is_alive():
+            if not self._stopping and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._run, name="corral-sampler", daemon=True)
                 self._thread.start()
         self._wake.set()
@@ -124,6 +124,16 @@ class Sampler:
     def unwatch(self, key: object) -> None:
         with self._lock:
             self._watches.pop(key, None)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the sampling thread (its owner's sandboxes are all closed)."""
+        with self._lock:
+            self._stopping = True
+            self._watches.clear()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -141,7 +151,7 @@ class Sampler:
 
     def _loop(self) -> None:
         gpu = self.gpu
-        while True:
+        while not self._stopping:
             with self._lock:
                 watches = list(self._watches.values())
             now = time.monotonic()
@@ -168,6 +178,3 @@ class Sampler:
             timeout = None if nxt is None else max(0.0, nxt - time.monotonic())
             self._wake.wait(timeout if timeout is not None else 1.0)
             self._wake.clear()
-
-
-sampler = process_wide(Sampler)

@@ -1,4 +1,4 @@
-"""The host-side watcher shared by every sandbox in this process.
+"""The host-side watcher shared by every sandbox of one `Host`.
 
 One thread fires sandbox lifetime deadlines. A few threads (`_ANSWERERS`) answer seccomp
 notifications (recording who asked for what), all waiting on one epoll set holding every sandbox's
@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 
 from corral._lanes import CpuMeter
-from corral._once import process_wide
 from corral.isolation import seccomp
 
 _ANSWERERS = 4  # sandboxes answered at the same time; a flooding one holds at most one thread
@@ -60,9 +59,15 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._epoll = select.epoll()
         self._watches: dict[int, _Watch] = {}
-        self._answerers = 0
+        self._answerers: list[threading.Thread] = []
+        # Written once by `stop`: level-triggered in the epoll set, it wakes every answerer for good.
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._stop_r, select.EPOLLIN)
+        self._stopping = False
 
     def _ensure_thread(self) -> None:
+        if self._stopping:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="corral-supervisor", daemon=True)
             self._thread.start()
@@ -77,9 +82,10 @@ class Supervisor:
         with self._lock:
             self._watches[fd] = _Watch(fd, handler)
             self._epoll.register(fd, _ARMED)
-            if self._answerers < min(_ANSWERERS, len(self._watches)):
-                self._answerers += 1
-                threading.Thread(target=self._answer_loop, name="corral-supervisor", daemon=True).start()
+            if not self._stopping and len(self._answerers) < min(_ANSWERERS, len(self._watches)):
+                t = threading.Thread(target=self._answer_loop, name="corral-supervisor", daemon=True)
+                self._answerers.append(t)
+                t.start()
 
     def unwatch(self, fd: int) -> None:
         # Once this returns, no thread will touch `fd` again, so it can be closed.
@@ -95,6 +101,8 @@ class Supervisor:
     def call_at(self, deadline: float, fn: Callable[[], None]) -> int:
         with self._lock:
             handle = next(self._seq)
+            if self._stopping:
+                return handle  # never fires: the host is shutting down
             heapq.heappush(self._timers, (deadline, handle, fn))
             self._ensure_thread()
         self._wake()
@@ -104,6 +112,23 @@ class Supervisor:
         with self._lock:
             self._cancelled.add(handle)
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the timer and answering threads and close what they used. Every sandbox was closed
+        first (see `Host.shutdown`): nothing is watched, and no timer that is still due matters."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            threads = [*self._answerers, *([self._thread] if self._thread is not None else [])]
+        os.write(self._stop_w, b"x")
+        self._wake()
+        for t in threads:
+            t.join(timeout)
+        self._sel.close()
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
+            os.close(fd)
+
     def _answer_loop(self) -> None:
         while True:
             try:
@@ -111,6 +136,8 @@ class Supervisor:
             except InterruptedError:
                 continue
             for fd, mask in events:
+                if fd == self._stop_r:
+                    return
                 with self._lock:
                     watch = self._watches.get(fd)
                 if watch is None:
@@ -158,7 +185,7 @@ class Supervisor:
                     self._epoll.modify(watch.fd, _ARMED)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with self._lock:
                 while self._timers and self._timers[0][1] in self._cancelled:
                     self._cancelled.discard(heapq.heappop(self._timers)[1])
@@ -193,6 +220,3 @@ def _pending(fd: int) -> bool:
 
 def _report(what: str, error: BaseException) -> None:
     print(f"corral: supervisor: {what} failed: {error!r}", file=sys.stderr)
-
-
-get = process_wide(Supervisor)

@@ -89,6 +89,8 @@ class Tripwires:
         current_exec: Callable[[], int | None],
         emit: Callable[[Event], None],
         responder: Responder,
+        connector: pm.Connector,
+        sampler: rm.Sampler,
         gpu_granted: bool,
         cpu_budget: float,
         interval: float,
@@ -100,6 +102,8 @@ class Tripwires:
         self._current_exec = current_exec
         self._emit = emit
         self._responder = responder
+        self._connector = connector
+        self._sampler = sampler
         self._gpu_granted = gpu_granted
         self._cpu_budget = min(cpu_budget, float(os.cpu_count() or 1))
         self._interval = interval
@@ -121,17 +125,17 @@ class Tripwires:
     def start(self) -> None:
         self.table.on_monitor_failure = self._responder.monitor_failed
         self.table.on_exit_reported = self.record_exit
-        conn = pm.connector()
+        conn = self._connector
         if conn.start():
             conn.watch(self.table.init_pid, self.table)
         else:
             self.connector_error = conn.error
-        rm.sampler().watch(self, self._interval, self._sample, self._responder.monitor_failed)
+        self._sampler.watch(self, self._interval, self._sample, self._responder.monitor_failed)
 
     def close(self) -> None:
         self._closed = True
-        rm.sampler().unwatch(self)
-        pm.connector().forget(self.table)
+        self._sampler.unwatch(self)
+        self._connector.forget(self.table)
         with self._diag_lock:
             if self._diag is not None:
                 self._diag.close()

@@ -10,13 +10,9 @@ sandboxes may run in parallel. `close()` may be called from any thread, also whi
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import errno
-import functools
 import logging
 import os
-import queue
 import secrets
 import selectors
 import shutil
@@ -25,16 +21,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 import psutil
 
 from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
-from corral.detect import rules as detect_rules
 from corral.egress.service import Fence, Upstream
 from corral.events import (
     Alert,
@@ -54,9 +48,10 @@ from corral.isolation import cgroups, landlock, launcher, mounts, netns, protoco
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
-from corral.runtime import _fscopy, _supervisor, _tripwires
+from corral.runtime import _fscopy, _hostfiles, _tripwires
+from corral.runtime.host import Host, default_host
+from corral.runtime.lifecycle import Lifecycle, State, StopReason
 
-STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
 _PROXY = f"http://127.0.0.1:{netns.PROXY_PORT}"
 # Programs that honour proxy variables name their destination to the proxy (CONNECT host:port);
@@ -69,184 +64,18 @@ _PROXY_ENV = {
     "NO_PROXY": "localhost,127.0.0.1,::1",
     "no_proxy": "localhost,127.0.0.1,::1",
 }
-_UID_BASE = 1_300_000  # far above any distribution's range; one uid per sandbox
 _DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
 _KILL_GRACE = 5.0
 _SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 # The alert raised when the control channel carries something init did not send (see `protocol`).
 CONTROL_TAMPER_RULE = "control-channel-tamper"
-_OWNER_FILE = "owner"  # in the state directory: the supervisor that created the sandbox
 # Events a sandbox keeps in memory for `events()`; past it the oldest (but sandbox.start) are dropped
 # a tenth at a time and counted in `events_elided`. The JSONL file, when there is one, has every event.
 # Repeated denials are aggregated first (see `DenyRepeats`), so ordinary work never comes near it.
 _EVENTS_KEPT = 10_000
 
 log = logging.getLogger("corral")
-
-_hierarchy: cgroups.Hierarchy | None = None
-_hierarchy_lock = threading.Lock()
-_uids_in_use: set[int] = set()
-
-
-def _cgroup_hierarchy() -> cgroups.Hierarchy:
-    global _hierarchy
-    with _hierarchy_lock:
-        if _hierarchy is None:
-            _hierarchy = cgroups.detect()
-            _sweep_stale(_hierarchy)
-        return _hierarchy
-
-
-def _sweep_stale(hierarchy: cgroups.Hierarchy, min_age: float = 60.0) -> None:
-    """Remove what sandboxes whose supervisor died left behind: their processes, cgroups, state
-    directories and uid claims.
-
-    When its supervisor dies, a sandbox's init exits (its socket closes) and the kernel kills the
-    rest, leaving empty directories. A frozen sandbox cannot notice, so its processes stay, stopped,
-    until someone kills them: here, any sandbox whose recorded owner (see `_owner_record`) is gone.
-    One whose owner runs is never touched. One without an owner record is left alone while it is
-    younger than `min_age` (another supervisor may be creating it right now) or has processes.
-    """
-    now = time.time()
-    groups = hierarchy.existing()
-    try:
-        states = {n for n in os.listdir(STATE_ROOT) if not n.startswith("uid-")}
-    except FileNotFoundError:
-        states = set()
-    owners = {n: _owner_alive(f"{STATE_ROOT}/{n}") for n in states}
-    orphaned = {n for n, alive in owners.items() if alive is False}
-    for name in orphaned & set(groups):
-        with contextlib.suppress(OSError):
-            groups[name].kill()  # all first, so they die while the others are being killed
-    for name in states | set(groups):
-        state = f"{STATE_ROOT}/{name}"
-        try:
-            cg = groups.get(name)
-            if owners.get(name):
-                continue
-            if name not in orphaned:
-                if now - os.stat(state if name in states else groups[name].path).st_mtime < min_age:
-                    continue
-                if cg is not None and not cg.empty():
-                    continue
-            if cg is not None:
-                cg.remove(timeout=2.0 if name in orphaned else 0)
-            shutil.rmtree(state, ignore_errors=True)
-        except OSError:
-            continue  # in use, or removed by someone else meanwhile
-    try:
-        links = [n for n in os.listdir(STATE_ROOT) if n.startswith("uid-")]
-    except FileNotFoundError:
-        links = []
-    for name in links:
-        link = f"{STATE_ROOT}/{name}"
-        try:
-            target = os.readlink(link)
-            if (target in orphaned or now - os.lstat(link).st_mtime >= min_age) and not os.path.exists(
-                f"{STATE_ROOT}/{target}"
-            ):
-                os.unlink(link)
-        except OSError:
-            continue
-
-
-def _owner_record(pid: int) -> str:
-    """The supervisor process `pid` as "pid start-time": the pid alone may be reused by the time
-    someone reads it."""
-    return f"{pid} {psutil.Process(pid).create_time()!r}"
-
-
-@functools.cache
-def _own_record(pid: int) -> str:
-    """This supervisor's `_owner_record`, read once (keyed by pid, so a forked child has its own)."""
-    return _owner_record(pid)
-
-
-def _owner_alive(state_dir: str) -> bool | None:
-    """Whether the supervisor recorded in `state_dir` still runs; None when it recorded none."""
-    try:
-        recorded = Path(f"{state_dir}/{_OWNER_FILE}").read_text()
-        pid = int(recorded.split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        return _owner_record(pid) == recorded
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _allocate_uid(sandbox_id: str) -> int:
-    """A uid no other sandbox on this host uses, from any supervisor process.
-
-    The claim is a symlink /run/corral/uid-N -> <sandbox id>, created atomically; two supervisors
-    (say, Ray workers on one node) can't both win it. Sandboxes of one uid could signal each other
-    and would share per-user kernel limits.
-    """
-    os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
-    with _hierarchy_lock:
-        while True:
-            uid = _UID_BASE + secrets.randbelow(1_000_000)
-            if uid in _uids_in_use:
-                continue
-            try:
-                os.symlink(sandbox_id, f"{STATE_ROOT}/uid-{uid}")
-            except FileExistsError:
-                continue
-            _uids_in_use.add(uid)
-            return uid
-
-
-def _release_uid(uid: int) -> None:
-    with _hierarchy_lock:
-        _uids_in_use.discard(uid)
-    try:
-        os.unlink(f"{STATE_ROOT}/uid-{uid}")
-    except FileNotFoundError:
-        pass
-
-
-_rulesets: dict[tuple[object, ...], detect_rules.Ruleset] = {}
-_rulesets_lock = threading.Lock()
-
-
-def rule_files(policy: Policy) -> list[str]:
-    """The policy's extra rule files, relative paths taken from the policy file's directory."""
-    base = os.path.dirname(os.path.abspath(policy.source)) if os.path.isfile(policy.source) else os.getcwd()
-    return [p if os.path.isabs(p) else os.path.join(base, p) for p in policy.tripwires.rules]
-
-
-def tripwire_ruleset(policy: Policy) -> detect_rules.Ruleset:
-    """corral's rules plus the policy's, compiled once per set of file versions (a sandbox start
-    must not pay for parsing YAML)."""
-    # corral's own files are part of the installed package: they change with an upgrade, which
-    # restarts the process. The policy's files are checked at every start.
-    key: list[object] = ["builtin"]
-    for f in rule_files(policy):
-        try:
-            st = os.stat(f)
-            key.append((f, st.st_mtime_ns, st.st_size))
-        except OSError:
-            key.append((f, None))  # the loader reports it, naming the file
-    k = tuple(key)
-    with _rulesets_lock:
-        ruleset = _rulesets.get(k)
-    if ruleset is None:
-        ruleset = detect_rules.load(rule_files(policy))
-        with _rulesets_lock:
-            _rulesets[k] = ruleset
-    bad = [
-        k for k in policy.tripwires.responses if k not in ruleset.names and k not in detect_rules.CATEGORIES
-    ]
-    if bad:
-        raise PolicyError(
-            [
-                f"{policy.source}: tripwires.responses.{k}: no rule or category of that name; use a category "
-                f"({', '.join(detect_rules.CATEGORIES)}) or a rule name (`corral rules list`)"
-                for k in bad
-            ]
-        )
-    return ruleset
 
 
 @dataclass(frozen=True)
@@ -319,53 +148,6 @@ def _process_ref(pid: int) -> ProcessRef:
         return ProcessRef(pid=pid)
 
 
-class _Reaper:
-    """Finishes sandbox teardown off the caller's path: waiting out namespace destruction, removing
-    cgroups and state directories. One thread for all sandboxes."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="corral-reaper", daemon=True)
-                self._thread.start()
-        self._queue.put(fn)
-
-    def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every teardown submitted so far has finished."""
-        done = threading.Event()
-        self.submit(done.set)
-        done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            fn = self._queue.get()
-            try:
-                fn()
-            except Exception as e:  # a failed cleanup must not stop the others
-                print(f"corral: sandbox cleanup failed: {e}", file=sys.stderr)
-
-
-_reaper = _Reaper()
-_open: set[Sandbox] = set()
-_open_lock = threading.Lock()
-
-
-@atexit.register
-def _close_all_at_exit() -> None:
-    # The reaper is a daemon thread: without this, an interpreter that exits right after close()
-    # would leave cgroups and state directories behind.
-    with _open_lock:
-        leftover = list(_open)
-    for sb in leftover:
-        sb.close()
-    _reaper.drain()
-
-
 class Sandbox:
     """A running sandbox. Creating one starts it; `close()` (or leaving the `with`) destroys it.
 
@@ -376,6 +158,7 @@ class Sandbox:
     events: a path; every event is appended to it as a JSON line the moment it happens.
     upstream: how the egress proxy resolves names and connects on the host
         (`corral.egress.service.Upstream`); tests map names and ports to local servers with it.
+    host: the `Host` that runs the sandbox; without it, the process's default host.
     """
 
     def __init__(
@@ -386,7 +169,9 @@ class Sandbox:
         events: str | os.PathLike[str] | None = None,
         keep_workspace: bool = True,
         upstream: Upstream | None = None,
+        host: Host | None = None,
     ) -> None:
+        self.host = host if host is not None else default_host()
         if policy is None:
             policy = Policy.default()
         elif not isinstance(policy, Policy):
@@ -399,10 +184,11 @@ class Sandbox:
         self.events_elided = 0  # events dropped from `events()` (not from the JSONL file) to bound memory
         self._sink = JsonlSink(events) if events is not None else None
         self._exec_lock = threading.Lock()
-        self._state_lock = threading.Lock()
+        self._wake_lock = threading.Lock()  # guards `_exec_wake`
+        self._life = Lifecycle()
+        self.uid: int | None = None  # claimed at the start
         self._exec_seq = 0
         self._current_exec: int | None = None
-        self._closed: str | None = None
         self._started = time.monotonic()
         self._workspace_src = os.fspath(workspace) if workspace is not None else None
         if self._workspace_src is not None and not os.path.isdir(self._workspace_src):
@@ -414,18 +200,13 @@ class Sandbox:
         self._cgroup: cgroups.SandboxCgroup | None = None
         self._launched: launcher.Launched | None = None
         self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
-        self._state_dir = f"{STATE_ROOT}/{self.id}"
+        self._state_dir = f"{_hostfiles.STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._syscalls: dict[int, str] = {}
         self._writable: tuple[str, ...] = ()  # the sandbox's own storage, where its sockets live
-        self._reaped = threading.Event()
         self._tripwires: _tripwires.Tripwires | None = None
-        self._frozen: str | None = None  # the rule that froze the sandbox
         self._exec_wake: int | None = None  # write end of the running command's wake-up pipe
         self._exec_thread: int | None = None  # the thread running a command, while one runs
-        self._exit_recorded = threading.Event()  # clear while a command's exec.exit is not yet written
-        self._exit_recorded.set()
-        self._stopped = threading.Event()  # set once sandbox.stop is written
         self._start()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -442,17 +223,18 @@ class Sandbox:
                     "without it with `degrade: [landlock]` in the policy"
                 )
             degraded.append("landlock")
-        hierarchy = _cgroup_hierarchy()
-        self.uid = _allocate_uid(self.id)
+        host = self.host.start()
+        hierarchy = host.hierarchy
+        self.uid = uid = host.claim_uid(self.id)
         step = "plan"
         try:
-            plan = planning.build(self.policy, uid=self.uid, gid=self.uid, sandbox_id=self.id)
+            plan = planning.build(self.policy, uid=uid, gid=uid, sandbox_id=self.id)
             self._writable = (*plan.writable, "/dev/shm")
             step = "state directory"
-            os.makedirs(STATE_ROOT, mode=0o700, exist_ok=True)
-            mounts.prepare_host(self._state_dir, self.uid, self.uid, plan.hostname)
+            os.makedirs(_hostfiles.STATE_ROOT, mode=0o700, exist_ok=True)
+            mounts.prepare_host(self._state_dir, uid, uid, plan.hostname)
             # Before the cgroup exists: whoever finds it after this process died knows it is orphaned.
-            Path(f"{self._state_dir}/{_OWNER_FILE}").write_text(_own_record(os.getpid()))
+            _hostfiles.write_owner(self._state_dir)
             step = "cgroup"
             self._cgroup = hierarchy.create(
                 f"{self.id}",
@@ -460,7 +242,7 @@ class Sandbox:
             )
             step = "launch"
             self._syscalls = seccomp.syscall_numbers()
-            self._launched = launcher.launch(
+            self._launched = host.launch(
                 plan,
                 join_files=self._cgroup.init_join_files,
                 commands_memory=self._cgroup.commands_memory,
@@ -477,7 +259,7 @@ class Sandbox:
             if self._launched.notify_fd is None:
                 degraded.append("seccomp_notify")
             else:
-                _supervisor.get().watch_notifications(self._launched.notify_fd, self._on_seccomp)
+                host.supervisor.watch_notifications(self._launched.notify_fd, self._on_seccomp)
             step = "egress"
             self._fence = Fence(
                 self.id,
@@ -498,14 +280,20 @@ class Sandbox:
         except BaseException as e:
             if self._launched is not None:
                 signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
+            self._life.move(State.STOPPED)
             self._teardown()
             if isinstance(e, HostError | PolicyError):
                 raise
             raise SandboxStartError(f"sandbox {self.id}: {step}: {e}") from e
-        with _open_lock:
-            _open.add(self)
-        sup = _supervisor.get()
-        self._lifetime_timer = sup.call_at(time.monotonic() + self.policy.resources.lifetime, self._expire)
+        self._life.move(State.RUNNING)  # (or FROZEN already, by a rule that fired during the start)
+        try:
+            host.opened(self)
+        except HostError:
+            self._terminate("closed")
+            raise
+        self._lifetime_timer = host.supervisor.call_at(
+            time.monotonic() + self.policy.resources.lifetime, self._expire
+        )
         r = self.policy.resources
         self._emit(
             SandboxStart(
@@ -529,7 +317,7 @@ class Sandbox:
 
     def _start_tripwires(self, degraded: list[str]) -> None:
         assert self._launched is not None and self._cgroup is not None
-        ruleset = tripwire_ruleset(self.policy)
+        ruleset = self.host.rulesets.load(self.policy)
         tw = _tripwires.Tripwires(
             self.id,
             ruleset,
@@ -539,6 +327,8 @@ class Sandbox:
             current_exec=lambda: self._current_exec,
             emit=self._emit,
             responder=self,
+            connector=self.host.connector,
+            sampler=self.host.sampler,
             gpu_granted=bool(self.policy.gpu),
             cpu_budget=self.policy.resources.cpu,
             interval=self.policy.tripwires.sample_interval,
@@ -581,11 +371,10 @@ class Sandbox:
         threading.Thread(target=self._freeze, args=(rule,), name=f"corral-freeze-{self.id}").start()
 
     def _freeze(self, rule: str) -> None:
-        with self._state_lock:
-            if self._closed is not None or self._frozen is not None or self._cgroup is None:
-                return
-            self._frozen = rule
-        self._cgroup.freeze()
+        cgroup = self._cgroup
+        if cgroup is None or not self._life.freeze(rule):
+            return  # closed (or closing), or frozen already
+        cgroup.freeze()
         self._wake_exec()
 
     def monitor_failed(self, reason: str) -> None:
@@ -616,7 +405,7 @@ class Sandbox:
         threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
 
     def _wake_exec(self) -> None:
-        with self._state_lock:  # the running command closes the pipe under this lock
+        with self._wake_lock:  # the running command closes the pipe under this lock
             if self._exec_wake is not None:
                 try:
                     os.write(self._exec_wake, b"x")
@@ -631,7 +420,40 @@ class Sandbox:
     def frozen(self) -> str | None:
         """The rule that froze the sandbox, or None. A frozen sandbox runs no more commands; inspect
         it (its processes are stopped, not killed), then close it."""
-        return self._frozen
+        return self._life.frozen_by
+
+    @property
+    def state(self) -> State:
+        """Where the sandbox is in its life (see `State`)."""
+        return self._life.state
+
+    @property
+    def init_pid(self) -> int | None:
+        """The host pid of the sandbox's init (its PID 1); None before it started."""
+        return self._launched.init_pid if self._launched is not None else None
+
+    def pids(self) -> list[int]:
+        """Host pids of every process in the sandbox (init included); [] once it is torn down."""
+        cgroup = self._cgroup
+        if cgroup is None:
+            return []
+        try:
+            return cgroup.pids()
+        except OSError:
+            return []
+
+    def usage(self) -> cgroups.Usage:
+        """What the sandbox's processes use now (its cgroup's counters). SandboxClosedError once the
+        sandbox is torn down."""
+        cgroup = self._cgroup
+        if cgroup is None:
+            raise SandboxClosedError(f"sandbox {self.id} is torn down: it has no usage to read")
+        return cgroup.usage()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the sandbox is closed and everything it held on the host is released (state
+        REAPED); False if `timeout` passed first."""
+        return self._life.wait_for(State.REAPED, timeout)
 
     def close(self, wait: bool = False) -> None:
         """Destroy the sandbox. Idempotent, callable from any thread.
@@ -643,20 +465,17 @@ class Sandbox:
         """
         self._terminate("closed")
         if wait:
-            self._reaped.wait()
+            self._life.wait_for(State.REAPED)
 
     def _expire(self) -> None:
         # Saving a large workspace takes a while; the supervisor thread serves every sandbox's
         # refused calls, so the close runs on a thread of its own.
         threading.Thread(target=self._terminate, args=("lifetime",), name=f"corral-expire-{self.id}").start()
 
-    def _terminate(self, reason: Literal["closed", "lifetime", "failed", "tripwire"], why: str = "") -> None:
-        with self._state_lock:
-            if self._closed is not None:
-                return
-            self._closed = reason
-        with _open_lock:
-            _open.discard(self)
+    def _terminate(self, reason: StopReason, why: str = "") -> None:
+        if not self._life.stop(reason):
+            return
+        self.host.closed(self)
         if reason == "lifetime":
             self._emit(
                 Deny(
@@ -668,7 +487,7 @@ class Sandbox:
                 )
             )
         if self._lifetime_timer is not None:
-            _supervisor.get().cancel(self._lifetime_timer)
+            self.host.supervisor.cancel(self._lifetime_timer)
         if self._tripwires is not None:
             self._tripwires.close()  # the kill below must not read as alerts
         self._wake_exec()
@@ -695,7 +514,7 @@ class Sandbox:
                     signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                if frozen or self._frozen is not None:
+                if frozen or self._life.frozen_by is not None:
                     self._cgroup.thaw()  # frozen tasks only act on SIGKILL once thawed
         fence, self._fence = self._fence, None
         if fence is not None:
@@ -705,7 +524,7 @@ class Sandbox:
         if threading.get_ident() != self._exec_thread:
             # So is the running command's exit: its thread woke when the processes died. (A stream
             # its consumer stopped reading is not waited for long.)
-            self._exit_recorded.wait(1.0)
+            self._life.wait_command_recorded(1.0)
         self._flush_repeats()
         self._emit(
             SandboxStop(
@@ -716,15 +535,15 @@ class Sandbox:
                 error="; ".join(e for e in (why, error) if e),
             )
         )
-        self._stopped.set()
-        _reaper.submit(self._teardown)
+        self._life.move(State.STOPPED)
+        self.host.tear_down(self._teardown)
 
     def _teardown(self) -> None:
         """Release whatever `_start` created, in reverse order; safe on a half-started sandbox."""
         try:
             if self._launched is not None:
                 if self._launched.notify_fd is not None:
-                    _supervisor.get().unwatch(self._launched.notify_fd)
+                    self.host.supervisor.unwatch(self._launched.notify_fd)
                     os.close(self._launched.notify_fd)
                     self._launched.notify_fd = None
                 if self._exec_lock.acquire(blocking=False):
@@ -751,15 +570,15 @@ class Sandbox:
                 for fd in self._launched.fence_fds:
                     os.close(fd)
             shutil.rmtree(self._state_dir, ignore_errors=True)
-            if hasattr(self, "uid"):
-                _release_uid(self.uid)
+            if self.uid is not None:
+                self.host.release_uid(self.uid)
             if self._sink is not None and self._exec_lock.acquire(blocking=False):
                 try:
                     self._sink.close()
                 finally:
                     self._exec_lock.release()
         finally:
-            self._reaped.set()
+            self._life.move(State.REAPED)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -769,7 +588,7 @@ class Sandbox:
 
     @property
     def closed(self) -> bool:
-        return self._closed is not None
+        return self._life.ending
 
     # --- workspace ---------------------------------------------------------------------------
 
@@ -779,10 +598,12 @@ class Sandbox:
 
     def _copy_in(self, src: str) -> None:
         dst = self._sandbox_path(planning.WORKSPACE)
+        uid = self.uid
+        assert uid is not None
         shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
         for root, dirs, files in os.walk(dst):
             for name in [*dirs, *files]:
-                os.lchown(os.path.join(root, name), self.uid, self.uid)
+                os.lchown(os.path.join(root, name), uid, uid)
 
     def _copy_out(self) -> None:
         """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`).
@@ -1150,24 +971,25 @@ class _Run:
     def __iter__(self) -> Iterator[Output]:
         sb = self.sb
         with sb._exec_lock:
-            if sb._closed is not None or sb._launched is None or sb._cgroup is None:
-                raise SandboxClosedError(f"sandbox {sb.id} is closed ({sb._closed})")
-            if sb._frozen is not None:
+            life = sb._life
+            if life.ending or sb._launched is None or sb._cgroup is None:
+                raise SandboxClosedError(f"sandbox {sb.id} is closed ({life.stop_reason})")
+            if life.state is State.FROZEN:
                 raise SandboxClosedError(
-                    f"sandbox {sb.id} was frozen by tripwire {sb._frozen!r}; inspect it, then close() it"
+                    f"sandbox {sb.id} was frozen by tripwire {life.frozen_by!r}; inspect it, then close() it"
                 )
             sb._exec_thread = threading.get_ident()
-            sb._exit_recorded.clear()
+            life.command_started()
             try:
                 yield from self._run(sb._launched, sb._cgroup)
             finally:
                 sb._current_exec = None
                 sb._exec_thread = None
-                sb._exit_recorded.set()
-                if sb._closed is not None:
+                life.command_recorded()
+                if life.ending:
                     sb._launched.control.close()
                     # Cut short by the sandbox's end: return once that is recorded as well.
-                    sb._stopped.wait(_STOP_WAIT)
+                    life.wait_for(State.STOPPED, _STOP_WAIT)
 
     def _run(self, launched: launcher.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
         sb = self.sb
@@ -1184,6 +1006,8 @@ class _Run:
         sel = selectors.DefaultSelector()
         to_close: list[int] = []
         pending_input = memoryview(self.data or b"")
+        uid = sb.uid
+        assert uid is not None
         if self.stdio is not None:
             child_fds = list(self.stdio)
         else:
@@ -1194,7 +1018,7 @@ class _Run:
             for fd in child_fds:
                 # The agent's uid must own its pipes, or `echo x > /dev/stderr` (a reopen through
                 # /proc/self/fd) is refused.
-                os.fchown(fd, sb.uid, sb.uid)
+                os.fchown(fd, uid, uid)
             to_close += [in_r, out_w, err_w]
             sel.register(out_r, selectors.EVENT_READ, "stdout")
             sel.register(err_r, selectors.EVENT_READ, "stderr")
@@ -1207,7 +1031,7 @@ class _Run:
         # A tripwire that freezes the sandbox wakes this loop: the command will not finish.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         sel.register(wake_r, selectors.EVENT_READ, "wake")
-        with sb._state_lock:
+        with sb._wake_lock:
             sb._exec_wake = wake_w
         sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
         request = protocol.Exec(
@@ -1228,7 +1052,7 @@ class _Run:
                 if key.data != "control":
                     os.close(key.fd)
             sel.close()
-            with sb._state_lock:
+            with sb._wake_lock:
                 sb._exec_wake = None
                 os.close(wake_w)
             raise ExecError(f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone ({e})") from None
@@ -1260,7 +1084,7 @@ class _Run:
                     launcher.send_message(launched.control, protocol.Kill(id=exec_id, token=request.token))
                     deadline = now + _KILL_GRACE
                     continue
-                if sb._frozen is not None and status is None:
+                if sb._life.state is State.FROZEN and status is None:
                     terminated = "frozen"
                     status = signal.SIGSTOP
                     break
@@ -1272,14 +1096,14 @@ class _Run:
                         for fd in fds:
                             os.close(fd)
                         if data is None:  # init is gone: the sandbox was closed under us
-                            if sb._closed is None and not exchange.started:
+                            if not sb._life.ending and not exchange.started:
                                 # Gone before it took the request (its last thread may still have
                                 # held the socket when the request went out): nothing was started.
                                 raise ExecError(
                                     f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone"
                                 )
                             sel.unregister(launched.control)
-                            terminated = sb._closed or "failed"
+                            terminated = sb._life.stop_reason or "failed"
                             status = signal.SIGKILL
                             drain_until = time.monotonic()
                             continue
@@ -1326,7 +1150,7 @@ class _Run:
                 if key.data != "control":
                     os.close(key.fd)
             sel.close()
-            with sb._state_lock:
+            with sb._wake_lock:
                 sb._exec_wake = None
                 os.close(wake_w)
         if error:
@@ -1348,7 +1172,7 @@ class _Run:
         exit_code = 128 + sig if sig is not None else code
         peak = 0
         leftover: list[ProcessRef] = []
-        if sb._closed is None and sb._frozen is None:
+        if sb._life.state is State.RUNNING:
             after = cgroup.usage()
             peak = after.memory_peak_bytes
             self._budget_denials(exec_id, before, after, timed_out)

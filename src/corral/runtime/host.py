@@ -1,0 +1,289 @@
+"""`Host`: corral on this machine, as one object.
+
+A host owns what its sandboxes share: the cgroup hierarchy, the uid claims and owner records under
+/run/corral (and the sweep of what dead supervisors left there), the supervisor thread that answers
+seccomp notifications and fires lifetime deadlines, the process-event connector, the resource
+sampler, the zygote that forks every sandbox, the teardown thread, and the set of open sandboxes.
+
+    with Host(networks_ahead=0) as host:
+        with Sandbox(policy, host=host) as sb:
+            ...
+    # every sandbox closed, every teardown finished, every helper thread and process stopped
+
+`Sandbox(policy)` without `host=` uses the default host: made on first use and shut down when the
+interpreter exits. A host starts on first use (or with `start()`); once shut down it refuses new
+sandboxes.
+
+Shutdown runs in one order, each step relying on the ones before it: the open sandboxes are closed
+(their processes killed), the teardown queue is drained (cgroups, state directories, uid claims
+gone), then the helpers stop, the ones sandboxes call into first: the supervisor, the connector, the
+sampler, and last the zygote (and with it the network namespaces it made ahead).
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from corral._errors import HostError
+from corral.isolation import cgroups, launcher
+from corral.isolation.plan import Plan
+from corral.monitors import process as process_monitor
+from corral.monitors import resource as resource_monitor
+from corral.runtime import _hostfiles
+from corral.runtime._supervisor import Supervisor
+from corral.runtime.rulesets import RulesetCache
+
+if TYPE_CHECKING:
+    from corral.runtime.sandbox import Sandbox
+
+log = logging.getLogger("corral")
+
+_DRAIN_TIMEOUT = 30.0
+
+
+class HostState(enum.Enum):
+    NEW = "new"  # made; nothing started yet
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting down"
+    SHUT_DOWN = "shut down"
+
+
+class _Reaper:
+    """Finishes sandbox teardown off the caller's path: waiting out namespace destruction, removing
+    cgroups and state directories. One thread for all of a host's sandboxes."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="corral-reaper", daemon=True)
+                self._thread.start()
+        self._queue.put(fn)
+
+    def drain(self, timeout: float = _DRAIN_TIMEOUT) -> bool:
+        """Wait until every teardown submitted so far has finished; False if it took too long."""
+        done = threading.Event()
+        self.submit(done.set)
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = _DRAIN_TIMEOUT) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception as e:  # a failed cleanup must not stop the others
+                log.error("sandbox cleanup failed: %s", e)
+
+
+class _ZygoteSeam:
+    """How a host starts sandboxes: through corral's zygote process (see `launcher`)."""
+
+    def __init__(self, networks_ahead: int) -> None:
+        self.networks_ahead = networks_ahead
+
+    def launch(self, plan: Plan, **kwargs: object) -> launcher.Launched:
+        return launcher.launch(plan, networks_ahead=self.networks_ahead, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        launcher._stop_zygote()
+
+
+class Host:
+    """corral on this machine. `networks_ahead`: fenced network namespaces the zygote keeps made
+    ahead of demand (0 for a process that starts one sandbox). `connector` and `sampler` replace the
+    process-event connector and the resource sampler the host would make (tests pass broken ones)."""
+
+    def __init__(
+        self,
+        *,
+        networks_ahead: int = launcher.NETWORKS_AHEAD,
+        connector: process_monitor.Connector | None = None,
+        sampler: resource_monitor.Sampler | None = None,
+    ) -> None:
+        self.networks_ahead = networks_ahead
+        self.rulesets = RulesetCache()
+        self._lock = threading.RLock()
+        self._state = HostState.NEW
+        self._hierarchy: cgroups.Hierarchy | None = None
+        self._uids: set[int] = set()
+        self._open: set[Sandbox] = set()
+        self._reaper = _Reaper()
+        self._zygote = _ZygoteSeam(networks_ahead)
+        self._supervisor: Supervisor | None = None
+        self._given = (connector, sampler)
+        self._connector: process_monitor.Connector | None = None
+        self._sampler: resource_monitor.Sampler | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> HostState:
+        return self._state
+
+    def start(self) -> Host:
+        """Find the cgroup hierarchy, sweep what dead supervisors left, start the helper threads.
+        Idempotent; `Sandbox` calls it. A HostError once the host is shut down."""
+        with self._lock:
+            self._refuse_if_shut_down()
+            if self._state is HostState.RUNNING:
+                return self
+            hierarchy = cgroups.detect()
+            _hostfiles.sweep_stale(hierarchy)
+            self._hierarchy = hierarchy
+            self._supervisor = Supervisor()
+            connector, sampler = self._given
+            self._connector = connector or process_monitor.Connector()
+            self._sampler = sampler or resource_monitor.Sampler()
+            self._state = HostState.RUNNING
+            return self
+
+    def shutdown(self, timeout: float = _DRAIN_TIMEOUT) -> None:
+        """Close every open sandbox, finish their teardown, then stop the helpers in order (see the
+        module's docstring). Idempotent; later sandboxes on this host are refused."""
+        with self._lock:
+            if self._state in (HostState.SHUTTING_DOWN, HostState.SHUT_DOWN):
+                return
+            was_running = self._state is HostState.RUNNING
+            self._state = HostState.SHUTTING_DOWN
+            leftover = list(self._open)
+        for sb in leftover:
+            try:
+                sb.close()
+            except Exception as e:  # one sandbox's failure must not leave the others running
+                log.error("sandbox %s: close at shutdown failed: %s", sb.id, e)
+        if not self._reaper.drain(timeout):
+            log.error("host shutdown: teardown did not finish in %gs", timeout)
+        self._reaper.stop(timeout)
+        if was_running:
+            assert self._supervisor is not None and self._connector is not None and self._sampler
+            self._supervisor.stop()
+            self._connector.stop()
+            self._sampler.stop()
+            self._zygote.stop()
+        with self._lock:
+            self._state = HostState.SHUT_DOWN
+
+    def __enter__(self) -> Host:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _refuse_if_shut_down(self) -> None:
+        if self._state in (HostState.SHUTTING_DOWN, HostState.SHUT_DOWN):
+            raise HostError(
+                f"this corral host is {self._state.value}: it starts no more sandboxes; make a new "
+                "Host, or leave out host= to use the default one"
+            )
+
+    # --- what sandboxes use ------------------------------------------------------------------------
+
+    def _running(self) -> None:
+        # Started on first use. While shutting down, the closing sandboxes still use what they had.
+        if self._state is HostState.NEW:
+            self.start()
+        elif self._state is HostState.SHUT_DOWN:
+            self._refuse_if_shut_down()
+
+    @property
+    def hierarchy(self) -> cgroups.Hierarchy:
+        self._running()
+        assert self._hierarchy is not None
+        return self._hierarchy
+
+    @property
+    def supervisor(self) -> Supervisor:
+        self._running()
+        assert self._supervisor is not None
+        return self._supervisor
+
+    @property
+    def connector(self) -> process_monitor.Connector:
+        self._running()
+        assert self._connector is not None
+        return self._connector
+
+    @property
+    def sampler(self) -> resource_monitor.Sampler:
+        self._running()
+        assert self._sampler is not None
+        return self._sampler
+
+    def launch(self, plan: Plan, **kwargs: object) -> launcher.Launched:
+        """Start a sandbox's init from `plan` (see `launcher.launch` for the arguments)."""
+        return self._zygote.launch(plan, **kwargs)
+
+    def claim_uid(self, sandbox_id: str) -> int:
+        with self._lock:
+            self._refuse_if_shut_down()
+            return _hostfiles.claim_uid(sandbox_id, self._uids)
+
+    def release_uid(self, uid: int) -> None:
+        with self._lock:
+            self._uids.discard(uid)
+        _hostfiles.release_uid(uid)
+
+    def opened(self, sb: Sandbox) -> None:
+        """`sb` has started; a HostError (and `sb` not kept) if the host began shutting down
+        meanwhile, in which case the caller closes it."""
+        with self._lock:
+            self._refuse_if_shut_down()
+            self._open.add(sb)
+
+    def closed(self, sb: Sandbox) -> None:
+        with self._lock:
+            self._open.discard(sb)
+
+    def open_sandboxes(self) -> list[Sandbox]:
+        with self._lock:
+            return list(self._open)
+
+    def tear_down(self, fn: Callable[[], None]) -> None:
+        """Run `fn` (a closed sandbox's teardown) on the teardown thread."""
+        self._reaper.submit(fn)
+
+    def drain(self, timeout: float = _DRAIN_TIMEOUT) -> bool:
+        """Wait for every teardown submitted so far; False if that took longer than `timeout`."""
+        return self._reaper.drain(timeout)
+
+
+# The one piece of process-wide state left: which host `Sandbox(policy)` uses. Everything else
+# belongs to a host.
+_default: list[Host] = []
+_default_lock = threading.Lock()
+
+
+def default_host() -> Host:
+    """The host `Sandbox` uses without `host=`: made on first use, shut down at interpreter exit
+    (without that, the daemon teardown thread would leave cgroups and state directories behind)."""
+    with _default_lock:
+        if not _default:
+            _default.append(Host())
+        return _default[0]
+
+
+@atexit.register
+def _shutdown_default() -> None:
+    with _default_lock:
+        host = _default[0] if _default else None
+    if host is not None:
+        host.shutdown()

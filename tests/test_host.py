@@ -1,0 +1,174 @@
+"""`Host`: hosts side by side, an ordered shutdown that leaves nothing behind, a shut-down host that
+refuses sandboxes, and what a sandboxed agent can do to the state its host shares with others."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from corral import Deny, Host, HostError, HostState, Policy, Sandbox, State
+from helpers import own_host, wait_until
+
+pytestmark = pytest.mark.root
+
+STATE_ROOT = "/run/corral"
+
+
+def offline() -> Policy:
+    return Policy.from_dict({"version": 1})
+
+
+def _zygotes() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children()
+        if "corral.isolation.launcher" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+def _nft_tables() -> str:
+    return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
+
+
+def _net_namespaces() -> set[int]:
+    found = set()
+    for pid in psutil.pids():
+        try:
+            found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        except OSError:
+            continue
+    return found
+
+
+def test_two_hosts_run_sandboxes_side_by_side_and_one_shutting_down_leaves_the_other_running() -> None:
+    with own_host() as first, own_host() as second:
+        a = Sandbox(offline(), keep_workspace=False, host=first)
+        b = Sandbox(offline(), keep_workspace=False, host=second)
+        assert first.open_sandboxes() == [a] and second.open_sandboxes() == [b]
+        assert a.uid != b.uid
+        first.shutdown()
+        assert first.state is HostState.SHUT_DOWN and a.state is State.REAPED
+        # The other host's sandbox is untouched, and it starts new ones.
+        r = b.exec("echo still here", text=True)
+        assert r.ok and r.stdout == "still here\n"
+        with Sandbox(offline(), keep_workspace=False, host=second) as c:
+            assert c.exec("true").ok
+        b.close(wait=True)
+
+
+def test_shutdown_closes_every_sandbox_and_leaves_nothing_behind(
+    cgroup_dirs: object,
+) -> None:
+    tables_before = _nft_tables()
+    threads_before = set(threading.enumerate())
+    with own_host() as host:
+        sandboxes = [Sandbox(offline(), keep_workspace=False, host=host) for _ in range(2)]
+        fenced = Sandbox(
+            Policy.from_dict(
+                {"version": 1, "network": {"egress": [{"host": "a.example.internal", "ports": [80]}]}}
+            ),
+            keep_workspace=False,
+            host=host,
+        )
+        sandboxes.append(fenced)
+        assert all(sb.exec("sleep 300 & true").ok for sb in sandboxes)
+        ids = [sb.id for sb in sandboxes]
+        uids = [sb.uid for sb in sandboxes]
+        pids = [p for sb in sandboxes for p in sb.pids()]
+        namespaces = {os.stat(f"/proc/{sb.init_pid}/ns/net").st_ino for sb in sandboxes}
+        assert _zygotes(), "the host started its zygote"
+        host.shutdown()  # the sandboxes were never closed by hand
+
+        assert host.state is HostState.SHUT_DOWN and host.open_sandboxes() == []
+        assert all(sb.state is State.REAPED for sb in sandboxes)
+        assert [sb.events()[-1].type for sb in sandboxes] == ["sandbox.stop"] * 3
+        assert not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+        )
+        for sid in ids:
+            assert not os.path.exists(f"{STATE_ROOT}/{sid}"), "state directory left behind"
+            assert cgroup_dirs(sid) == [], "cgroup left behind"  # type: ignore[operator]
+        for uid in uids:
+            assert not os.path.lexists(f"{STATE_ROOT}/uid-{uid}"), "uid claim left behind"
+        assert wait_until(lambda: not namespaces & _net_namespaces()), "network namespace left behind"
+        assert _nft_tables() == tables_before
+        assert _zygotes() == [], "the zygote outlived its host"
+        # The host's own threads are gone (the process-event connector's ends at the next event
+        # on the machine; the egress loop is still the process's).
+        left = {t.name for t in threading.enumerate() if t not in threads_before}
+        assert not left & {"corral-supervisor", "corral-sampler", "corral-reaper"}, left
+
+
+def test_a_sandbox_on_a_shut_down_host_is_refused_with_the_reason() -> None:
+    with own_host() as host:
+        pass
+    assert host.state is HostState.SHUT_DOWN
+    with pytest.raises(HostError, match="this corral host is shut down: it starts no more sandboxes"):
+        Sandbox(offline(), keep_workspace=False, host=host)
+    host.shutdown()  # idempotent
+
+
+def test_a_host_starts_on_first_use_and_can_be_shut_down_unused() -> None:
+    host = Host()
+    assert host.state is HostState.NEW
+    host.shutdown()
+    assert host.state is HostState.SHUT_DOWN
+    with pytest.raises(HostError, match="shut down"):
+        host.start()
+
+
+# A sandboxed agent can reach its host's shared parts only through what they read of it: the
+# supervisor's answerers read its refused and watched calls (addresses, paths, argv) from its
+# memory, the connector sees its forks and exits. Everything here is malformed on purpose.
+_HOSTILE = r"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+EXECVE = {"x86_64": 59, "aarch64": 221}[os.uname().machine]
+tcp = socket.socket()
+for pointer in (0, 1, 0xDEADBEEF000, 2**47 - 8):
+    for length in (16, 0, 0x7FFFFFFF):
+        libc.connect(tcp.fileno(), ctypes.c_void_p(pointer), length)
+unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+no_nul = ctypes.create_string_buffer(b"\x01\x00" + b"A" * 300)
+libc.connect(unix.fileno(), no_nul, 302)
+libc.sendto(unix.fileno(), b"x", 1, 0, ctypes.c_void_p(1), 110)
+for _ in range(3):
+    libc.syscall(EXECVE, ctypes.c_void_p(1), ctypes.c_void_p(1), ctypes.c_void_p(1))
+    libc.syscall(EXECVE, b"/bin/true", ctypes.c_void_p(8), None)
+for _ in range(200):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("done")
+"""
+
+
+def test_an_agent_cannot_break_its_hosts_shared_parts_for_another_sandbox() -> None:
+    with own_host() as host:
+        victim = Sandbox(offline(), keep_workspace=False, host=host)
+        with Sandbox(offline(), keep_workspace=False, host=host) as agent:
+            r = agent.exec(["python3", "-c", _HOSTILE], text=True, timeout=60)
+            assert r.stdout == "done\n", (r.exit_code, r.stderr)
+            assert agent.state is State.RUNNING and agent.exec("true").ok
+        # The other sandbox is still served: its refused call is answered and recorded, its
+        # command runs, and its exits are seen.
+        r = victim.exec("unshare -n true; echo $?", text=True, timeout=30)
+        assert r.stdout.strip() != "0"
+        assert any(isinstance(e, Deny) and e.what == "unshare" for e in r.denials)
+        assert victim.exec("echo ok", text=True).stdout == "ok\n"
+        victim.close(wait=True)
+        assert host.state is HostState.RUNNING
+
+
+def test_an_agent_cannot_see_or_touch_its_hosts_state_directory() -> None:
+    with own_host() as host, Sandbox(offline(), keep_workspace=False, host=host) as sb:
+        r = sb.exec(f"ls {STATE_ROOT}; echo x > {STATE_ROOT}/uid-1; ls -d /sys/fs/cgroup/*/corral", text=True)
+        assert r.exit_code != 0
+        assert not Path(f"{STATE_ROOT}/uid-1").exists()
+        assert sb.id not in r.stdout
