@@ -201,7 +201,7 @@ def test_cpu_burnt_after_the_command_returned_is_killed_within_seconds() -> None
         [a] = alerts(sb, "cpu burnt outside a command")
         assert (a.category, a.action, a.outcome) == ("mining", "kill", "killed 1 process")
         assert a.evidence.trigger["proc.cpu"] >= 0.5 and a.evidence.trigger["proc.in_command"] is False
-        assert wait_until(lambda: sb.pids() == [sb.init_pid])  # type: ignore[union-attr]
+        assert wait_until(lambda: sb.pids() == [sb.init_pid])
         # The target is 2 s from start to kill on an idle machine (make bench measures it); a test
         # sharing two cores with others gets slack.
         assert caught < 6, caught

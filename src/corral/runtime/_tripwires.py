@@ -2,9 +2,10 @@
 alerts and responses that come out.
 
 Everything here runs on the host. Observations come from three threads (the supervisor's execve
-notifications, the sampler, and whichever thread emitted an event); the detector is thread-safe and
-responses that block (freeze, terminate) are handed to the sandbox, which runs them off the
-supervisor's thread.
+notifications, the sampler, and whichever thread emitted an event); the detector is thread-safe.
+The tripwires record what they see (events, through `emit`) but act on nothing: what a rule's
+response asks for comes back as `Action`s, which the sandbox carries out (killing, freezing and
+terminating are its own to do, off the supervisor's thread where they block).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
@@ -37,7 +38,6 @@ from corral.events.model import (
 from corral.isolation import cgroups, sockdiag
 from corral.monitors import _execpath as xp
 from corral.monitors import process as pm
-from corral.monitors import resource as rm
 from corral.monitors.gpu import GpuProcessUsage
 from corral.monitors.resource import CpuMeter, read_stat, uptime
 
@@ -57,13 +57,48 @@ _DOCUMENTATION = [
 ]
 
 
-class Responder(Protocol):
-    """What a tripwire may do to its sandbox."""
+@dataclass(frozen=True)
+class Record:
+    """Record `alert` (a rule fired; its response needs nothing done, or the sandbox does it next)."""
 
-    def kill_processes(self, pids: list[int]) -> int: ...
-    def freeze_for(self, rule: str) -> None: ...
-    def terminate_for(self, rule: str) -> None: ...
-    def monitor_failed(self, reason: str) -> None: ...
+    alert: Alert
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL `pids` (those still in the sandbox, never its init), then record `alert` as
+    `alert_after` words it, with how many died."""
+
+    pids: tuple[int, ...]
+    alert: Alert
+
+    def alert_after(self, killed: int) -> Alert:
+        outcome = f"killed {killed} process{'es' if killed != 1 else ''}"
+        return self.alert.model_copy(update={"outcome": outcome})
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Freeze every process in the sandbox for `rule` (kept, stopped, for inspection)."""
+
+    rule: str
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """End the sandbox for `rule`."""
+
+    rule: str
+
+
+@dataclass(frozen=True)
+class MonitorFailed:
+    """A monitor the tripwires depend on stopped: fail closed, end the sandbox."""
+
+    reason: str
+
+
+Action = Record | Kill | Freeze | Terminate | MonitorFailed
 
 
 @dataclass(frozen=True)
@@ -71,10 +106,12 @@ class ExecVerdict:
     """What to answer a parked execve: "continue" (only once its program was resolved and judged);
     "refuse" (answer `error`: its caller was killed, its program could not be resolved with
     certainty, or the call is bound to fail and gets the kernel's own errno); "hold" (no answer: the
-    sandbox is being frozen or closed, and the caller stays parked until then)."""
+    sandbox is being frozen or closed, and the caller stays parked until then). `actions` are
+    carried out before the answer."""
 
     action: Literal["continue", "refuse", "hold"]
     error: int = errno.EPERM
+    actions: tuple[Action, ...] = ()
 
 
 class Tripwires:
@@ -88,12 +125,9 @@ class Tripwires:
         cgroup: cgroups.SandboxCgroup,
         current_exec: Callable[[], int | None],
         emit: Callable[[Event], None],
-        responder: Responder,
-        connector: pm.Connector,
-        sampler: rm.Sampler,
+        connector_error: str | None,
         gpu_granted: bool,
         cpu_budget: float,
-        interval: float,
     ) -> None:
         self.id = sandbox_id
         self.detector = Detector(ruleset, responses)
@@ -101,19 +135,15 @@ class Tripwires:
         self._cgroup = cgroup
         self._current_exec = current_exec
         self._emit = emit
-        self._responder = responder
-        self._connector = connector
-        self._sampler = sampler
         self._gpu_granted = gpu_granted
         self._cpu_budget = min(cpu_budget, float(os.cpu_count() or 1))
-        self._interval = interval
         self._meter = CpuMeter()
         self._connections: collections.deque[NetConnect] = collections.deque(maxlen=64)
         self._last_record = 0.0
         self._missing: dict[int, float] = {}  # pid -> when the sweep first missed it
         self._ticks = 0
         self._last_cpu: tuple[float, float] | None = None
-        self.connector_error: str | None = None
+        self.connector_error = connector_error  # why process events are missing (exits: see _sample)
         self._closed = False
         self._diag_lock = threading.Lock()
         self._diag: socket.socket | None = None
@@ -122,20 +152,8 @@ class Tripwires:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.table.on_monitor_failure = self._responder.monitor_failed
-        self.table.on_exit_reported = self.record_exit
-        conn = self._connector
-        if conn.start():
-            conn.watch(self.table.init_pid, self.table)
-        else:
-            self.connector_error = conn.error
-        self._sampler.watch(self, self._interval, self._sample, self._responder.monitor_failed)
-
     def close(self) -> None:
         self._closed = True
-        self._sampler.unwatch(self)
-        self._connector.forget(self.table)
         with self._diag_lock:
             if self._diag is not None:
                 self._diag.close()
@@ -205,7 +223,8 @@ class Tripwires:
         obs._values["proc.stdio_socket"] = "socket" in stdio
         if recorded is not argv:  # recorded bounded, judged whole
             obs._values.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
-        return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
+        verdict, actions = self._handle(self.detector.observe(obs), parked=pid)
+        return ExecVerdict(verdict, actions=tuple(actions))
 
     def _interpreters(
         self, pid: int, target: xp.ExecTarget, argv: list[str], path: bytes
@@ -274,30 +293,31 @@ class Tripwires:
         )
         return ExecVerdict("refuse")
 
-    def observe_event(self, event: Event) -> None:
+    def observe_event(self, event: Event) -> list[Action]:
         if self._closed or isinstance(event, Alert | ProcExec):
-            return  # alerts never feed back; proc.exec was observed at the execve itself
+            return []  # alerts never feed back; proc.exec was observed at the execve itself
         if isinstance(event, NetConnect):
             self._connections.append(event)
         pid = None
         proc = getattr(event, "process", None)
         if isinstance(proc, ProcessRef):
             pid = proc.pid
-        self._handle(self.detector.observe(self._observation(event, pid)))
+        return self._handle(self.detector.observe(self._observation(event, pid)))[1]
 
-    def _sample(self, gpu: dict[int, list[GpuProcessUsage]]) -> None:
+    def sample(self, gpu: dict[int, list[GpuProcessUsage]]) -> list[Action]:
+        """One round of the resource sampler: sweep, judge, now and then record usage."""
         if self._closed:
-            return
+            return []
         # An idle sandbox (nothing but init, as the connector reports every fork) is swept only
         # every few seconds, as a safety net: a thousand idle sandboxes must not cost a core.
         self._ticks += 1
         idle = self.connector_error is None and not self.table.alive() and not gpu
         if idle and self._ticks % _IDLE_SWEEP_EVERY:
-            return
+            return []
         try:
             pids = [p for p in self._cgroup.pids() if p != self.table.init_pid]
         except OSError:
-            return
+            return []
         stats = [s for s in (read_stat(p) for p in pids) if s is not None]
         up = uptime()
         cpu = self._meter.measure(stats, up)
@@ -352,11 +372,12 @@ class Tripwires:
                 )
                 matches += self.detector.observe(obs)
         self._wiring_from = wiring.resume_at
-        self._handle(matches)
+        actions = self._handle(matches)[1]
         now = time.monotonic()
         if stats and now - self._last_record >= _RECORD_EVERY:
             self._last_record = now
             self._record(stats, cpu, gpu_rows)
+        return actions
 
     def _record(self, stats: list[Any], cpu: dict[int, float], gpu_rows: list[GpuUsage]) -> None:
         try:
@@ -492,18 +513,20 @@ class Tripwires:
 
     def _handle(
         self, matches: list[Match], parked: int | None = None
-    ) -> Literal["continue", "refuse", "hold"]:
-        """Respond to and record each match; say what the parked execve (if any) gets."""
+    ) -> tuple[Literal["continue", "refuse", "hold"], list[Action]]:
+        """What to do about each match (its alert recorded, its response carried out, in order);
+        what the parked execve (if any) gets."""
         verdict: Literal["continue", "refuse", "hold"] = "continue"
+        actions: list[Action] = []
         for m in matches:
             pid = m.observation.get("proc.pid")
             exec_id = m.observation.get("evt.exec") or m.observation.get("proc.exec")
             action = m.response
             outcome = "recorded"
+            targets: list[int] = []
             if action == "kill":
                 targets = self._kill_targets(pid, exec_id)
-                n = self._responder.kill_processes(targets) if targets else 0
-                outcome = f"killed {n} process{'es' if n != 1 else ''}" if targets else "no process to kill"
+                outcome = "killing" if targets else "no process to kill"
                 if parked is not None and parked in targets and verdict == "continue":
                     verdict = "refuse"
             elif action in ("freeze", "terminate"):
@@ -524,12 +547,12 @@ class Tripwires:
                 evidence=evidence,
                 tags=AlertTags(mitre=list(m.rule.tags.mitre), owasp=list(m.rule.tags.owasp)),
             )
-            self._emit(alert)
+            actions.append(Kill(tuple(targets), alert) if targets else Record(alert))
             if action == "freeze":
-                self._responder.freeze_for(m.rule.name)
+                actions.append(Freeze(m.rule.name))
             elif action == "terminate":
-                self._responder.terminate_for(m.rule.name)
-        return verdict
+                actions.append(Terminate(m.rule.name))
+        return verdict, actions
 
     def _kill_targets(self, pid: int | None, exec_id: int | None) -> list[int]:
         init = self.table.init_pid

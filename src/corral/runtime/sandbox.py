@@ -280,6 +280,7 @@ class Sandbox:
         except BaseException as e:
             if self._launched is not None:
                 signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
+            self._stop_tripwires()
             self._life.move(State.STOPPED)
             self._teardown()
             if isinstance(e, HostError | PolicyError):
@@ -318,6 +319,14 @@ class Sandbox:
     def _start_tripwires(self, degraded: list[str]) -> None:
         assert self._launched is not None and self._cgroup is not None
         ruleset = self.host.rulesets.load(self.policy)
+        connector = self.host.connector
+        if not connector.start():
+            if "process_events" not in self.policy.degrade:
+                raise HostError(
+                    f"tripwires: {connector.error}; allow running without it (exits are then noticed "
+                    "at the next sample) with `degrade: [process_events]` in the policy"
+                )
+            degraded.append("process_events")
         tw = _tripwires.Tripwires(
             self.id,
             ruleset,
@@ -326,27 +335,53 @@ class Sandbox:
             cgroup=self._cgroup,
             current_exec=lambda: self._current_exec,
             emit=self._emit,
-            responder=self,
-            connector=self.host.connector,
-            sampler=self.host.sampler,
+            connector_error=None if "process_events" not in degraded else connector.error,
             gpu_granted=bool(self.policy.gpu),
             cpu_budget=self.policy.resources.cpu,
-            interval=self.policy.tripwires.sample_interval,
         )
-        tw.start()
-        if tw.connector_error is not None:
-            if "process_events" not in self.policy.degrade:
-                tw.close()
-                raise HostError(
-                    f"tripwires: {tw.connector_error}; allow running without it (exits are then noticed "
-                    "at the next sample) with `degrade: [process_events]` in the policy"
-                )
-            degraded.append("process_events")
+        # The monitors report to the sandbox, which asks the tripwires and does what they say.
+        tw.table.on_monitor_failure = self._monitor_failed
+        tw.table.on_exit_reported = tw.record_exit
+        if "process_events" not in degraded:
+            connector.watch(tw.table.init_pid, tw.table)
+        self.host.sampler.watch(
+            tw,
+            self.policy.tripwires.sample_interval,
+            lambda gpu: self._act(tw.sample(gpu)),
+            self._monitor_failed,
+        )
         self._tripwires = tw
 
-    # --- responses (called by the tripwires) ------------------------------------------------------
+    def _stop_tripwires(self) -> None:
+        tw = self._tripwires
+        if tw is not None:
+            self.host.sampler.unwatch(tw)
+            self.host.connector.forget(tw.table)
+            tw.close()
 
-    def kill_processes(self, pids: list[int]) -> int:
+    # --- what the tripwires ask for ----------------------------------------------------------------
+
+    def _act(self, actions: Sequence[_tripwires.Action]) -> None:
+        """Carry out the tripwires' actions, in order. Freezing and terminating block (on every task
+        stopping, on the workspace being saved), and the caller may be the supervisor, which a parked
+        execve in this very sandbox waits on: they run on a thread of their own."""
+        for action in actions:
+            if isinstance(action, _tripwires.Record):
+                self._emit(action.alert)
+            elif isinstance(action, _tripwires.Kill):
+                self._emit(action.alert_after(self._kill(action.pids)))
+            elif isinstance(action, _tripwires.Freeze):
+                threading.Thread(
+                    target=self._freeze, args=(action.rule,), name=f"corral-freeze-{self.id}"
+                ).start()
+            elif isinstance(action, _tripwires.Terminate):
+                threading.Thread(
+                    target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}"
+                ).start()
+            else:
+                self._monitor_failed(action.reason)
+
+    def _kill(self, pids: Sequence[int]) -> int:
         """SIGKILL those of `pids` that are still in this sandbox; how many were. Never init."""
         if self._cgroup is None or self._launched is None:
             return 0
@@ -365,11 +400,6 @@ class Sandbox:
                     pass
         return killed
 
-    def freeze_for(self, rule: str) -> None:
-        # Off the caller's thread: it may be the supervisor, which a parked execve in this very
-        # sandbox waits on, and freezing waits for every task to stop.
-        threading.Thread(target=self._freeze, args=(rule,), name=f"corral-freeze-{self.id}").start()
-
     def _freeze(self, rule: str) -> None:
         cgroup = self._cgroup
         if cgroup is None or not self._life.freeze(rule):
@@ -377,7 +407,7 @@ class Sandbox:
         cgroup.freeze()
         self._wake_exec()
 
-    def monitor_failed(self, reason: str) -> None:
+    def _monitor_failed(self, reason: str) -> None:
         # Fail closed: a monitor the tripwires depend on is gone, so the sandbox stops.
         threading.Thread(
             target=self._terminate, args=("failed", f"tripwires: {reason}"), name=f"corral-fail-{self.id}"
@@ -400,9 +430,6 @@ class Sandbox:
             )
         )
         self._terminate("tripwire", f"control channel: {reason}")
-
-    def terminate_for(self, rule: str) -> None:
-        threading.Thread(target=self._terminate, args=("tripwire",), name=f"corral-trip-{self.id}").start()
 
     def _wake_exec(self) -> None:
         with self._wake_lock:  # the running command closes the pipe under this lock
@@ -488,8 +515,7 @@ class Sandbox:
             )
         if self._lifetime_timer is not None:
             self.host.supervisor.cancel(self._lifetime_timer)
-        if self._tripwires is not None:
-            self._tripwires.close()  # the kill below must not read as alerts
+        self._stop_tripwires()  # the kill below must not read as alerts
         self._wake_exec()
         leftover: list[ProcessRef] = []
         error = ""
@@ -630,9 +656,7 @@ class Sandbox:
             else:
                 recorded = [*self._repeats.expired(), event]
             self._record(recorded)
-        if self._tripwires is not None:
-            for e in recorded:
-                self._tripwires.observe_event(e)
+        self._observe(recorded)
 
     def _flush_repeats(self) -> None:
         """Record the denials still being counted (at a command's end, so its result lists them, and
@@ -640,9 +664,13 @@ class Sandbox:
         with self._events_lock:
             recorded: list[Event] = [*self._repeats.flush()]
             self._record(recorded)
-        if self._tripwires is not None:
+        self._observe(recorded)
+
+    def _observe(self, recorded: list[Event]) -> None:
+        tw = self._tripwires
+        if tw is not None:
             for e in recorded:
-                self._tripwires.observe_event(e)
+                self._act(tw.observe_event(e))
 
     def _record(self, recorded: list[Event]) -> None:
         for event in recorded:
@@ -719,6 +747,7 @@ class Sandbox:
             verdict = (
                 _tripwires.ExecVerdict("continue") if tw is None else tw.on_exec(note.pid, name, note.args)
             )
+            self._act(verdict.actions)  # a kill before the answer: the caller never runs unjudged
             if verdict.action == "continue":
                 seccomp.respond_continue(self._launched.notify_fd, note.id)
             elif verdict.action == "refuse":
