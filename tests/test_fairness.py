@@ -122,9 +122,9 @@ def test_repeated_denials_are_counted_not_kept_one_by_one() -> None:
 def test_the_events_kept_in_memory_are_bounded_and_the_file_keeps_them_all(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
-    from corral.runtime import sandbox as sandbox_module
+    from corral.runtime import _eventlog
 
-    monkeypatch.setattr(sandbox_module, "_EVENTS_KEPT", 50)
+    monkeypatch.setattr(_eventlog, "EVENTS_KEPT", 50)
     path = tmp_path / "events.jsonl"
     with Sandbox(
         Policy.from_dict({"version": 1, "tripwires": {"enabled": False}}), keep_workspace=False, events=path

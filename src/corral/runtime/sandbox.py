@@ -23,10 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Literal
-
-import psutil
 
 from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
 from corral.egress.service import Fence, Upstream
@@ -36,19 +33,17 @@ from corral.events import (
     Evidence,
     ExecExit,
     ExecStart,
-    JsonlSink,
     ProcessRef,
     ProcSeccomp,
     SandboxStart,
     SandboxStop,
 )
-from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
 from corral.isolation import cgroups, landlock, launcher, mounts, netns, protocol, seccomp
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
-from corral.runtime import _fscopy, _hostfiles, _tripwires
+from corral.runtime import _eventlog, _hostfiles, _procs, _tripwires, _workspace
 from corral.runtime.host import Host, default_host
 from corral.runtime.lifecycle import Lifecycle, State, StopReason
 
@@ -70,10 +65,6 @@ _SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
 _STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 # The alert raised when the control channel carries something init did not send (see `protocol`).
 CONTROL_TAMPER_RULE = "control-channel-tamper"
-# Events a sandbox keeps in memory for `events()`; past it the oldest (but sandbox.start) are dropped
-# a tenth at a time and counted in `events_elided`. The JSONL file, when there is one, has every event.
-# Repeated denials are aggregated first (see `DenyRepeats`), so ordinary work never comes near it.
-_EVENTS_KEPT = 10_000
 
 log = logging.getLogger("corral")
 
@@ -111,43 +102,6 @@ class Output:
     data: bytes
 
 
-def _live_processes(pids: list[int]) -> list[ProcessRef]:
-    """ProcessRefs of those pids that are still running: not exited, not a zombie awaiting init, and
-    not killed (a command killed at its timeout takes its process group with it, and under load some
-    of it may not yet have run to die)."""
-    refs = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or process_monitor.killed(pid):
-                continue
-        except psutil.NoSuchProcess:
-            continue
-        ref = _process_ref(pid)
-        if ref.cmdline or ref.exe:
-            refs.append(ref)
-    return refs
-
-
-def _process_ref(pid: int) -> ProcessRef:
-    try:
-        p = psutil.Process(pid)
-        with p.oneshot():
-            _, ns_pid = process_monitor.status_ids(pid)
-            try:
-                exe = p.exe()
-            except (psutil.AccessDenied, psutil.ZombieProcess):
-                exe = None
-            return ProcessRef(
-                pid=pid,
-                ns_pid=ns_pid,
-                exe=exe or None,
-                cmdline=p.cmdline(),
-                started=datetime.fromtimestamp(p.create_time(), UTC),
-            )
-    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
-        return ProcessRef(pid=pid)
-
-
 class Sandbox:
     """A running sandbox. Creating one starts it; `close()` (or leaving the `with`) destroys it.
 
@@ -178,11 +132,7 @@ class Sandbox:
             policy = Policy.load(policy)
         self.policy = policy
         self.id = secrets.token_hex(6)
-        self._events: list[Event] = []
-        self._events_lock = threading.Lock()
-        self._repeats = DenyRepeats()
-        self.events_elided = 0  # events dropped from `events()` (not from the JSONL file) to bound memory
-        self._sink = JsonlSink(events) if events is not None else None
+        self._log = _eventlog.EventLog(self.id, events)
         self._exec_lock = threading.Lock()
         self._wake_lock = threading.Lock()  # guards `_exec_wake`
         self._life = Lifecycle()
@@ -276,7 +226,7 @@ class Sandbox:
                 self._start_tripwires(degraded)
             if self._workspace_src is not None:
                 step = "workspace"
-                self._copy_in(self._workspace_src)
+                _workspace.copy_in(self._workspace_src, self._sandbox_path(planning.WORKSPACE), uid)
         except BaseException as e:
             if self._launched is not None:
                 signal.pidfd_send_signal(self._launched.pidfd, signal.SIGKILL)
@@ -528,9 +478,9 @@ class Sandbox:
                     # and a frozen task never acts on the SIGKILL below until it is thawed.
                     frozen = True
                     self._cgroup.freeze()  # nothing may change the workspace while we save it
-                leftover = _live_processes([p for p in self._cgroup.pids() if p != init])
+                leftover = _procs.live_processes([p for p in self._cgroup.pids() if p != init])
                 if self._keep_workspace:
-                    self._copy_out()
+                    self._save_workspace()
             except OSError as e:
                 # A failed save must not stop the kill and the cleanup; the stop event says what failed.
                 error = f"saving the workspace to {self.workspace} failed: {e}"
@@ -598,9 +548,9 @@ class Sandbox:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             if self.uid is not None:
                 self.host.release_uid(self.uid)
-            if self._sink is not None and self._exec_lock.acquire(blocking=False):
+            if self._exec_lock.acquire(blocking=False):
                 try:
-                    self._sink.close()
+                    self._log.close()
                 finally:
                     self._exec_lock.release()
         finally:
@@ -622,49 +572,19 @@ class Sandbox:
         assert self._launched is not None
         return f"/proc/{self._launched.init_pid}/root{path}"
 
-    def _copy_in(self, src: str) -> None:
-        dst = self._sandbox_path(planning.WORKSPACE)
-        uid = self.uid
-        assert uid is not None
-        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
-        for root, dirs, files in os.walk(dst):
-            for name in [*dirs, *files]:
-                os.lchown(os.path.join(root, name), uid, uid)
-
-    def _copy_out(self) -> None:
-        """Save /workspace to the host; runs with every sandbox process frozen (see `_fscopy`).
-
-        Read through the descriptor held since the start, so a dead init doesn't lose it. At most
-        `resources.disk` bytes of data reach the host: the sandbox's own storage holds no more, and
-        holes and hard links are kept as such. Files that would go over are left out and recorded.
-        """
+    def _save_workspace(self) -> None:
         assert self._workspace_fd is not None
-        saved = _fscopy.mirror(
-            f"/proc/self/fd/{self._workspace_fd}", self.workspace, limit=self.policy.resources.disk
-        )
-        if saved.refused:
-            self._emit(Deny(sandbox=self.id, layer="storage", what="disk", detail=saved.describe()))
+        refused = _workspace.copy_out(self._workspace_fd, self.workspace, self.policy.resources.disk)
+        if refused is not None:
+            self._emit(Deny(sandbox=self.id, layer="storage", what="disk", detail=refused))
 
     # --- events ------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
-        # Events come from several threads (the command's, the supervisor's, the egress loop's, the
-        # monitors'); the file gets them in the same order as `events()`.
-        with self._events_lock:
-            if isinstance(event, Deny):
-                recorded: list[Event] = [*self._repeats.add(event)]
-            else:
-                recorded = [*self._repeats.expired(), event]
-            self._record(recorded)
-        self._observe(recorded)
+        self._observe(self._log.add(event))
 
     def _flush_repeats(self) -> None:
-        """Record the denials still being counted (at a command's end, so its result lists them, and
-        at the sandbox's stop)."""
-        with self._events_lock:
-            recorded: list[Event] = [*self._repeats.flush()]
-            self._record(recorded)
-        self._observe(recorded)
+        self._observe(self._log.flush())
 
     def _observe(self, recorded: list[Event]) -> None:
         tw = self._tripwires
@@ -672,39 +592,15 @@ class Sandbox:
             for e in recorded:
                 self._act(tw.observe_event(e))
 
-    def _record(self, recorded: list[Event]) -> None:
-        for event in recorded:
-            self._events.append(event)
-            if self._sink is not None:
-                self._sink.write(event)
-        if len(self._events) > _EVENTS_KEPT:
-            drop = _EVENTS_KEPT // 10
-            del self._events[1 : 1 + drop]  # [0] is sandbox.start, which says what the sandbox was
-            if not self.events_elided:
-                log.warning(
-                    "sandbox %s: over %d events; the oldest are dropped from events() (the event file "
-                    "keeps them)",
-                    self.id,
-                    _EVENTS_KEPT,
-                )
-            self.events_elided += drop
-
     def events(self) -> list[Event]:
-        """This sandbox's events so far, oldest first. At most `_EVENTS_KEPT` are kept in memory:
-        `events_elided` counts those dropped (the event file, if any, has them all)."""
-        with self._events_lock:
-            return list(self._events)
+        """This sandbox's events so far, oldest first. At most `EVENTS_KEPT` (10,000) are kept in
+        memory: `events_elided` counts those dropped (the event file, if any, has them all)."""
+        return self._log.events()
 
-    def _event_mark(self) -> int:
-        """A position in the event stream, for `_events_since`."""
-        with self._events_lock:
-            return self.events_elided + len(self._events)
-
-    def _events_since(self, mark: int) -> list[Event]:
-        with self._events_lock:
-            if mark == 0:
-                return list(self._events)
-            return self._events[max(1, mark - self.events_elided) :]
+    @property
+    def events_elided(self) -> int:
+        """Events dropped from `events()` (not from the event file) to bound memory."""
+        return self._log.elided
 
     def _find_process(self, inode: int) -> ProcessRef | None:
         """Which of the sandbox's processes holds the socket with this inode (the fence finds the
@@ -720,7 +616,7 @@ class Sandbox:
         scan = process_monitor.FdScan()
         for pid in pids:
             if target in scan.links(pid):
-                return _process_ref(pid)
+                return _procs.process_ref(pid)
             if scan.left <= 0:
                 break
         return None
@@ -754,7 +650,7 @@ class Sandbox:
                 seccomp.respond_error(self._launched.notify_fd, note.id, verdict.error)
             # "hold": no answer; the caller stays parked until the freeze or the close reaches it
             return
-        proc = _process_ref(note.pid)
+        proc = _procs.process_ref(note.pid)
         detail = (
             f"args {note.args[0]:#x} {note.args[1]:#x}"
             if name in ("clone", "socket", "socketpair", "ioctl", "seccomp")
@@ -813,7 +709,7 @@ class Sandbox:
                 layer="unix",
                 what=target or path,
                 exec=self._current_exec,
-                process=_process_ref(note.pid),
+                process=_procs.process_ref(note.pid),
                 detail=f"{name} to a UNIX socket {why}, not in network.unix_sockets",
             )
         )
@@ -832,7 +728,9 @@ class Sandbox:
         assert self._launched is not None and self._launched.notify_fd is not None
         try:
             self._emit(
-                ProcSeccomp(sandbox=self.id, process=_process_ref(note.pid), how=how, exec=self._current_exec)
+                ProcSeccomp(
+                    sandbox=self.id, process=_procs.process_ref(note.pid), how=how, exec=self._current_exec
+                )
             )
         finally:
             seccomp.respond_continue(self._launched.notify_fd, note.id)
@@ -856,7 +754,7 @@ class Sandbox:
                 # rewriting the address or the descriptor meanwhile: an error can only cost the
                 # caller its own connect; the proxy still decides every connect let through.
                 if refusal is not None and process_monitor.is_tcp_socket(note.pid, int(note.args[0])):
-                    fence.refuse_connect(refusal, _process_ref(note.pid))  # read while it is parked
+                    fence.refuse_connect(refusal, _procs.process_ref(note.pid))  # read while it is parked
                     refused = True
                 else:
                     brief = ProcessRef(
@@ -873,7 +771,7 @@ class Sandbox:
             else:
                 seccomp.respond_continue(self._launched.notify_fd, note.id)
         if reported is not None:
-            full = _process_ref(note.pid)
+            full = _procs.process_ref(note.pid)
             if full.exe is not None and full.cmdline:  # still there, not yet a zombie
                 reported.process = full
 
@@ -1025,7 +923,7 @@ class _Run:
         sb._exec_seq += 1
         exec_id = sb._exec_seq
         sb._current_exec = exec_id
-        denials_before = sb._event_mark()
+        denials_before = sb._log.mark()
         cgroup.reset_peak()
         before = cgroup.usage()
         # Leftovers are told apart by pid, not start time: /proc start times are only as precise as
@@ -1209,7 +1107,7 @@ class _Run:
                 # Killed at its timeout, a shell never reaps its children, so their CPU is missing
                 # from its rusage; the cgroup charged it all (plus whatever else ran meanwhile).
                 cpu = max(cpu, after.cpu_seconds - before.cpu_seconds)
-            leftover = _live_processes([p for p in cgroup.pids() if p not in pids_before])
+            leftover = _procs.live_processes([p for p in cgroup.pids() if p not in pids_before])
         sb._flush_repeats()
         sb._emit(
             ExecExit(
@@ -1224,7 +1122,7 @@ class _Run:
                 leftover=leftover,
             )
         )
-        denials = [e for e in sb._events_since(denials_before) if isinstance(e, Deny)]
+        denials = [e for e in sb._log.since(denials_before) if isinstance(e, Deny)]
         self.result = ExecResult(
             exit_code=exit_code,
             stdout=b"",
