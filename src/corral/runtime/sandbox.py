@@ -17,8 +17,6 @@ import secrets
 import selectors
 import shutil
 import signal
-import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +32,6 @@ from corral.events import (
     ExecExit,
     ExecStart,
     ProcessRef,
-    ProcSeccomp,
     SandboxStart,
     SandboxStop,
 )
@@ -43,7 +40,7 @@ from corral.isolation import cgroups, landlock, launcher, mounts, netns, protoco
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
-from corral.runtime import _eventlog, _hostfiles, _procs, _tripwires, _workspace
+from corral.runtime import _eventlog, _hostfiles, _notifications, _procs, _tripwires, _workspace
 from corral.runtime.host import Host, default_host
 from corral.runtime.lifecycle import Lifecycle, State, StopReason
 
@@ -152,8 +149,6 @@ class Sandbox:
         self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
         self._state_dir = f"{_hostfiles.STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
-        self._syscalls: dict[int, str] = {}
-        self._writable: tuple[str, ...] = ()  # the sandbox's own storage, where its sockets live
         self._tripwires: _tripwires.Tripwires | None = None
         self._exec_wake: int | None = None  # write end of the running command's wake-up pipe
         self._exec_thread: int | None = None  # the thread running a command, while one runs
@@ -179,7 +174,6 @@ class Sandbox:
         step = "plan"
         try:
             plan = planning.build(self.policy, uid=uid, gid=uid, sandbox_id=self.id)
-            self._writable = (*plan.writable, "/dev/shm")
             step = "state directory"
             os.makedirs(_hostfiles.STATE_ROOT, mode=0o700, exist_ok=True)
             mounts.prepare_host(self._state_dir, uid, uid, plan.hostname)
@@ -191,7 +185,6 @@ class Sandbox:
                 cgroups.Limits(plan.memory_bytes, plan.cpu_cores, plan.max_processes),
             )
             step = "launch"
-            self._syscalls = seccomp.syscall_numbers()
             self._launched = host.launch(
                 plan,
                 join_files=self._cgroup.init_join_files,
@@ -209,7 +202,21 @@ class Sandbox:
             if self._launched.notify_fd is None:
                 degraded.append("seccomp_notify")
             else:
-                host.supervisor.watch_notifications(self._launched.notify_fd, self._on_seccomp)
+                notes = _notifications.Notifications(
+                    _notifications.NotificationContext(
+                        sandbox_id=self.id,
+                        notify_fd=self._launched.notify_fd,
+                        syscalls=seccomp.syscall_numbers(),
+                        own_storage=(*plan.writable, "/dev/shm"),
+                        unix_sockets=self.policy.network.unix_sockets,
+                        emit=self._emit,
+                        current_exec=lambda: self._current_exec,
+                        fence=lambda: self._fence,
+                        tripwires=lambda: self._tripwires,
+                        act=self._act,
+                    )
+                )
+                host.supervisor.watch_notifications(self._launched.notify_fd, notes.handle)
             step = "egress"
             self._fence = Fence(
                 self.id,
@@ -620,160 +627,6 @@ class Sandbox:
             if scan.left <= 0:
                 break
         return None
-
-    def _on_seccomp(self, note: seccomp.Notification) -> None:
-        # Runs on the supervisor thread while the caller is parked in the kernel, so its identity is
-        # read before it can exec anything else. The event is recorded before the call is answered:
-        # the command can't then finish (and its result be built) without its own denials.
-        assert self._launched is not None and self._launched.notify_fd is not None
-        name = self._syscalls.get(note.syscall_nr, f"syscall {note.syscall_nr}")
-        address = seccomp.address_of(name, note.args)
-        if address is not None:
-            self._on_socket_address(note, name, *address)
-            return
-        install = seccomp.filter_install(name, note.args)
-        if install is not None and install != "listener":
-            self._on_filter_install(note, install)
-            return
-        if name == "connect":
-            self._note_connect(note)
-            return
-        if name in seccomp.WATCHED:
-            tw = self._tripwires
-            verdict = (
-                _tripwires.ExecVerdict("continue") if tw is None else tw.on_exec(note.pid, name, note.args)
-            )
-            self._act(verdict.actions)  # a kill before the answer: the caller never runs unjudged
-            if verdict.action == "continue":
-                seccomp.respond_continue(self._launched.notify_fd, note.id)
-            elif verdict.action == "refuse":
-                seccomp.respond_error(self._launched.notify_fd, note.id, verdict.error)
-            # "hold": no answer; the caller stays parked until the freeze or the close reaches it
-            return
-        proc = _procs.process_ref(note.pid)
-        detail = (
-            f"args {note.args[0]:#x} {note.args[1]:#x}"
-            if name in ("clone", "socket", "socketpair", "ioctl", "seccomp")
-            else ""
-        )
-        if name in ("socket", "socketpair"):
-            detail = f"{seccomp.family_name(note.args[0] & 0xFFFFFFFF)}, {detail}"
-        self._emit(
-            Deny(
-                sandbox=self.id,
-                layer="seccomp",
-                what=name,
-                exec=self._current_exec,
-                process=proc,
-                detail=detail,
-            )
-        )
-        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EPERM)
-
-    def _on_socket_address(self, note: seccomp.Notification, name: str, pointer: int, length: int) -> None:
-        """A connect or sendto whose address may name a UNIX socket by path: allowed only to sockets in
-        the sandbox's own storage or named by `network.unix_sockets`. A read-only view of a host
-        directory doesn't stop a connect, and a host service's socket there is the host's.
-
-        Decided on what the caller's memory and filesystem hold now; the kernel reads both again after
-        the answer, so another thread rewriting the address, or swapping a symlink in the sandbox's
-        own storage, between the two can still reach a socket the sandbox can see (README: limits).
-        """
-        assert self._launched is not None and self._launched.notify_fd is not None
-        try:
-            raw = process_monitor.read_memory(note.pid, pointer, min(length, _SOCKADDR_UN_LEN))
-        except OSError:
-            raw = b""  # gone, or an address it can't read: the kernel fails the call the same way
-        family = int.from_bytes(raw[:2], sys.byteorder) if len(raw) >= 2 else -1
-        if family == socket.AF_INET and name == "connect":
-            self._note_connect(note)  # an IPv4 address with a padded length: still the fence's to name
-            return
-        path = raw[2:].split(b"\0", 1)[0].decode(errors="surrogateescape")
-        if family != socket.AF_UNIX or not path:
-            # Not a pathname socket: abstract ones (leading NUL) are confined by Landlock's scope.
-            seccomp.respond_continue(self._launched.notify_fd, note.id)
-            return
-        try:
-            target = process_monitor.socket_path(note.pid, path)
-            why = "" if target is None or self._own_socket(note.pid, target) else "outside the sandbox"
-        except process_monitor.Unfollowable as e:
-            target, why = path, str(e)
-        except OSError:
-            target, why = None, ""  # the caller is gone
-        if not why:
-            seccomp.respond_continue(self._launched.notify_fd, note.id)
-            return
-        self._emit(
-            Deny(
-                sandbox=self.id,
-                layer="unix",
-                what=target or path,
-                exec=self._current_exec,
-                process=_procs.process_ref(note.pid),
-                detail=f"{name} to a UNIX socket {why}, not in network.unix_sockets",
-            )
-        )
-        seccomp.respond_error(self._launched.notify_fd, note.id, errno.EACCES)
-
-    def _own_socket(self, pid: int, target: str) -> bool:
-        if any(target == root or target.startswith(root + "/") for root in self._writable):
-            return True
-        named = self.policy.network.unix_sockets
-        return target in named or any(
-            process_monitor.in_root_realpath(f"/proc/{pid}/root", entry) == target for entry in named
-        )
-
-    def _on_filter_install(self, note: seccomp.Notification, how: str) -> None:
-        """Recorded, then let through: the calls the new filter refuses never reach corral."""
-        assert self._launched is not None and self._launched.notify_fd is not None
-        try:
-            self._emit(
-                ProcSeccomp(
-                    sandbox=self.id, process=_procs.process_ref(note.pid), how=how, exec=self._current_exec
-                )
-            )
-        finally:
-            seccomp.respond_continue(self._launched.notify_fd, note.id)
-
-    def _note_connect(self, note: seccomp.Notification) -> None:
-        """Tell the fence who is connecting where, read while the caller is parked in connect():
-        the address, the program and its command line (a scanner may exit right after its last
-        connect). The rest of the process's record is read once the caller has been let go."""
-        assert self._launched is not None and self._launched.notify_fd is not None
-        fence = self._fence
-        reported = None
-        refused = False
-        try:
-            target = process_monitor.read_ipv4_sockaddr(note.pid, note.args[1])
-            # The kernel connects 0.0.0.0 to this host, which in the sandbox is its own loopback.
-            local = target is not None and (target[0].is_loopback or target[0].is_unspecified)
-            if fence is not None and target is not None and not local:
-                refusal = fence.judge_connect(target[0], target[1])
-                # Refused here, the connect fails at once with ECONNREFUSED, as a closed port's does,
-                # instead of opening to the proxy and then closing. Safe against a second thread
-                # rewriting the address or the descriptor meanwhile: an error can only cost the
-                # caller its own connect; the proxy still decides every connect let through.
-                if refusal is not None and process_monitor.is_tcp_socket(note.pid, int(note.args[0])):
-                    fence.refuse_connect(refusal, _procs.process_ref(note.pid))  # read while it is parked
-                    refused = True
-                else:
-                    brief = ProcessRef(
-                        pid=note.pid,
-                        exe=process_monitor.exe(note.pid),
-                        cmdline=process_monitor.cmdline(note.pid),
-                    )
-                    reported = fence.note_connect(target[0], target[1], brief)
-        except OSError:
-            pass  # gone, or an address it can't read: the connect fails or goes on unnamed
-        finally:
-            if refused:
-                seccomp.respond_error(self._launched.notify_fd, note.id, errno.ECONNREFUSED)
-            else:
-                seccomp.respond_continue(self._launched.notify_fd, note.id)
-        if reported is not None:
-            full = _procs.process_ref(note.pid)
-            if full.exe is not None and full.cmdline:  # still there, not yet a zombie
-                reported.process = full
 
     # --- commands ----------------------------------------------------------------------------
 
