@@ -19,30 +19,29 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
 
-from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
+from corral._errors import HostError, PolicyError, SandboxClosedError, SandboxStartError
 from corral.egress.service import Fence, Upstream
 from corral.events import (
     Alert,
     Deny,
     Evidence,
-    ExecExit,
-    ExecStart,
     ProcessRef,
     SandboxStart,
     SandboxStop,
 )
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, netns, protocol, seccomp
+from corral.isolation import cgroups, landlock, launcher, mounts, netns, seccomp
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
-from corral.runtime import _eventlog, _hostfiles, _notifications, _procs, _tripwires, _workspace
+from corral.runtime import _commands, _eventlog, _hostfiles, _notifications, _procs, _tripwires, _workspace
 from corral.runtime.host import Host, default_host
 from corral.runtime.lifecycle import Lifecycle, State, StopReason
+from corral.runtime.results import ExecResult, Output, with_output
+
+__all__ = ["CONTROL_TAMPER_RULE", "WORKSPACE_ROOT", "ExecResult", "Output", "Sandbox"]
 
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
 _PROXY = f"http://127.0.0.1:{netns.PROXY_PORT}"
@@ -56,47 +55,10 @@ _PROXY_ENV = {
     "NO_PROXY": "localhost,127.0.0.1,::1",
     "no_proxy": "localhost,127.0.0.1,::1",
 }
-_DRAIN_GRACE = 0.05  # after the command exits, read what its leftovers still write for this long
-_KILL_GRACE = 5.0
-_SOCKADDR_UN_LEN = 110  # family and the longest path the kernel reads
-_STOP_WAIT = 5.0  # how long a command cut short by the sandbox's end waits for it to be recorded
 # The alert raised when the control channel carries something init did not send (see `protocol`).
 CONTROL_TAMPER_RULE = "control-channel-tamper"
 
 log = logging.getLogger("corral")
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a command did. stdout/stderr are bytes, or str when `exec(..., text=True)`."""
-
-    exit_code: int
-    stdout: bytes | str
-    stderr: bytes | str
-    duration: float
-    cpu_seconds: float
-    peak_memory: int
-    signal: int | None = None
-    timed_out: bool = False
-    # "lifetime", "closed" or "tripwire" when the sandbox ended under the command; "frozen" when a
-    # tripwire froze the sandbox (the command's processes are kept, stopped, for inspection)
-    terminated: str | None = None
-    leftover: list[ProcessRef] = field(default_factory=list)
-    denials: list[Deny] = field(default_factory=list)
-    # stdout/stderr stop at the policy's `resources.output`; the rest was read and discarded
-    output_truncated: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-@dataclass(frozen=True)
-class Output:
-    """A chunk of a streaming command's output."""
-
-    stream: Literal["stdout", "stderr"]
-    data: bytes
 
 
 class Sandbox:
@@ -130,12 +92,10 @@ class Sandbox:
         self.policy = policy
         self.id = secrets.token_hex(6)
         self._log = _eventlog.EventLog(self.id, events)
-        self._exec_lock = threading.Lock()
-        self._wake_lock = threading.Lock()  # guards `_exec_wake`
+        self._commands = _commands.CommandSlot()
+        self._exec_ctx: _commands.ExecContext | None = None  # once started
         self._life = Lifecycle()
         self.uid: int | None = None  # claimed at the start
-        self._exec_seq = 0
-        self._current_exec: int | None = None
         self._started = time.monotonic()
         self._workspace_src = os.fspath(workspace) if workspace is not None else None
         if self._workspace_src is not None and not os.path.isdir(self._workspace_src):
@@ -150,8 +110,6 @@ class Sandbox:
         self._state_dir = f"{_hostfiles.STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._tripwires: _tripwires.Tripwires | None = None
-        self._exec_wake: int | None = None  # write end of the running command's wake-up pipe
-        self._exec_thread: int | None = None  # the thread running a command, while one runs
         self._start()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -210,7 +168,7 @@ class Sandbox:
                         own_storage=(*plan.writable, "/dev/shm"),
                         unix_sockets=self.policy.network.unix_sockets,
                         emit=self._emit,
-                        current_exec=lambda: self._current_exec,
+                        current_exec=lambda: self._commands.current,
                         fence=lambda: self._fence,
                         tripwires=lambda: self._tripwires,
                         act=self._act,
@@ -224,7 +182,7 @@ class Sandbox:
                 self._launched.fence_fds,
                 self._emit,
                 self._find_process,
-                lambda: self._current_exec,
+                lambda: self._commands.current,
                 self._upstream,
             )
             self._launched.fence_fds = []  # the fence owns them now and closes them
@@ -243,6 +201,22 @@ class Sandbox:
             if isinstance(e, HostError | PolicyError):
                 raise
             raise SandboxStartError(f"sandbox {self.id}: {step}: {e}") from e
+        assert self._launched is not None and self._cgroup is not None
+        self._exec_ctx = _commands.ExecContext(
+            sandbox_id=self.id,
+            uid=uid,
+            policy=self.policy,
+            launched=self._launched,
+            cgroup=self._cgroup,
+            workspace=self._sandbox_path(planning.WORKSPACE),
+            life=self._life,
+            log=self._log,
+            emit=self._emit,
+            flush=self._flush_repeats,
+            settle=self._settle,
+            end=self._terminate,
+            tampered=self._control_violation,
+        )
         self._life.move(State.RUNNING)  # (or FROZEN already, by a rule that fired during the start)
         try:
             host.opened(self)
@@ -290,7 +264,7 @@ class Sandbox:
             dict(self.policy.tripwires.responses),
             init_pid=self._launched.init_pid,
             cgroup=self._cgroup,
-            current_exec=lambda: self._current_exec,
+            current_exec=lambda: self._commands.current,
             emit=self._emit,
             connector_error=None if "process_events" not in degraded else connector.error,
             gpu_granted=bool(self.policy.gpu),
@@ -362,7 +336,7 @@ class Sandbox:
         if cgroup is None or not self._life.freeze(rule):
             return  # closed (or closing), or frozen already
         cgroup.freeze()
-        self._wake_exec()
+        self._commands.wake()
 
     def _monitor_failed(self, reason: str) -> None:
         # Fail closed: a monitor the tripwires depend on is gone, so the sandbox stops.
@@ -387,14 +361,6 @@ class Sandbox:
             )
         )
         self._terminate("tripwire", f"control channel: {reason}")
-
-    def _wake_exec(self) -> None:
-        with self._wake_lock:  # the running command closes the pipe under this lock
-            if self._exec_wake is not None:
-                try:
-                    os.write(self._exec_wake, b"x")
-                except OSError:
-                    pass
 
     def alerts(self) -> list[Alert]:
         """The alerts raised so far (rules that fired with a response other than `log`), oldest first."""
@@ -466,14 +432,14 @@ class Sandbox:
                     sandbox=self.id,
                     layer="lifetime",
                     what="lifetime",
-                    exec=self._current_exec,
+                    exec=self._commands.current,
                     detail=f"sandbox lifetime of {self.policy.resources.lifetime:g}s reached",
                 )
             )
         if self._lifetime_timer is not None:
             self.host.supervisor.cancel(self._lifetime_timer)
         self._stop_tripwires()  # the kill below must not read as alerts
-        self._wake_exec()
+        self._commands.wake()
         leftover: list[ProcessRef] = []
         error = ""
         if self._launched is not None and self._cgroup is not None:
@@ -504,7 +470,7 @@ class Sandbox:
             # Once nothing in the sandbox can connect any more: its last connections and queries are
             # recorded before the stop event, and `events()` has them as soon as this returns.
             fence.close()
-        if threading.get_ident() != self._exec_thread:
+        if threading.get_ident() != self._commands.thread:
             # So is the running command's exit: its thread woke when the processes died. (A stream
             # its consumer stopped reading is not waited for long.)
             self._life.wait_command_recorded(1.0)
@@ -529,14 +495,14 @@ class Sandbox:
                     self.host.supervisor.unwatch(self._launched.notify_fd)
                     os.close(self._launched.notify_fd)
                     self._launched.notify_fd = None
-                if self._exec_lock.acquire(blocking=False):
+                if self._commands.lock.acquire(blocking=False):
                     try:
                         self._launched.control.close()
                     finally:
-                        self._exec_lock.release()
+                        self._commands.lock.release()
                 sel = selectors.DefaultSelector()
                 sel.register(self._launched.pidfd, selectors.EVENT_READ)
-                sel.select(_KILL_GRACE)
+                sel.select(_commands.KILL_GRACE)
                 sel.close()
                 os.close(self._launched.pidfd)
             if self._workspace_fd is not None:
@@ -555,11 +521,11 @@ class Sandbox:
             shutil.rmtree(self._state_dir, ignore_errors=True)
             if self.uid is not None:
                 self.host.release_uid(self.uid)
-            if self._exec_lock.acquire(blocking=False):
+            if self._commands.lock.acquire(blocking=False):
                 try:
                     self._log.close()
                 finally:
-                    self._exec_lock.release()
+                    self._commands.lock.release()
         finally:
             self._life.move(State.REAPED)
 
@@ -578,6 +544,11 @@ class Sandbox:
     def _sandbox_path(self, path: str) -> str:
         assert self._launched is not None
         return f"/proc/{self._launched.init_pid}/root{path}"
+
+    def _settle(self, exec_id: int) -> None:
+        fence = self._fence
+        if fence is not None:
+            fence.settle(exec_id)
 
     def _save_workspace(self) -> None:
         assert self._workspace_fd is not None
@@ -654,10 +625,10 @@ class Sandbox:
         result = run.result
         assert result is not None
         if text:
-            return _replace_output(
+            return with_output(
                 result, b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
             )
-        return _replace_output(result, b"".join(out), b"".join(err))
+        return with_output(result, b"".join(out), b"".join(err))
 
     def stream(
         self,
@@ -669,7 +640,7 @@ class Sandbox:
         cwd: str | None = None,
         stdio: tuple[int, int, int] | None = None,
         tty: bool = False,
-    ) -> _Run:
+    ) -> _commands.Run:
         """Start a command and iterate over its output as it arrives; `.result` is set at the end.
 
         `stdio` passes three host file descriptors straight through (the CLI hands over its
@@ -683,8 +654,11 @@ class Sandbox:
         full_env = {**_PROXY_ENV, **self.policy.env}
         if env:
             full_env.update(env)
-        return _Run(
-            self,
+        if self._exec_ctx is None:
+            raise SandboxClosedError(f"sandbox {self.id} did not start")
+        return _commands.Run(
+            self._commands,
+            self._exec_ctx,
             argv,
             data,
             self.policy.resources.timeout if timeout is None else timeout,
@@ -711,346 +685,3 @@ class Sandbox:
 
 def _text(data: bytes | str) -> str:
     return data.strip() if isinstance(data, str) else data.decode(errors="replace").strip()
-
-
-def _replace_output(r: ExecResult, out: bytes | str, err: bytes | str) -> ExecResult:
-    return ExecResult(
-        exit_code=r.exit_code,
-        stdout=out,
-        stderr=err,
-        duration=r.duration,
-        cpu_seconds=r.cpu_seconds,
-        peak_memory=r.peak_memory,
-        signal=r.signal,
-        timed_out=r.timed_out,
-        terminated=r.terminated,
-        leftover=r.leftover,
-        denials=r.denials,
-        output_truncated=r.output_truncated,
-    )
-
-
-class _Run:
-    """One command's life: request, output pumping, timeout, exit, and the accounting around it."""
-
-    def __init__(
-        self,
-        sb: Sandbox,
-        argv: list[str],
-        data: bytes | None,
-        timeout: float,
-        env: dict[str, str],
-        cwd: str | None,
-        stdio: tuple[int, int, int] | None,
-        tty: bool = False,
-    ) -> None:
-        self.sb, self.argv, self.data, self.timeout = sb, argv, data, timeout
-        self.env, self.cwd, self.stdio, self.tty = env, cwd, stdio, tty
-        self.result: ExecResult | None = None
-
-    def __iter__(self) -> Iterator[Output]:
-        sb = self.sb
-        with sb._exec_lock:
-            life = sb._life
-            if life.ending or sb._launched is None or sb._cgroup is None:
-                raise SandboxClosedError(f"sandbox {sb.id} is closed ({life.stop_reason})")
-            if life.state is State.FROZEN:
-                raise SandboxClosedError(
-                    f"sandbox {sb.id} was frozen by tripwire {life.frozen_by!r}; inspect it, then close() it"
-                )
-            sb._exec_thread = threading.get_ident()
-            life.command_started()
-            try:
-                yield from self._run(sb._launched, sb._cgroup)
-            finally:
-                sb._current_exec = None
-                sb._exec_thread = None
-                life.command_recorded()
-                if life.ending:
-                    sb._launched.control.close()
-                    # Cut short by the sandbox's end: return once that is recorded as well.
-                    life.wait_for(State.STOPPED, _STOP_WAIT)
-
-    def _run(self, launched: launcher.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
-        sb = self.sb
-        sb._exec_seq += 1
-        exec_id = sb._exec_seq
-        sb._current_exec = exec_id
-        denials_before = sb._log.mark()
-        cgroup.reset_peak()
-        before = cgroup.usage()
-        # Leftovers are told apart by pid, not start time: /proc start times are only as precise as
-        # the boot time they are relative to (whole seconds).
-        pids_before = set(cgroup.pids())
-        start = time.monotonic()
-        sel = selectors.DefaultSelector()
-        to_close: list[int] = []
-        pending_input = memoryview(self.data or b"")
-        uid = sb.uid
-        assert uid is not None
-        if self.stdio is not None:
-            child_fds = list(self.stdio)
-        else:
-            in_r, in_w = os.pipe2(os.O_CLOEXEC)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            child_fds = [in_r, out_w, err_w]
-            for fd in child_fds:
-                # The agent's uid must own its pipes, or `echo x > /dev/stderr` (a reopen through
-                # /proc/self/fd) is refused.
-                os.fchown(fd, uid, uid)
-            to_close += [in_r, out_w, err_w]
-            sel.register(out_r, selectors.EVENT_READ, "stdout")
-            sel.register(err_r, selectors.EVENT_READ, "stderr")
-            if pending_input:
-                os.set_blocking(in_w, False)
-                sel.register(in_w, selectors.EVENT_WRITE, "stdin")
-            else:
-                os.close(in_w)
-        sel.register(launched.control, selectors.EVENT_READ, "control")
-        # A tripwire that freezes the sandbox wakes this loop: the command will not finish.
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        with sb._wake_lock:
-            sb._exec_wake = wake_w
-        sb._emit(ExecStart(sandbox=sb.id, exec=exec_id, command=self.argv))
-        request = protocol.Exec(
-            id=exec_id,
-            token=protocol.new_token(),
-            argv=self.argv,
-            env=self.env,
-            cwd=self.cwd or "",
-            tty=self.tty,
-        )
-        exchange = protocol.Exchange(request)
-        try:
-            launcher.send_message(launched.control, request, child_fds)
-        except OSError as e:
-            for fd in to_close:
-                os.close(fd)
-            for key in list(sel.get_map().values()):
-                if key.data != "control":
-                    os.close(key.fd)
-            sel.close()
-            with sb._wake_lock:
-                sb._exec_wake = None
-                os.close(wake_w)
-            raise ExecError(f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone ({e})") from None
-        for fd in to_close:
-            os.close(fd)
-
-        status: int | None = None
-        output_left = sb.policy.resources.output  # what may still be kept of stdout and stderr
-        truncated = False
-        cpu = 0.0
-        error = ""
-        timed_out = False
-        terminated: str | None = None
-        deadline = start + self.timeout
-        drain_until: float | None = None
-        try:
-            while True:
-                streams_open = any(k.data in ("stdout", "stderr") for k in sel.get_map().values())
-                if status is not None and (not streams_open or time.monotonic() >= (drain_until or 0)):
-                    break
-                now = time.monotonic()
-                wait = (drain_until if status is not None else deadline) - now  # type: ignore[operator]
-                if wait <= 0 and status is None:
-                    if timed_out:  # killed and still no exit: init is wedged, the sandbox is unusable
-                        sb._terminate("failed")
-                        terminated = "failed"
-                        break
-                    timed_out = True
-                    launcher.send_message(launched.control, protocol.Kill(id=exec_id, token=request.token))
-                    deadline = now + _KILL_GRACE
-                    continue
-                if sb._life.state is State.FROZEN and status is None:
-                    terminated = "frozen"
-                    status = signal.SIGSTOP
-                    break
-                for key, _ in sel.select(max(wait, 0)):
-                    if key.data == "wake":
-                        os.read(key.fd, 64)
-                    elif key.data == "control":
-                        data, fds = launcher.recv_bytes(launched.control)
-                        for fd in fds:
-                            os.close(fd)
-                        if data is None:  # init is gone: the sandbox was closed under us
-                            if not sb._life.ending and not exchange.started:
-                                # Gone before it took the request (its last thread may still have
-                                # held the socket when the request went out): nothing was started.
-                                raise ExecError(
-                                    f"sandbox {sb.id}: cannot start {self.argv[0]}: its init is gone"
-                                )
-                            sel.unregister(launched.control)
-                            terminated = sb._life.stop_reason or "failed"
-                            status = signal.SIGKILL
-                            drain_until = time.monotonic()
-                            continue
-                        try:
-                            reply = exchange.accept(data, len(fds))
-                        except protocol.ProtocolError as e:
-                            sb._control_violation(exec_id, str(e))
-                            raise ExecError(
-                                f"sandbox {sb.id}: {self.argv[0]}: the reply on init's control socket was "
-                                f"not init's ({e}); the sandbox was terminated as tampered with"
-                            ) from None
-                        if isinstance(reply, protocol.Exit):
-                            status, cpu = reply.status, reply.cpu
-                            drain_until = time.monotonic() + _DRAIN_GRACE
-                        elif isinstance(reply, protocol.Failed):
-                            status, error = reply.status, reply.error
-                            drain_until = time.monotonic() + _DRAIN_GRACE
-                    elif key.data == "stdin":
-                        try:
-                            n = os.write(key.fd, pending_input[:65536])
-                            pending_input = pending_input[n:]
-                        except BrokenPipeError:
-                            pending_input = pending_input[:0]
-                        if not pending_input:
-                            sel.unregister(key.fd)
-                            os.close(key.fd)
-                    else:
-                        chunk = os.read(key.fd, 65536)
-                        if chunk:
-                            # Past the budget the pipe is still drained, so the command runs on as it
-                            # would have (not blocked, not killed); only what corral keeps is bounded.
-                            if len(chunk) > output_left and not truncated:
-                                truncated = True
-                                self._output_denial(exec_id)
-                            kept = chunk[:output_left]
-                            output_left -= len(kept)
-                            if kept:
-                                yield Output(key.data, kept)
-                        else:
-                            sel.unregister(key.fd)
-                            os.close(key.fd)
-        finally:
-            for key in list(sel.get_map().values()):
-                if key.data != "control":
-                    os.close(key.fd)
-            sel.close()
-            with sb._wake_lock:
-                sb._exec_wake = None
-                os.close(wake_w)
-        if error:
-            message = f"corral: {error}\n".encode()
-            if self.stdio is not None:
-                os.write(self.stdio[2], message)
-            else:
-                yield Output("stderr", message)
-
-        if sb._fence is not None:
-            sb._fence.settle(exec_id)
-        duration = time.monotonic() - start
-        assert status is not None
-        if terminated is None:
-            code = os.waitstatus_to_exitcode(status)
-        else:
-            code = -signal.SIGSTOP if terminated == "frozen" else -signal.SIGKILL
-        sig = -code if code < 0 else None
-        exit_code = 128 + sig if sig is not None else code
-        peak = 0
-        leftover: list[ProcessRef] = []
-        if sb._life.state is State.RUNNING:
-            after = cgroup.usage()
-            peak = after.memory_peak_bytes
-            self._budget_denials(exec_id, before, after, timed_out)
-            if timed_out:
-                # Killed at its timeout, a shell never reaps its children, so their CPU is missing
-                # from its rusage; the cgroup charged it all (plus whatever else ran meanwhile).
-                cpu = max(cpu, after.cpu_seconds - before.cpu_seconds)
-            leftover = _procs.live_processes([p for p in cgroup.pids() if p not in pids_before])
-        sb._flush_repeats()
-        sb._emit(
-            ExecExit(
-                sandbox=sb.id,
-                exec=exec_id,
-                exit_code=exit_code,
-                signal=sig,
-                duration=duration,
-                cpu_seconds=cpu,
-                peak_memory=peak,
-                timed_out=timed_out,
-                leftover=leftover,
-            )
-        )
-        denials = [e for e in sb._log.since(denials_before) if isinstance(e, Deny)]
-        self.result = ExecResult(
-            exit_code=exit_code,
-            stdout=b"",
-            stderr=b"",
-            duration=duration,
-            cpu_seconds=cpu,
-            peak_memory=peak,
-            signal=sig,
-            timed_out=timed_out,
-            terminated=terminated,
-            leftover=leftover,
-            denials=denials,
-            output_truncated=truncated,
-        )
-
-    def _output_denial(self, exec_id: int) -> None:
-        self.sb._emit(
-            Deny(
-                sandbox=self.sb.id,
-                layer="output",
-                what="output",
-                exec=exec_id,
-                detail=f"output budget of {self.sb.policy.resources.output} bytes reached; the rest of "
-                "stdout and stderr was read and discarded",
-            )
-        )
-
-    def _budget_denials(
-        self, exec_id: int, before: cgroups.Usage, after: cgroups.Usage, timed_out: bool
-    ) -> None:
-        sb = self.sb
-        r = sb.policy.resources
-        if after.oom_kills > before.oom_kills:
-            sb._emit(
-                Deny(
-                    sandbox=sb.id,
-                    layer="cgroup",
-                    what="memory",
-                    exec=exec_id,
-                    detail=f"memory budget of {r.memory} bytes exhausted; the kernel killed "
-                    f"{after.oom_kills - before.oom_kills} process(es)",
-                )
-            )
-        if after.pids_refused > before.pids_refused:
-            sb._emit(
-                Deny(
-                    sandbox=sb.id,
-                    layer="cgroup",
-                    what="processes",
-                    exec=exec_id,
-                    detail=f"process budget of {r.processes} reached; "
-                    f"{after.pids_refused - before.pids_refused} fork(s) refused",
-                )
-            )
-        try:
-            vfs = os.statvfs(sb._sandbox_path(planning.WORKSPACE))
-            if vfs.f_bavail == 0:
-                sb._emit(
-                    Deny(
-                        sandbox=sb.id,
-                        layer="storage",
-                        what="disk",
-                        exec=exec_id,
-                        detail=f"disk budget of {r.disk} bytes is full",
-                    )
-                )
-        except OSError:
-            pass
-        if timed_out:
-            sb._emit(
-                Deny(
-                    sandbox=sb.id,
-                    layer="timeout",
-                    what="timeout",
-                    exec=exec_id,
-                    detail=f"command ran past its {self.timeout:g}s timeout and was killed",
-                )
-            )
