@@ -172,3 +172,25 @@ def test_an_agent_cannot_see_or_touch_its_hosts_state_directory() -> None:
         assert r.exit_code != 0
         assert not Path(f"{STATE_ROOT}/uid-1").exists()
         assert sb.id not in r.stdout
+
+
+def test_shutdown_ends_a_frozen_sandbox_and_one_whose_command_is_running() -> None:
+    # Neither a sandbox whose processes a tripwire stopped nor a command still running holds up the
+    # shutdown, or survives it.
+    freeze = {"version": 1, "tripwires": {"responses": {"privilege tool": "freeze"}}}
+    with own_host() as host:
+        frozen = Sandbox(Policy.from_dict(freeze), keep_workspace=False, host=host)
+        assert frozen.exec("sleep 300 & sleep 0.2; unshare -n true").terminated == "frozen"
+        busy = Sandbox(offline(), keep_workspace=False, host=host)
+        results = []
+        runner = threading.Thread(target=lambda: results.append(busy.exec("sleep 300")))
+        runner.start()
+        assert wait_until(lambda: len(busy.pids()) > 1)
+        pids = frozen.pids() + busy.pids()
+        host.shutdown()
+        runner.join(10)
+        assert [r.terminated for r in results] == ["closed"]
+        assert frozen.state is State.REAPED and busy.state is State.REAPED
+        assert not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+        )

@@ -1,5 +1,5 @@
-"""One shared instance per process of the helpers every sandbox uses (the supervisor thread, the
-egress loop, the process-event connector, the resource sampler)."""
+"""One shared instance per process, for the egress event loop and its lookup workers until the
+fence takes them from its `Host` (which owns every other helper sandboxes share)."""
 
 from __future__ import annotations
 
