@@ -21,16 +21,18 @@ import contextlib
 import functools
 import heapq
 import itertools
+import logging
 import os
 import select
 import selectors
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 from corral._lanes import CpuMeter
 from corral.isolation import seccomp
+
+log = logging.getLogger("corral")
 
 _ANSWERERS = 4  # sandboxes answered at the same time; a flooding one holds at most one thread
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -219,4 +221,4 @@ def _pending(fd: int) -> bool:
 
 
 def _report(what: str, error: BaseException) -> None:
-    print(f"corral: supervisor: {what} failed: {error!r}", file=sys.stderr)
+    log.error("supervisor: %s failed: %r", what, error)
