@@ -194,3 +194,32 @@ def test_shutdown_ends_a_frozen_sandbox_and_one_whose_command_is_running() -> No
         assert not any(
             psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
         )
+
+
+def test_a_handler_failing_for_one_sandbox_leaves_the_supervisor_serving_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whatever an agent finds that makes its own notification handling fail (a bug corral has not
+    # met yet, stood in for here) costs it its call, not its neighbours' supervisor.
+    from corral.runtime import _notifications
+
+    handle = _notifications.Notifications.handle
+    broken: set[str] = set()
+
+    def failing(self: _notifications.Notifications, note: object) -> None:
+        if self._ctx.sandbox_id in broken:
+            raise RuntimeError("handler bug")
+        handle(self, note)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_notifications.Notifications, "handle", failing)
+    quiet = Policy.from_dict({"version": 1, "tripwires": {"enabled": False}})
+    with own_host() as host:
+        victim = Sandbox(quiet, keep_workspace=False, host=host)
+        with Sandbox(quiet, keep_workspace=False, host=host) as agent:
+            broken.add(agent.id)
+            r = agent.exec("for i in $(seq 50); do unshare -n true 2>/dev/null; done; echo $?", text=True)
+            assert r.stdout == "1\n", r  # refused all the same: a failed answer is an error
+        r = victim.exec("unshare -n true; echo $?", text=True, timeout=30)
+        assert r.stdout.strip() != "0"
+        assert any(isinstance(e, Deny) and e.what == "unshare" for e in r.denials)
+        victim.close(wait=True)
