@@ -144,19 +144,23 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
     # fence's sockets) once it has moved init into its cgroups, and init sends "ready" when its setup
     # is done. Either may come first. The zygote is another process, so a stand-in answers here, in
     # the order that is otherwise rare.
-    from corral.isolation import launcher
+    from corral.isolation import launcher, protocol
     from corral.isolation import plan as planning
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stand_in = Popen(["sleep", "30"])  # a real process for the reported pid
 
     def zygote() -> None:
-        msg, fds = launcher.recv(theirs)
-        assert msg is not None and msg["op"] == "launch"
-        with socket.socket(fileno=fds[0]) as child, socket.socket() as fence:
-            launcher.send(child, {"op": "ready"})
+        data, fds = protocol.recv(theirs)
+        assert data is not None
+        protocol.decode_launch(data)
+        fence = [socket.socket() for _ in range(5)]
+        with socket.socket(fileno=fds[0]) as child:
+            protocol.send(child, protocol.Ready())
             time.sleep(0.2)
-            launcher.send(child, {"op": "pid", "pid": stand_in.pid}, [fence.fileno()])
+            protocol.send(child, protocol.Pid(pid=stand_in.pid, ahead=False), [s.fileno() for s in fence])
+        for s in fence:
+            s.close()
 
     monkeypatch.setattr(launcher, "_get_zygote", lambda: types.SimpleNamespace(sock=ours))
     answering = threading.Thread(target=zygote)
@@ -167,9 +171,9 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
             plan, join_files=[], state_dir="/nonexistent", landlock_abi=0, notify=False
         )
         assert launched.init_pid == stand_in.pid
-        assert launched.notify_fd is None and len(launched.fence_fds) == 1
+        assert launched.notify_fd is None and len(launched.fence_fds) == 5
         os.close(launched.pidfd)
-        os.close(launched.fence_fds[0])
+        protocol.close_all(launched.fence_fds)
         launched.control.close()
     finally:
         answering.join()

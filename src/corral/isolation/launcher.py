@@ -23,12 +23,11 @@ marks every descriptor above 2 close-on-exec again (`_spawn`).
 
 from __future__ import annotations
 
-import array
 import atexit
+import dataclasses
 import fcntl
 import gc
 import importlib
-import json
 import os
 import queue
 import select
@@ -41,19 +40,17 @@ import sys
 import termios
 import threading
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from corral.isolation import _linux as L
 from corral.isolation import landlock, mounts, netns, protocol, seccomp
 from corral.isolation.plan import Plan
 
-MAX_MESSAGE = 1 << 20
-_MAX_FDS = 8  # the most descriptors one message carries (a fence's sockets)
-_FD_SIZE = array.array("i").itemsize
 # Fenced network namespaces the zygote keeps made ahead of demand (see `_Networks`); read when the
 # zygote starts. A process that starts a single sandbox sets it to 0.
 NETWORKS_AHEAD = 2
 SETUP_FAILED = 125
+_FENCE_SOCKETS = len(dataclasses.fields(netns.FenceSockets))
 
 
 @dataclass
@@ -70,53 +67,6 @@ class LaunchError(Exception):
     def __init__(self, step: str, message: str) -> None:
         self.step = step
         super().__init__(f"{step}: {message}")
-
-
-def send(sock: socket.socket, msg: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(msg, separators=(",", ":")).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
-
-
-def send_message(
-    sock: socket.socket, msg: protocol.Request | protocol.Reply, fds: list[int] | None = None
-) -> None:
-    data = protocol.encode(msg)
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
-
-
-def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One setup message and the fds that came with it; (None, []) when the other side is gone."""
-    data, fds = recv_bytes(sock)
-    return (json.loads(data) if data is not None else None), fds
-
-
-def recv_bytes(sock: socket.socket) -> tuple[bytes | None, list[int]]:
-    """One packet and the fds that came with it, close-on-exec; (None, fds) when the other side is gone.
-
-    Without MSG_CMSG_CLOEXEC a received descriptor is inheritable: init's own control socket (which
-    the zygote receives) and every command's stdio pipes would reach every later command, and a
-    process the agent leaves running could then answer the supervisor in init's place.
-    """
-    # recvmsg, not socket.recv_fds: until Python 3.12, recv_fds drops its `flags` argument.
-    try:
-        data, ancillary, _flags, _addr = sock.recvmsg(
-            MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
-        )
-    except OSError:  # ConnectionResetError included: the other side is gone
-        return None, []
-    fds = array.array("i")
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-    if not data:
-        return None, list(fds)
-    return data, list(fds)
 
 
 class _Zygote:
@@ -188,17 +138,16 @@ def launch(
     (see `_Server`)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        request = {
-            "op": "launch",
-            "plan": plan.to_dict(),
-            "join_files": join_files,
-            "commands_memory": commands_memory,
-            "state_dir": state_dir,
-            "landlock_abi": landlock_abi,
-            "notify": notify,
-        }
+        request = protocol.Launch(
+            plan=plan.to_dict(),
+            join_files=join_files,
+            commands_memory=commands_memory,
+            state_dir=state_dir,
+            landlock_abi=landlock_abi,
+            notify=notify,
+        )
         try:
-            send(_get_zygote().sock, request, [child_sock.fileno()])
+            protocol.send(_get_zygote().sock, request, [child_sock.fileno()])
         except OSError as e:
             raise LaunchError("zygote", f"cannot reach corral's zygote process ({e})") from None
         child_sock.close()
@@ -208,30 +157,40 @@ def launch(
         fence_fds: list[int] = []
         made_ahead = False
         ready = False
+        received: list[int] = []  # every descriptor set-up sent, closed should the start fail
         # "pid" comes from the intermediate child and "ready" from init: either may arrive first.
         while init_pid is None or not ready:
             try:
-                msg, fds = recv(parent_sock)
+                data, fds = protocol.recv(parent_sock)
             except TimeoutError:
                 raise LaunchError(
                     "setup", f"the sandbox did not finish setting up in {setup_timeout:g}s"
                 ) from None
-            if msg is None:
+            if data is None:
+                protocol.close_all(fds)
                 raise LaunchError("setup", "the sandbox's init exited during setup")
-            if msg["op"] == "error":
-                raise LaunchError(msg["step"], msg["error"])
-            if msg["op"] == "pid":
-                init_pid = msg["pid"]
+            received.extend(fds)
+            try:
+                msg = protocol.decode_setup(data)
+            except protocol.ProtocolError as e:
+                raise LaunchError("setup", f"a set-up message corral did not send: {e}") from None
+            if isinstance(msg, protocol.SetupError):
+                raise LaunchError(msg.step, msg.error)
+            if isinstance(msg, protocol.Pid) and init_pid is None and len(fds) == _FENCE_SOCKETS:
+                init_pid = msg.pid
                 fence_fds = fds
-                made_ahead = bool(msg.get("ahead"))
-            elif msg["op"] == "ready":
+                made_ahead = msg.ahead
+            elif isinstance(msg, protocol.Ready) and not ready and len(fds) <= 1:
                 ready = True
                 notify_fd = fds[0] if fds else None
+            else:
+                raise LaunchError("setup", f"an unexpected {msg.op} message with {len(fds)} descriptor(s)")
         parent_sock.settimeout(None)
         return Launched(init_pid, os.pidfd_open(init_pid), parent_sock, notify_fd, fence_fds, made_ahead)
     except BaseException:
         parent_sock.close()
         child_sock.close()
+        protocol.close_all(received)
         raise
 
 
@@ -259,15 +218,22 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
                 networks.collect(helper)
         if sock not in readable:
             continue
-        msg, fds = recv(sock)
-        if msg is None:
+        data, fds = protocol.recv(sock)
+        if data is None:
             os._exit(0)  # the supervisor is gone
+        try:
+            msg = protocol.decode_launch(data)
+            if len(fds) != 1:
+                raise protocol.ProtocolError(f"launch: {len(fds)} descriptor(s) attached, expected 1")
+        except protocol.ProtocolError as e:
+            _refuse(fds, e)
+            continue
         child = socket.socket(fileno=fds[0])
         network = None
         step = "fork"
         try:
-            plan = Plan.from_dict(msg["plan"])
-            kind = (bool(msg["notify"]), plan.watch_exec, plan.watch_connect)
+            plan = Plan.from_dict(msg.plan)
+            kind = (msg.notify, plan.watch_exec, plan.watch_connect)
             if kind not in programs:
                 step = "seccomp"
                 programs[kind] = seccomp.compile_program(rules, notify=kind[0], watch=_watched(plan))
@@ -275,8 +241,8 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
             network = networks.take() if plan.namespaces & L.CLONE_NEWNET else None
             pid = os.fork()
         except BaseException as e:
-            _close_all(network or [])
-            send(child, {"op": "error", "step": step, "error": str(e)})
+            protocol.close_all(network or [])
+            protocol.send(child, protocol.SetupError(step=step, error=str(e)))
             child.close()
             continue
         if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
@@ -284,17 +250,35 @@ def _zygote_main(fd: int, networks_ahead: int) -> NoReturn:
             _child_a(
                 plan,
                 child,
-                msg["join_files"],
-                msg["commands_memory"],
-                msg["state_dir"],
-                msg["landlock_abi"],
-                msg["notify"],
+                msg.join_files,
+                msg.commands_memory,
+                msg.state_dir,
+                msg.landlock_abi,
+                msg.notify,
                 programs[kind],
                 network,
             )
-        _close_all(network or [])  # the sandbox has them now
+        protocol.close_all(network or [])  # the sandbox has them now
         child.close()
         networks.refill()
+
+
+def _refuse(fds: list[int], error: protocol.ProtocolError) -> None:
+    """A message on the zygote's socket that is not a well-formed Launch: nothing is forked for it.
+
+    Only the supervisor holds the other end, so this is not corral's message; what came attached is
+    closed, and an attached socket (where a sandbox's start would wait) is told why."""
+    try:
+        answer = socket.socket(fileno=fds[0]) if fds else None
+    except OSError:
+        answer = None  # not a socket: closing it is answer enough
+    if answer is not None:
+        try:
+            protocol.send(answer, protocol.SetupError(step="request", error=f"refused: {error}"))
+        except OSError:
+            pass
+        answer.detach()  # closed below, with the rest
+    protocol.close_all(fds)
 
 
 class _Networks:
@@ -335,18 +319,17 @@ class _Networks:
 
     def collect(self, helper: socket.socket) -> None:
         self.making.remove(helper)
-        msg, fds = recv(helper)
+        data, fds = protocol.recv(helper)
         helper.close()
-        if msg is not None and msg["op"] == "network":
+        try:
+            made = protocol.decode_network(data) if data is not None else None
+        except protocol.ProtocolError:
+            made = None
+        if isinstance(made, protocol.Network) and len(fds) == 1 + _FENCE_SOCKETS:
             self._ready.append(fds)
             return
-        _close_all(fds)
+        protocol.close_all(fds)
         self.ahead = 0
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _make_network(sock: socket.socket) -> NoReturn:
@@ -355,7 +338,7 @@ def _make_network(sock: socket.socket) -> NoReturn:
         L.unshare(L.CLONE_NEWNET)
         fence = _fence_here(os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         namespace = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        send(sock, {"op": "network"}, [namespace, *fence.fds()])
+        protocol.send(sock, protocol.Network(), [namespace, *fence.fds()])
     except BaseException as e:
         _fail(sock, step, e)
     os._exit(0)
@@ -382,7 +365,7 @@ def _reap_all(_signum: int, _frame: object) -> None:
 
 def _fail(sock: socket.socket, step: str, err: BaseException) -> NoReturn:
     try:
-        send(sock, {"op": "error", "step": step, "error": str(err) or type(err).__name__})
+        protocol.send(sock, protocol.SetupError(step=step, error=str(err) or type(err).__name__))
     finally:
         os._exit(SETUP_FAILED)
 
@@ -440,7 +423,7 @@ def _child_a(
             fence = made.fds()
         else:
             fence = network[1:]
-        send(sock, {"op": "pid", "pid": pid, "ahead": network is not None}, fence)
+        protocol.send(sock, protocol.Pid(pid=pid, ahead=network is not None), fence)
     except BaseException as e:
         _fail(sock, step, e)
     os._exit(0)
@@ -458,7 +441,7 @@ def _child_b(
 ) -> NoReturn:
     step = "fds"
     try:
-        # Received close-on-exec already (`recv_bytes`); said again here because this is the one
+        # Received close-on-exec already (`protocol.recv`); said again here because this is the one
         # descriptor that must never reach a command.
         os.set_inheritable(sock.fileno(), False)
         # Nothing the supervisor holds (other sandboxes' sockets, files) may reach this sandbox.
@@ -494,7 +477,7 @@ def _child_b(
         step = "cgroup"
         server = _Server(sock, plan.env, spawner_join)  # after seccomp and Landlock: its thread has both
         step = "ready"
-        send(sock, {"op": "ready"}, [notify_fd] if notify_fd is not None else None)
+        protocol.send(sock, protocol.Ready(), [notify_fd] if notify_fd is not None else None)
         if notify_fd is not None:
             os.close(notify_fd)
     except BaseException as e:
@@ -600,7 +583,7 @@ class _Server:
                         pass
                     _reap(sock, running)
                     continue
-                data, fds = recv_bytes(sock)
+                data, fds = protocol.recv(sock)
                 if data is None:
                     # The supervisor is gone: exiting as PID 1 makes the kernel kill everything here.
                     os._exit(0)
@@ -632,7 +615,7 @@ def _spawn(
     running: dict[int, protocol.Exec],
 ) -> None:
     def failed(code: int, error: str) -> None:
-        send_message(sock, protocol.Failed(id=msg.id, token=msg.token, status=code << 8, error=error))
+        protocol.send(sock, protocol.Failed(id=msg.id, token=msg.token, status=code << 8, error=error))
 
     env = msg.env or default_env
     argv = msg.argv
@@ -661,7 +644,7 @@ def _spawn(
         )  # EACCES / ENOEXEC, like a shell
         return
     running[pid] = msg
-    send_message(sock, protocol.Started(id=msg.id, token=msg.token, pid=pid))
+    protocol.send(sock, protocol.Started(id=msg.id, token=msg.token, pid=pid))
 
 
 def _fork_exec(path: str, argv: list[str], env: dict[str, str], fds: list[int], cwd: str, tty: bool) -> int:
@@ -708,7 +691,7 @@ def _reap(sock: socket.socket, running: dict[int, protocol.Exec]) -> None:
         request = running.pop(pid, None)
         if request is not None:
             cpu = usage.ru_utime + usage.ru_stime
-            send_message(sock, protocol.Exit(id=request.id, token=request.token, status=status, cpu=cpu))
+            protocol.send(sock, protocol.Exit(id=request.id, token=request.token, status=status, cpu=cpu))
 
 
 if __name__ == "__main__":

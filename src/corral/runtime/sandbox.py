@@ -1220,7 +1220,7 @@ class _Run:
         )
         exchange = protocol.Exchange(request)
         try:
-            launcher.send_message(launched.control, request, child_fds)
+            protocol.send(launched.control, request, child_fds)
         except OSError as e:
             for fd in to_close:
                 os.close(fd)
@@ -1257,7 +1257,7 @@ class _Run:
                         terminated = "failed"
                         break
                     timed_out = True
-                    launcher.send_message(launched.control, protocol.Kill(id=exec_id, token=request.token))
+                    protocol.send(launched.control, protocol.Kill(id=exec_id, token=request.token))
                     deadline = now + _KILL_GRACE
                     continue
                 if sb._frozen is not None and status is None:
@@ -1268,7 +1268,7 @@ class _Run:
                     if key.data == "wake":
                         os.read(key.fd, 64)
                     elif key.data == "control":
-                        data, fds = launcher.recv_bytes(launched.control)
+                        data, fds = protocol.recv(launched.control)
                         for fd in fds:
                             os.close(fd)
                         if data is None:  # init is gone: the sandbox was closed under us
