@@ -26,7 +26,7 @@ from corral.egress import service
 from corral.egress.rules import IPAddress
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
-from corral.isolation import launcher, netns, sockdiag
+from corral.isolation import child, netns, sockdiag
 from servers import (
     HOST_KEY_ALIAS,
     LocalUpstream,
@@ -689,12 +689,12 @@ def test_the_sandbox_loopback_takes_the_largest_segments_lo_allows() -> None:
     assert gso == gso_ipv4 == tso
 
 
-def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None:
-    # The launcher sets up the fence while init builds the sandbox's root in the mount namespace they
-    # share; once init has pivoted, "/proc" there is the sandbox's, without the launcher's pid. Reading
-    # /proc/self/net then failed now and again, the sandbox started without its IPv6 default route,
-    # and its IPv6 attempts failed with "network unreachable" before netfilter, unrecorded. Here the
-    # launcher's /proc is an empty directory from the start.
+def test_the_fence_routes_ipv6_whatever_proc_the_intermediate_child_sees_by_then() -> None:
+    # The intermediate child sets up the fence while init builds the sandbox's root in the mount
+    # namespace they share; once init has pivoted, "/proc" there is the sandbox's, without that
+    # child's pid. Reading /proc/self/net then failed now and again, the sandbox started without its
+    # IPv6 default route, and its IPv6 attempts failed with "network unreachable" before netfilter,
+    # unrecorded. Here the child's /proc is an empty directory from the start.
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
@@ -703,7 +703,7 @@ def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None
             L.mount("none", "/", None, L.MS_REC | L.MS_PRIVATE)
             proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
             L.mount("none", "/proc", "tmpfs", 0)
-            launcher._loopback_up()
+            child.loopback_up()
             netns.apply_in_child(proc)
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
                 try:
@@ -764,7 +764,7 @@ def test_the_socket_table_finds_tcp_and_udp_sockets_by_their_addresses() -> None
 
 
 def test_the_fence_checks_that_it_can_attribute_connections_before_a_sandbox_starts() -> None:
-    # The check runs in the launcher; here it is given a socket the TCP table can't hold, as a
+    # The check runs in the intermediate child; here it is given a socket the TCP table can't hold, as a
     # kernel without a working sock_diag would answer for any.
     with sockdiag.open_socket() as diag, socket.create_server(("127.0.0.1", 0)) as listener:
         netns.check_attribution(diag, listener)

@@ -144,13 +144,13 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
     # fence's sockets) once it has moved init into its cgroups, and init sends "ready" when its setup
     # is done. Either may come first. The zygote is another process, so a stand-in answers here, in
     # the order that is otherwise rare.
-    from corral.isolation import launcher, protocol
     from corral.isolation import plan as planning
+    from corral.isolation import protocol, zygote
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stand_in = Popen(["sleep", "30"])  # a real process for the reported pid
 
-    def zygote() -> None:
+    def stand_in_zygote() -> None:
         data, fds = protocol.recv(theirs)
         assert data is not None
         protocol.decode_launch(data)
@@ -162,12 +162,13 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
         for s in fence:
             s.close()
 
-    monkeypatch.setattr(launcher, "_get_zygote", lambda: types.SimpleNamespace(sock=ours))
-    answering = threading.Thread(target=zygote)
+    process = types.SimpleNamespace(poll=lambda: None, pid=0)
+    monkeypatch.setattr(zygote.Zygote, "_start", lambda self: (ours, process))
+    answering = threading.Thread(target=stand_in_zygote)
     answering.start()
     try:
         plan = planning.build(offline(), uid=65534, gid=65534, sandbox_id="reorder")
-        launched = launcher.launch(
+        launched = zygote.Zygote().launch(
             plan, join_files=[], state_dir="/nonexistent", landlock_abi=0, notify=False
         )
         assert launched.init_pid == stand_in.pid
@@ -190,18 +191,18 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
 def networks_ahead() -> Iterator[Callable[[int], None]]:
     """Restart corral's zygote keeping `n` fenced network namespaces made ahead; afterwards, the
     default again."""
-    from corral.isolation import launcher
+    from corral.isolation import zygote
 
-    default = launcher.NETWORKS_AHEAD
+    default = zygote.NETWORKS_AHEAD
 
     def restart(n: int) -> None:
-        launcher._stop_zygote()
-        launcher.NETWORKS_AHEAD = n
+        zygote._close_default()
+        zygote.NETWORKS_AHEAD = n
 
     yield restart
-    launcher._stop_zygote()
-    launcher.NETWORKS_AHEAD = default
-    launcher._get_zygote()  # started now: its socket is not the next test's leak
+    zygote._close_default()
+    zygote.NETWORKS_AHEAD = default
+    zygote._default_zygote()  # started now: its socket is not the next test's leak
 
 
 _FENCE_CHECK = """

@@ -24,8 +24,8 @@ from corral import __version__
 from corral._errors import CorralError, PolicyError
 from corral.detect import rules as detect_rules
 from corral.events import Alert, Deny, event_json_schema
-from corral.isolation import launcher
 from corral.isolation import plan as planning
+from corral.isolation import zygote
 from corral.policy import Policy
 from corral.runtime.sandbox import ExecResult, Sandbox, rule_files, tripwire_ruleset
 
@@ -111,7 +111,7 @@ _SEVERITY = ("critical", "high", "medium", "low", "info")
 
 def _one_sandbox() -> None:
     """This process starts one sandbox: no network namespace is worth making ahead for a next."""
-    launcher.NETWORKS_AHEAD = 0
+    zygote.NETWORKS_AHEAD = 0
 
 
 def _make_workspace(path: str | None) -> None:

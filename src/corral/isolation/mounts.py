@@ -1,6 +1,6 @@
 """The sandbox's filesystem view, built inside its new mount namespace.
 
-Phases (run by `launcher` in this order):
+Phases (run in this order, the second by `child.become_init`):
 - `prepare_host(state_dir)`: the staging directories and generated files, on the host, as root.
 - `apply_in_child(plan, state_dir)`: in the child, after unshare(CLONE_NEWNS) and inside the new
   PID namespace (procfs must be mounted by a member of it); ends with pivot_root into the new root.

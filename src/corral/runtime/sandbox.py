@@ -50,7 +50,7 @@ from corral.events import (
 )
 from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, netns, protocol, seccomp
+from corral.isolation import cgroups, landlock, mounts, netns, protocol, seccomp, zygote
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
@@ -412,7 +412,7 @@ class Sandbox:
         self._upstream = upstream
         self._fence: Fence | None = None
         self._cgroup: cgroups.SandboxCgroup | None = None
-        self._launched: launcher.Launched | None = None
+        self._launched: zygote.Launched | None = None
         self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
         self._state_dir = f"{STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
@@ -460,7 +460,7 @@ class Sandbox:
             )
             step = "launch"
             self._syscalls = seccomp.syscall_numbers()
-            self._launched = launcher.launch(
+            self._launched = zygote.launch(
                 plan,
                 join_files=self._cgroup.init_join_files,
                 commands_memory=self._cgroup.commands_memory,
@@ -1169,7 +1169,7 @@ class _Run:
                     # Cut short by the sandbox's end: return once that is recorded as well.
                     sb._stopped.wait(_STOP_WAIT)
 
-    def _run(self, launched: launcher.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
+    def _run(self, launched: zygote.Launched, cgroup: cgroups.SandboxCgroup) -> Iterator[Output]:
         sb = self.sb
         sb._exec_seq += 1
         exec_id = sb._exec_seq
