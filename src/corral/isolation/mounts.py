@@ -14,6 +14,7 @@ mounts (/proc, /sys, /run with its runtime sockets) are never reachable undernea
 
 from __future__ import annotations
 
+import errno
 import os
 
 from corral.isolation import _linux as L
@@ -162,6 +163,8 @@ def _mount_storage(plan: Plan, root: str, staging: str) -> None:
             os.chown(sub, plan.uid, plan.gid)
         target = root + path
         if not os.path.isdir(target):
-            raise OSError(2, f"writable path {path}: no such directory in the sandbox to mount over")
+            raise OSError(
+                errno.ENOENT, f"writable path {path}: no such directory in the sandbox to mount over"
+            )
         L.mount(sub, target, None, L.MS_BIND)
     L.umount2(staging, L.MNT_DETACH)
