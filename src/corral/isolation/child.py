@@ -1,12 +1,12 @@
 """Everything that runs in a sandbox's processes after the zygote forks, until init serves.
 
-    zygote -fork-> intermediate(): join cgroup, unshare(mount, pid, ipc, uts, net)
+    zygote -fork-> intermediate(): unshare(mount, pid, ipc, uts, and net or join one made ahead)
                    intermediate(): fork init (PID 1), move it into its cgroups, set up the fence,
                                    send Pid (init's host pid, the fence's sockets), exit
-                                   become_init(): close every other descriptor, mounts, cgroup
-                                                  namespace, hostname, drop privileges,
-                                                  no_new_privs, Landlock, seccomp -> send Ready,
-                                                  then serve (`init.Server`)
+                                   _become_init(): close every other descriptor, mounts, cgroup
+                                                   namespace, hostname, drop privileges,
+                                                   no_new_privs, Landlock, seccomp -> send Ready,
+                                                   then serve (`init.Server`)
     zygote -fork-> make_network(): a fenced network namespace made ahead (`zygote._Networks`)
 
 Each runs one step after another, and the first that fails is reported as `protocol.SetupError`
@@ -30,24 +30,25 @@ from corral.isolation.plan import Plan
 
 
 def make_network(sock: socket.socket) -> NoReturn:
+    """In a child of the zygote: make a network namespace with its fence and send both (`Network`)."""
     step = "network fence"
     try:
         L.unshare(L.CLONE_NEWNET)
-        fence = fence_here(os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        fence = _fence_here(os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         namespace = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         protocol.send(sock, protocol.Network(), [namespace, *fence.fds()])
     except BaseException as e:
-        fail(sock, step, e)
+        _fail(sock, step, e)
     os._exit(0)
 
 
-def fence_here(proc: int) -> netns.FenceSockets:
+def _fence_here(proc: int) -> netns.FenceSockets:
     """Raise lo and set up the fence in this process's (new) network namespace."""
     loopback_up()
     return netns.apply_in_child(proc)
 
 
-def fail(sock: socket.socket, step: str, err: BaseException) -> NoReturn:
+def _fail(sock: socket.socket, step: str, err: BaseException) -> NoReturn:
     try:
         protocol.send(sock, protocol.SetupError(step=step, error=str(err) or type(err).__name__))
     finally:
@@ -65,6 +66,8 @@ def intermediate(
     program: bytes,
     network: list[int] | None,
 ) -> NoReturn:
+    """In a child of the zygote: make the sandbox's namespaces (joining `network`, [netns, *fence],
+    when one was made ahead), fork its init, move init into its cgroups, and send `Pid`."""
     gc.freeze()  # keep the collector off the pages shared with the supervisor (copy-on-write)
     step = "namespaces"
     try:
@@ -88,11 +91,11 @@ def intermediate(
         pid = os.fork()
         if pid == 0:
             os.close(joined_w)
-            become_init(plan, sock, state_dir, landlock_abi, notify, program, joined_r, spawner_join)
+            _become_init(plan, sock, state_dir, landlock_abi, notify, program, joined_r, spawner_join)
         os.close(joined_r)
         # Moving a process into a cgroup waits for an RCU grace period (about 5 ms on a small VM, a
         # fifth of a cold start), so it is done here while init builds the sandbox's root; init goes
-        # no further than that until it is in (see `become_init`).
+        # no further than that until it is in (see `_become_init`).
         step = "cgroup"
         for fd in joins:
             os.write(fd, str(pid).encode())
@@ -103,17 +106,17 @@ def intermediate(
         # instead of staying in every idle sandbox's init.
         step = "network fence"
         if network is None:
-            made = fence_here(proc)  # referenced until sent: its sockets close with it
+            made = _fence_here(proc)  # referenced until sent: its sockets close with it
             fence = made.fds()
         else:
             fence = network[1:]
         protocol.send(sock, protocol.Pid(pid=pid, ahead=network is not None), fence)
     except BaseException as e:
-        fail(sock, step, e)
+        _fail(sock, step, e)
     os._exit(0)
 
 
-def become_init(
+def _become_init(
     plan: Plan,
     sock: socket.socket,
     state_dir: str,
@@ -165,7 +168,7 @@ def become_init(
         if notify_fd is not None:
             os.close(notify_fd)
     except BaseException as e:
-        fail(sock, step, e)
+        _fail(sock, step, e)
     server.run()
 
 
