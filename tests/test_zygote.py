@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import threading
 import types
@@ -254,3 +255,12 @@ def test_a_start_whose_set_up_messages_are_wrong_fails_and_closes_what_came(
     # The read end's write end was received by the start, which closed it when the start failed.
     assert os.read(sent[0], 1) == b""
     os.close(sent[0])
+
+
+def test_a_zygote_whose_process_died_starts_another_at_the_next_launch(start: types.SimpleNamespace) -> None:
+    with Zygote(networks_ahead=0) as zygote:
+        first = zygote.pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: not zygote.alive, 5)
+        assert _run(start.launch(zygote, "zygote-again"), "true") == (0, b"")
+        assert zygote.alive and zygote.pid != first
