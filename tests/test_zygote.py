@@ -140,6 +140,21 @@ def _launch_message(**changes: object) -> bytes:
     return protocol.encode(protocol.Launch(**{**fields, **changes}))  # type: ignore[arg-type]
 
 
+def _settled(zygote: Zygote) -> int:
+    """How many descriptors the zygote holds once it serves (a refused message answered proves it)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        socket.send_fds(zygote._sock, [b"{}"], [theirs.fileno()])
+        theirs.close()
+        _answer(ours)
+        assert ours.recv(1) == b""  # the zygote has closed what came
+    return _fds_of(zygote)
+
+
+def _fds_of(zygote: Zygote) -> int:
+    return len(os.listdir(f"/proc/{zygote.pid}/fd"))
+
+
 def _answer(sock: socket.socket) -> protocol.SetupError:
     sock.settimeout(10)
     data, fds = protocol.recv(sock)
@@ -165,7 +180,7 @@ def test_the_zygote_refuses_a_message_that_is_not_corrals_launch(
     # or a descriptor that leaked: the zygote, root on the host, forks nothing for it, answers the
     # socket that came attached, closes everything that came, and serves on.
     with Zygote(networks_ahead=0) as zygote:
-        before = len(os.listdir(f"/proc/{zygote.pid}/fd"))
+        before = _settled(zygote)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours:
             socket.send_fds(zygote._sock, [data], [theirs.fileno()])
@@ -173,14 +188,14 @@ def test_the_zygote_refuses_a_message_that_is_not_corrals_launch(
             answer = _answer(ours)
             assert (answer.step, answer.error[: len(refusal)]) == ("request", refusal)
             assert ours.recv(1) == b"", "the zygote kept the socket that came with the message"
-        assert zygote.alive and len(os.listdir(f"/proc/{zygote.pid}/fd")) == before
+        assert zygote.alive and wait_until(lambda: _fds_of(zygote) == before, 5)
         assert psutil.Process(zygote.pid).children() == [], "the zygote forked for it"
         assert _run(start.launch(zygote, "zygote-after"), "true") == (0, b"")
 
 
 def test_the_zygote_refuses_a_launch_with_the_wrong_descriptors(start: types.SimpleNamespace) -> None:
     with Zygote(networks_ahead=0) as zygote:
-        before = len(os.listdir(f"/proc/{zygote.pid}/fd"))
+        before = _settled(zygote)
         zygote._sock.send(_launch_message())  # nothing attached: nobody to answer
         r, w = os.pipe()
         socket.send_fds(zygote._sock, [_launch_message()], [w])  # not a socket
@@ -203,7 +218,7 @@ def test_the_zygote_refuses_a_launch_with_the_wrong_descriptors(start: types.Sim
             socket.send_fds(zygote._sock, [_launch_message(plan={"hostname": 1})], [theirs.fileno()])
             theirs.close()
             assert _answer(ours).step == "fork"
-        assert wait_until(lambda: len(os.listdir(f"/proc/{zygote.pid}/fd")) == before, 5)
+        assert wait_until(lambda: _fds_of(zygote) == before, 5)
         assert zygote.alive and psutil.Process(zygote.pid).children() == []
         assert _run(start.launch(zygote, "zygote-fds"), "true") == (0, b"")
 

@@ -427,7 +427,8 @@ class _Networks:
     def close(self) -> None:
         """At the zygote's exit: wait for the makers still at work and drop every network made, so
         that the zygote leaves no process of its own behind."""
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # from here on, makers are reaped by pidfd only
+        # `_reap_all` stays on: a sandbox's init that exits meanwhile is reaped here, as ever. A maker it
+        # reaps first is no child any more, which `_reap` takes for done.
         for helper in self.making:
             helper.close()  # a maker's report then fails, and it exits all the same
         self._reap(0)
