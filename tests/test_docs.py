@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,31 @@ def test_a_stale_table_is_rewritten() -> None:
 def test_the_check_command_passes() -> None:
     r = subprocess.run([ROOT / "scripts" / "gen-docs", "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _named_paths(text: str) -> list[str]:
+    """The file and directory paths a piece of markdown names in backticks (`egress/rules.py`)."""
+    found: list[str] = []
+    for token in re.findall(r"`([^`\s]+)`", text):
+        if token.endswith((".py", ".yaml", ".md", "/")) or token.startswith(("scripts/", "benchmarks")):
+            found.append(token)
+    return found
+
+
+def _exists(path: str) -> bool:
+    if "*" in path or "NAME" in path:  # a pattern: its directory must exist
+        path = path.split("*")[0].split("NAME")[0]
+    return any((base / path).exists() for base in (ROOT, ROOT / "src" / "corral", ROOT / "docs"))
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading"), [("README.md", "## Where things live"), ("docs/architecture.md", "## To change X")]
+)
+def test_the_where_to_edit_maps_name_files_that_exist(doc: str, heading: str) -> None:
+    text = (ROOT / doc).read_text()
+    assert heading in text, f"{doc} lost its section {heading!r}"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    paths = _named_paths(section)
+    assert len(paths) > 10, paths
+    missing = [p for p in paths if not _exists(p)]
+    assert missing == [], f"{doc}, {heading}: names files that do not exist: {missing}"
