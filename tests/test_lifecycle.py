@@ -27,16 +27,12 @@ import pytest
 import corral
 from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox
 from corral.events import NetConnect, parse_event
-from helpers import wait_until
+from helpers import show, wait_until
 
 pytestmark = pytest.mark.root
 
 STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code} signal {r.signal}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
 
 
 def offline() -> Policy:
@@ -56,12 +52,6 @@ def live_processes_of(uid: int) -> list[psutil.Process]:
         ):
             found.append(p)
     return found
-
-
-@pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    with Sandbox(offline(), keep_workspace=False) as sandbox:
-        yield sandbox
 
 
 # --- exit codes, input, output -----------------------------------------------------------------
