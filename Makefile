@@ -11,4 +11,4 @@ test: setup
 	@./scripts/test
 
 bench: setup
-	@.venv/bin/python -m corral.bench
+	@.venv/bin/python -m benchmarks

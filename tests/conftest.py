@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from corral.runtime.sandbox import Sandbox
+from helpers import policy
 from helpers import wait_until as _wait_until
 
 STATE_ROOT = "/run/corral"
@@ -57,6 +58,13 @@ def cgroup_dirs(sandbox_id: str) -> list[str]:
             if os.path.isdir(candidate) and candidate not in found:
                 found.append(candidate)
     return found
+
+
+@pytest.fixture
+def sb() -> Iterator[Sandbox]:
+    """An open sandbox under the default policy, closed after the test."""
+    with Sandbox(policy(), keep_workspace=False) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture(name="cgroup_dirs")

@@ -1,4 +1,4 @@
-"""Small helpers shared by the test modules."""
+"""Small helpers shared by the test modules (the `sb` fixture is in conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from corral.runtime.host import Host
+from corral import ExecResult, Host, Policy
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll `done` until it is true or `timeout` seconds pass; teardown happens in the background."""
+    """Poll `done` until it is true or `timeout` seconds pass: for what happens on other threads
+    (teardown in the background, servers recording on their own)."""
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
@@ -22,14 +23,28 @@ def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 @contextlib.contextmanager
 def own_host(**options: Any) -> Iterator[Host]:
-    """A `Host` of the test's own, shut down afterwards. Until each host has a zygote of its own,
-    hosts share one, which a shutdown stops: it is started again here, so that its socket is not
-    counted as the next test's leak."""
-    from corral.isolation import launcher
-
+    """A `Host` of the test's own (its own zygote, supervisor, monitors), shut down afterwards."""
     host = Host(**options)
     try:
         yield host
     finally:
         host.shutdown()
-        launcher._get_zygote()
+
+
+def show(r: ExecResult) -> str:
+    """What a failed assertion on a command's result should print: how it ended, the end of its
+    output and what was refused while it ran."""
+    return (
+        f"exit {r.exit_code} signal {r.signal} timed_out {r.timed_out} terminated {r.terminated}\n"
+        f"stdout: {r.stdout[-2000:]!r}\nstderr: {r.stderr[-2000:]!r}\ndenials: {r.denials!r}"
+    )
+
+
+def policy(**sections: Any) -> Policy:
+    """A policy of the current version: the defaults, with `sections` (filesystem=..., network=...)."""
+    return Policy.from_dict({"version": 1, **sections})
+
+
+def tripwire_policy(**tripwires: Any) -> Policy:
+    """The default policy with these `tripwires` settings (enabled, responses, rules, ...)."""
+    return policy(tripwires=tripwires)

@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from typing import Any
 import psutil
 
 from corral.egress.rules import IPAddress
+from helpers import wait_until
 
 HOST = "127.0.0.1"
 _LOCAL = ipaddress.ip_address(HOST)
@@ -145,16 +146,6 @@ def client_env(**extra: str) -> dict[str, str]:
     (PIP_* variables, config files, which may point at other indexes or wheel directories), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("PIP_")}
     return {**env, "PIP_CONFIG_FILE": os.devnull, **extra}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll `condition` until it holds or `timeout` seconds pass (servers record on their own threads)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,7 +530,7 @@ class _Sshd:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         # Orphans are reaped by init, not by us: a zombie counts as gone.
-        wait_for(lambda: not any(_alive(p) for p in procs), timeout=5)
+        wait_until(lambda: not any(_alive(p) for p in procs), timeout=5)
         self._reader.join(5)  # ends at EOF, once every holder of the log pipe is gone
         assert self.proc.stderr is not None
         self.proc.stderr.close()
@@ -1042,7 +1033,6 @@ __all__ = [
     "tls_listener",
     "tls_server",
     "udp_sink",
-    "wait_for",
 ]
 
 

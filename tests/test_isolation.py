@@ -16,27 +16,14 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral import ExecResult, Policy, Sandbox
+from corral import Sandbox
 from corral.isolation import landlock
 from corral.isolation import plan as planning
+from helpers import policy, show
 
 pytestmark = pytest.mark.root
 
 PYTHON = "/usr/bin/python3"
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
-
-
-def policy(**sections: object) -> Policy:
-    return Policy.from_dict({"version": 1, **sections})
-
-
-@pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    with Sandbox(policy(), keep_workspace=False) as sandbox:
-        yield sandbox
 
 
 @pytest.fixture

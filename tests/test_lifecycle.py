@@ -25,19 +25,14 @@ import psutil
 import pytest
 
 import corral
-from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Output, Policy, Sandbox, State
+from corral import AsyncSandbox, ExecError, ExecExit, ExecResult, Host, Output, Policy, Sandbox, State
 from corral.events import NetConnect, parse_event
-from corral.runtime.host import Host
-from helpers import own_host, wait_until
+from helpers import own_host, show, wait_until
 
 pytestmark = pytest.mark.root
 
 STATE_ROOT = "/run/corral"
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code} signal {r.signal}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}"
 
 
 def offline() -> Policy:
@@ -57,12 +52,6 @@ def live_processes_of(uid: int) -> list[psutil.Process]:
         ):
             found.append(p)
     return found
-
-
-@pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    with Sandbox(offline(), keep_workspace=False) as sandbox:
-        yield sandbox
 
 
 # --- exit codes, input, output -----------------------------------------------------------------
@@ -145,32 +134,37 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
     # fence's sockets) once it has moved init into its cgroups, and init sends "ready" when its setup
     # is done. Either may come first. The zygote is another process, so a stand-in answers here, in
     # the order that is otherwise rare.
-    from corral.isolation import launcher
     from corral.isolation import plan as planning
+    from corral.isolation import protocol, zygote
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stand_in = Popen(["sleep", "30"])  # a real process for the reported pid
 
-    def zygote() -> None:
-        msg, fds = launcher.recv(theirs)
-        assert msg is not None and msg["op"] == "launch"
-        with socket.socket(fileno=fds[0]) as child, socket.socket() as fence:
-            launcher.send(child, {"op": "ready"})
+    def stand_in_zygote() -> None:
+        data, fds = protocol.recv(theirs)
+        assert data is not None
+        protocol.decode_launch(data)
+        fence = [socket.socket() for _ in range(5)]
+        with socket.socket(fileno=fds[0]) as child:
+            protocol.send(child, protocol.Ready())
             time.sleep(0.2)
-            launcher.send(child, {"op": "pid", "pid": stand_in.pid}, [fence.fileno()])
+            protocol.send(child, protocol.Pid(pid=stand_in.pid, ahead=False), [s.fileno() for s in fence])
+        for s in fence:
+            s.close()
 
-    monkeypatch.setattr(launcher, "_get_zygote", lambda *_: types.SimpleNamespace(sock=ours))
-    answering = threading.Thread(target=zygote)
+    process = types.SimpleNamespace(poll=lambda: None, pid=0)
+    monkeypatch.setattr(zygote.Zygote, "_start", lambda self: (ours, process))
+    answering = threading.Thread(target=stand_in_zygote)
     answering.start()
     try:
         plan = planning.build(offline(), uid=65534, gid=65534, sandbox_id="reorder")
-        launched = launcher.launch(
+        launched = zygote.Zygote().launch(
             plan, join_files=[], state_dir="/nonexistent", landlock_abi=0, notify=False
         )
         assert launched.init_pid == stand_in.pid
-        assert launched.notify_fd is None and len(launched.fence_fds) == 1
+        assert launched.notify_fd is None and len(launched.fence_fds) == 5
         os.close(launched.pidfd)
-        os.close(launched.fence_fds[0])
+        protocol.close_all(launched.fence_fds)
         launched.control.close()
     finally:
         answering.join()
@@ -185,16 +179,9 @@ def test_a_launch_completes_even_if_init_is_ready_before_its_pid_is_reported(
 
 @pytest.fixture
 def networks_ahead() -> Iterator[Callable[[int], Host]]:
-    """A host whose zygote (started afresh) keeps `n` fenced network namespaces made ahead."""
-    from corral.isolation import launcher
-
+    """A host whose own zygote keeps `n` fenced network namespaces made ahead."""
     with contextlib.ExitStack() as hosts:
-
-        def make(n: int) -> Host:
-            launcher._stop_zygote()  # shared by every host until each has its own
-            return hosts.enter_context(own_host(networks_ahead=n))
-
-        yield make
+        yield lambda n: hosts.enter_context(own_host(networks_ahead=n))
 
 
 _FENCE_CHECK = """

@@ -1,7 +1,5 @@
-"""Policy loading, its error messages (the contract), units, the schema and docs/policy.md.
-
-Run this file as a script to regenerate the reference section of docs/policy.md from the schema.
-"""
+"""Policy loading, its error messages (the contract), units and the schema (docs/policy.md's reference is
+generated from it by scripts/gen-docs; tests/test_docs.py checks it is current)."""
 
 from __future__ import annotations
 
@@ -18,9 +16,6 @@ from corral.policy import Policy, format_duration, format_size, parse_duration, 
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
-DOCS = ROOT / "docs" / "policy.md"
-BEGIN = "<!-- reference: generated from the schema by `python tests/test_policy.py`; do not edit -->"
-END = "<!-- end of reference -->"
 
 EGRESS = "version: 1\nnetwork:\n  egress:\n    - "
 GiB = 2**30
@@ -500,58 +495,3 @@ def test_every_field_documents_default_and_examples(model: type[BaseModel]) -> N
 def test_public_names_are_exported() -> None:
     public = {name for name in vars(corral.policy) if not name.startswith("_")}
     assert set(corral.policy.__all__) == public
-
-
-def render_reference() -> str:
-    """docs/policy.md's reference section, from the JSON schema: one table per section of the file."""
-    schema = Policy.json_schema()
-    defs: dict[str, Any] = schema["$defs"]
-    out: list[str] = []
-
-    def ref(prop: dict[str, Any]) -> str | None:
-        target = prop.get("$ref") or prop.get("items", {}).get("$ref")
-        return target.rsplit("/", 1)[-1] if target else None
-
-    def section(prefix: str, model: dict[str, Any]) -> None:
-        rows = ["| Key | Default | Meaning |", "| --- | --- | --- |"]
-        nested = []
-        for name, prop in model["properties"].items():
-            key = f"{prefix}{name}"
-            if (target := ref(prop)) is not None:
-                nested.append((key + ("[]" if prop.get("type") == "array" else ""), prop, defs[target]))
-                continue
-            default = "required" if name in model.get("required", []) else f"`{flow(prop['default'])}`"
-            rows.append(f"| `{key}` | {default} | {prop['description']} |")
-        if len(rows) > 2:
-            out.extend([*rows, ""])
-        for key, prop, target in nested:
-            out.extend([f"### `{key}`", "", prop["description"]])
-            if key.endswith("[]"):
-                out.extend(["", target["description"]])
-            out.append("")
-            section(f"{key}.", target)
-
-    section("", schema)
-    return "\n".join(out).rstrip() + "\n"
-
-
-def flow(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(map(flow, value)) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return "unset" if value is None else str(value)
-
-
-def test_docs_reference_matches_schema() -> None:
-    text = DOCS.read_text()
-    assert BEGIN in text and END in text, "docs/policy.md lost its reference markers"
-    current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
-    assert current == render_reference(), "docs/policy.md is stale: run python tests/test_policy.py"
-
-
-if __name__ == "__main__":
-    head, rest = DOCS.read_text().split(BEGIN, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n\n{render_reference()}\n{END}{rest.split(END, 1)[1]}")

@@ -65,6 +65,8 @@ REQUIRED: dict[str, tuple[str, set[str]]] = {
     "attack-bash-dev-tcp": ("attack", {"reverse_shell"}),
     "attack-python-pipe-shell": ("attack", {"reverse_shell"}),
     "attack-nmap-internal": ("attack", {"probe"}),
+    "attack-python-scan": ("attack", {"probe"}),
+    "attack-metadata-probe": ("attack", {"probe"}),
     "attack-dns-tunnel": ("attack", {"tunnel"}),
     "attack-exfil-burst": ("attack", {"exfiltration"}),
     "benign-make-c-project": ("benign", set()),

@@ -10,13 +10,13 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from corral import Deny, ExecResult, ExecStart, Policy, Sandbox, SandboxStart
 from corral.isolation import seccomp
+from helpers import show
 
 pytestmark = pytest.mark.root
 
@@ -36,16 +36,6 @@ if rc == 0 and int(sys.argv[1], 0) == 56:
     os._exit(0)
 print(rc, errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno()))
 """
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}\ndenials: {r.denials!r}"
-
-
-@pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    with Sandbox(Policy.from_dict({"version": 1}), keep_workspace=False) as sandbox:
-        yield sandbox
 
 
 def syscall(sb: Sandbox, nr: int, *args: int) -> ExecResult:

@@ -20,6 +20,7 @@ from corral import Alert, Deny, ExecResult, ExecStart, Policy, PolicyError, Proc
 from corral.detect import rules
 from corral.isolation import seccomp
 from corral.policy._schema import Filesystem
+from helpers import show
 
 pytestmark = pytest.mark.root
 
@@ -29,16 +30,6 @@ SYS = {
     "x86_64": {"socket": 41, "seccomp": 317, "mount": 165},
     "aarch64": {"socket": 198, "seccomp": 277, "mount": 40},
 }[platform.machine()]
-
-
-def show(r: ExecResult) -> str:
-    return f"exit {r.exit_code}\nstdout: {r.stdout!r}\nstderr: {r.stderr!r}\ndenials: {r.denials!r}"
-
-
-@pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    with Sandbox(Policy.from_dict({"version": 1}), keep_workspace=False) as sandbox:
-        yield sandbox
 
 
 def seccomp_denials(r: ExecResult, what: str) -> list[Deny]:

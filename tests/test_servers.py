@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 
+from helpers import wait_until
 from servers import (
     DNS_ANSWER,
     EXTRANONCE1,
@@ -30,7 +31,6 @@ from servers import (
     tcp_listener,
     tls_server,
     udp_sink,
-    wait_for,
 )
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -136,7 +136,7 @@ def test_ssh_server_accepts_the_client_key_and_forwards_tcp(tmp_path: Path) -> N
             sshd.ssh_command(options=["-W", f"127.0.0.1:{catcher.port}"]), input="through the tunnel"
         )
         assert forwarded.returncode == 0, forwarded.stderr
-        assert wait_for(lambda: catcher.received == b"through the tunnel")
+        assert wait_until(lambda: catcher.received == b"through the tunnel")
         assert any(line.startswith(f"Accepted publickey for {sshd.user}") for line in sshd.log)
 
 
@@ -174,13 +174,13 @@ def test_tcp_listener_and_udp_sink_record_what_arrives() -> None:
         with socket.create_connection((catcher.host, catcher.port), timeout=5) as sock:
             assert sock.recv(16) == b"id\n"
             sock.sendall(b"uid=0(root)\n")
-        assert wait_for(lambda: len(catcher.connections) == 1 and catcher.connections[0].closed)
+        assert wait_until(lambda: len(catcher.connections) == 1 and catcher.connections[0].closed)
         assert catcher.received == b"uid=0(root)\n"
         assert catcher.connections[0].peer[0] == "127.0.0.1"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             for i in range(3):
                 udp.sendto(b"beacon %d" % i, (sink.host, sink.port))
-        assert wait_for(lambda: sink.count == 3)
+        assert wait_until(lambda: sink.count == 3)
         assert [data for data, _ in sink.datagrams] == [b"beacon 0", b"beacon 1", b"beacon 2"]
 
 
@@ -217,7 +217,7 @@ def test_stand_ins_stop_cleanly_with_clients_still_connected(tmp_path: Path) -> 
             clients[0].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive: the server waits for more
             assert clients[0].recv(4096).startswith(b"HTTP/1.1 200")
             assert clients[-1].recv(64).startswith(b"SSH-2.0-")  # a per-connection sshd is running
-            assert wait_for(lambda: len(catcher.connections) == 1)
+            assert wait_until(lambda: len(catcher.connections) == 1)
             sshd_processes = [sshd.pid, *(p.pid for p in psutil.Process(sshd.pid).children(recursive=True))]
             assert len(sshd_processes) >= 2
     finally:

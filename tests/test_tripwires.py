@@ -32,16 +32,12 @@ from corral.monitors import process as pm
 from corral.monitors import resource
 from corral.monitors.gpu import GpuMonitor
 from fakenvml import FakeNvml
-from helpers import own_host, wait_until
+from helpers import own_host, tripwire_policy, wait_until
 from servers import LocalUpstream, http_server, package_index, tcp_listener, tls_listener
 
 pytestmark = pytest.mark.root
 
 C2 = "c2.example.internal"
-
-
-def policy(**tripwires: Any) -> Policy:
-    return Policy.from_dict({"version": 1, "tripwires": tripwires})
 
 
 def net_policy(port: int, **tripwires: Any) -> Policy:
@@ -70,7 +66,7 @@ def execs(sb: Sandbox) -> list[ProcExec]:
 
 
 def test_every_program_start_is_seen_with_its_command_even_millisecond_ones() -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         r = sb.exec("for i in 1 2 3 4 5; do /bin/true $i; done; sh -c 'exit 3'; echo done", text=True)
         assert r.exit_code == 0 and r.stdout == "done\n"
         trues = [e for e in execs(sb) if e.process.cmdline[:1] == ["/bin/true"]]
@@ -89,7 +85,7 @@ def test_every_program_start_is_seen_with_its_command_even_millisecond_ones() ->
 
 
 def test_a_process_keeps_its_command_after_a_double_fork() -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         first = sb.exec("(setsid sleep 30 &) ; true")
         assert first.exit_code == 0
         [sleeper] = [e for e in execs(sb) if e.process.cmdline == ["sleep", "30"]]
@@ -106,7 +102,7 @@ def test_a_process_keeps_its_command_after_a_double_fork() -> None:
 
 
 def test_a_miner_named_on_its_command_line_is_killed_before_it_runs() -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "-o", "stratum+tcp://pool.example:3333"])
         assert r.exit_code == 137
         [a] = alerts(sb, "miner command line")
@@ -125,7 +121,7 @@ def test_a_miner_named_on_its_command_line_is_killed_before_it_runs() -> None:
 
 def test_a_renamed_miner_is_recognised_by_its_content() -> None:
     miner = "#!/bin/sh\n# a miner: sends mining.subscribe to its pool\ntouch /workspace/ran\n"
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         sb.write_file("/tmp/kworker", miner)
         r = sb.exec("chmod +x /tmp/kworker && cp /tmp/kworker /tmp/.cache-updater && /tmp/.cache-updater")
         assert r.exit_code == 137
@@ -153,7 +149,7 @@ else:  # a miner started through one of its own file descriptors
 
 @pytest.mark.parametrize("how", ["memfd", "devfd"])
 def test_a_miner_run_from_a_file_descriptor_is_recognised(how: str) -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         sb.write_file("/tmp/.m", "#!/bin/sh\n# mining.subscribe\ntouch /workspace/ran\n")
         sb.write_file("fileless.py", FILELESS)
         r = sb.exec(f"chmod +x /tmp/.m && python3 fileless.py {how}")
@@ -169,7 +165,7 @@ def test_an_execve_the_monitor_cannot_read_is_refused_and_recorded(monkeypatch: 
     def unreadable(pid: int, syscall: str, args: tuple[int, ...]) -> tuple[str, list[str], int | None]:
         raise PermissionError(13, "Permission denied")
 
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         with monkeypatch.context() as m:
             m.setattr(pm, "read_exec_call", unreadable)
             r = sb.exec(["true"])
@@ -180,7 +176,7 @@ def test_an_execve_the_monitor_cannot_read_is_refused_and_recorded(monkeypatch: 
 
 
 def test_the_policy_decides_the_response() -> None:
-    with Sandbox(policy(responses={"mining": "alert"}), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(responses={"mining": "alert"}), keep_workspace=False) as sb:
         r = sb.exec(["python3", "-c", "open('/workspace/ran', 'w')", "stratum+tcp://pool.example:3333"])
         assert r.exit_code == 0
         [a] = alerts(sb, "miner command line")
@@ -192,7 +188,7 @@ def test_the_policy_decides_the_response() -> None:
 
 
 def test_cpu_burnt_after_the_command_returned_is_killed_within_seconds() -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         r = sb.exec("nohup python3 -c 'while True: pass' >/dev/null 2>&1 &")
         returned = time.monotonic()
         assert r.exit_code == 0
@@ -215,7 +211,7 @@ def test_heavy_work_inside_a_running_command_is_not_flagged() -> None:
 
 
 def test_resource_samples_are_recorded_while_processes_run() -> None:
-    with Sandbox(policy(sample_interval=0.1), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(sample_interval=0.1), keep_workspace=False) as sb:
         sb.exec("python3 -c 'import time\nt = time.time()\nwhile time.time() - t < 5.5: pass'")
         samples = [e for e in sb.events() if e.type == "resource.sample"]
         assert samples, "no resource.sample in 5.5 s"
@@ -228,7 +224,7 @@ def test_gpu_use_by_a_sandbox_without_a_grant_is_killed() -> None:
     gpu = nvml.add_device()
     with (
         own_host(sampler=resource.Sampler(GpuMonitor(nvml))) as host,
-        Sandbox(policy(), keep_workspace=False, host=host) as sb,
+        Sandbox(tripwire_policy(), keep_workspace=False, host=host) as sb,
     ):
         results: list[ExecResult] = []
         runner = threading.Thread(target=lambda: results.append(sb.exec(["sleep", "30"])))
@@ -523,7 +519,7 @@ def test_the_wiring_check_follows_pipes_fifos_and_socketpairs_in_the_right_direc
 
 
 def test_a_probe_alerts_at_the_first_attempt_with_the_connection_as_evidence() -> None:
-    with Sandbox(policy(), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(), keep_workspace=False) as sb:
         sb.exec("nc -w 1 10.0.0.5 22", timeout=20)
         [a] = alerts(sb, "internal address")
         assert (a.category, a.action) == ("probe", "alert")
@@ -568,7 +564,7 @@ def test_a_request_for_another_host_behind_an_allowed_one_is_caught_at_once() ->
 
 
 def test_freeze_keeps_the_processes_for_inspection() -> None:
-    with Sandbox(policy(responses={"privilege tool": "freeze"}), keep_workspace=False) as sb:
+    with Sandbox(tripwire_policy(responses={"privilege tool": "freeze"}), keep_workspace=False) as sb:
         r = sb.exec("sleep 60 & sleep 0.2; unshare -n true; echo after")
         assert r.terminated == "frozen" and r.exit_code == 128 + 19, r
         assert r.stdout == b""  # the command stopped where it was: "after" never printed
@@ -594,7 +590,7 @@ def test_a_bad_rule_file_or_response_name_stops_the_sandbox_from_starting(tmp_pa
     with pytest.raises(PolicyError, match=r"bad\.yaml: rule 'x': unknown field 'proc\.nme'"):
         Sandbox(Policy.load(pol), keep_workspace=False)
     with pytest.raises(PolicyError, match=r"tripwires\.responses\.minning: no rule or category of that name"):
-        Sandbox(policy(responses={"minning": "kill"}), keep_workspace=False)
+        Sandbox(tripwire_policy(responses={"minning": "kill"}), keep_workspace=False)
 
 
 def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
@@ -604,7 +600,7 @@ def test_without_process_events_the_sandbox_refuses_to_start_unless_allowed(
     broken.error = "process-event connector unavailable (test)"
     with own_host(connector=broken) as host:
         with pytest.raises(HostError, match=r"degrade: \[process_events\]"):
-            Sandbox(policy(), keep_workspace=False, host=host)
+            Sandbox(tripwire_policy(), keep_workspace=False, host=host)
         degraded = Policy.from_dict(
             {"version": 1, "degrade": ["process_events"], "tripwires": {"sample_interval": 0.1}}
         )
@@ -624,7 +620,7 @@ def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(resource.Sampler, "_loop", crash)
     with own_host(sampler=resource.Sampler()) as host:
-        sb = Sandbox(policy(), keep_workspace=False, host=host)
+        sb = Sandbox(tripwire_policy(), keep_workspace=False, host=host)
         assert wait_until(lambda: any(e.type == "sandbox.stop" for e in sb.events()), timeout=10)
         [stop] = [e for e in sb.events() if e.type == "sandbox.stop"]
         assert (
@@ -634,7 +630,7 @@ def test_a_sandbox_stops_when_a_monitor_dies(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_a_sandbox_stops_when_process_events_stop() -> None:
-    sb = Sandbox(policy(), keep_workspace=False)
+    sb = Sandbox(tripwire_policy(), keep_workspace=False)
     conn = sb.host.connector
     try:
         table = sb._tripwires.table  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ memory, pids and cpu controllers, otherwise v1 when each of those has a v1 hiera
 where systemd mounts v2 with few or no controllers, are common), otherwise HostError.
 
 Phases: `Hierarchy.create(name, ...)` on the host before the sandbox starts (limits in place before
-any agent code runs); the launcher moves the sandbox's init in through `SandboxCgroup.join_files`
+any agent code runs); the sandbox's intermediate child moves its init in through `SandboxCgroup.join_files`
 before init unshares its cgroup namespace, so that namespace is rooted at the sandbox's own cgroup;
 `SandboxCgroup.remove()` after the last process is gone.
 
@@ -72,13 +72,13 @@ class SandboxCgroup(Protocol):
     def join_files(self) -> list[str]: ...
     @property
     def init_join_files(self) -> list[str]:
-        """Where the sandbox's init goes (the launcher moves it in)."""
+        """Where the sandbox's init goes (the intermediate child moves it in)."""
         ...
 
     @property
     def commands_memory(self) -> str | None:
         """With cgroup v1: the memory group's `tasks` file, for the thread of init that starts
-        commands (`launcher._Server`); init's leading thread then stays out of it."""
+        commands (`init.Server`); init's leading thread then stays out of it."""
         ...
 
     def usage(self) -> Usage: ...
@@ -248,7 +248,7 @@ class V1Cgroup:
     def init_join_files(self) -> list[str]:
         # Init's process joins corral's parent memory group, not the sandbox's: files the agent
         # writes to tmpfs fill the sandbox's group, and its OOM killer must find a command there,
-        # never init (see `launcher._Server`). Its other groups are the sandbox's.
+        # never init (see `init.Server`). Its other groups are the sandbox's.
         outside = os.path.dirname(self.paths["memory"])
         return sorted(
             {f"{p}/cgroup.procs" for c, p in self.paths.items() if p != self.paths["memory"]}

@@ -1,6 +1,6 @@
 """The sandbox's filesystem view, built inside its new mount namespace.
 
-Phases (run by `launcher` in this order):
+Phases (run in this order, the second by `child.become_init`):
 - `prepare_host(state_dir)`: the staging directories and generated files, on the host, as root.
 - `apply_in_child(plan, state_dir)`: in the child, after unshare(CLONE_NEWNS) and inside the new
   PID namespace (procfs must be mounted by a member of it); ends with pivot_root into the new root.
@@ -14,6 +14,7 @@ mounts (/proc, /sys, /run with its runtime sockets) are never reachable undernea
 
 from __future__ import annotations
 
+import errno
 import os
 
 from corral.isolation import _linux as L
@@ -162,6 +163,8 @@ def _mount_storage(plan: Plan, root: str, staging: str) -> None:
             os.chown(sub, plan.uid, plan.gid)
         target = root + path
         if not os.path.isdir(target):
-            raise OSError(2, f"writable path {path}: no such directory in the sandbox to mount over")
+            raise OSError(
+                errno.ENOENT, f"writable path {path}: no such directory in the sandbox to mount over"
+            )
         L.mount(sub, target, None, L.MS_BIND)
     L.umount2(staging, L.MNT_DETACH)

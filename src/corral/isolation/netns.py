@@ -1,7 +1,8 @@
 """The sandbox's side of the fence, set up inside its new network namespace (as root, by init).
 
-Phase `apply_in_child()` runs in the launcher before privileges are dropped, and returns the sockets
-the supervisor serves (they belong to the sandbox's namespace but are handled on the host side):
+Phase `apply_in_child()` runs in the sandbox's intermediate child (`child`) before privileges are
+dropped, and returns the sockets the supervisor serves (they belong to the sandbox's namespace but
+are handled on the host side):
 
 - a default route through loopback, so any connect() reaches netfilter instead of failing early,
   and loopback segments as large as the kernel allows;

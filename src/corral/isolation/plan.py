@@ -2,7 +2,7 @@
 
 Like bubblewrap's list of setup operations, a `Plan` is plain data: it can be printed
 (`corral policy plan FILE`), compared in unit tests on a fake host tree, and only then executed by
-`launcher` (which hands the mount steps to `mounts.apply_in_child`). Paths in mount steps are paths
+`child` (which hands the mount steps to `mounts.apply_in_child`). Paths in mount steps are paths
 inside the sandbox; the executor prefixes its staging root.
 """
 
@@ -131,7 +131,7 @@ _OPS: dict[str, type[MountOp]] = {
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything `launcher` needs to build one sandbox, in the order it happens."""
+    """Everything `child` needs to build one sandbox, in the order it happens."""
 
     namespaces: int
     hostname: str
@@ -330,7 +330,7 @@ def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str
     writable.extend(p for p in policy.filesystem.writable if p not in writable)
     for path in writable[2:]:
         # Outside the host's view the mount point is made in the sandbox's own root; within it (or
-        # within /workspace or /tmp) it must already exist (the launcher says which one doesn't).
+        # within /workspace or /tmp) it must already exist (set-up says which one doesn't).
         if not _below(path, bound) and path not in bound and not _below(path, list(SANDBOX_OWN)):
             parents(path, itself=True)
     ops.extend(_hidden_ops(hidden, host_root, bound))

@@ -115,7 +115,6 @@ _SECCOMP_MODE_FILTER = 2
 _U32 = 0xFFFFFFFF
 _TIOCSTI = 0x5412  # push bytes into a terminal's input queue: the classic sandbox-to-host escape
 _TIOCLINUX = 0x541C
-_NAMESPACE_CLONE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 
 
 class _ArgCmp(ctypes.Structure):
@@ -205,7 +204,7 @@ def _masked(index: int, mask: int, value: int) -> tuple[int, int, int, int]:
 def default_rules() -> list[Rule]:
     rules = [Rule(name) for name in DENIED]
     # Namespace creation through clone(2) is refused by flag; plain fork/threads stay allowed.
-    rules += [Rule("clone", ((0, _SCMP_CMP_MASKED_EQ, flag, flag),)) for flag in _NAMESPACE_CLONE_FLAGS]
+    rules += [Rule("clone", ((0, _SCMP_CMP_MASKED_EQ, flag, flag),)) for flag in _linux.NAMESPACE_FLAGS]
     # Every family outside the allowed ones, up to the whole int range: families the kernel doesn't
     # know fail there anyway, but then unrecorded.
     rules += [

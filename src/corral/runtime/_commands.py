@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from corral._errors import ExecError, SandboxClosedError
 from corral.events import Deny, ExecExit, ExecStart, ProcessRef
 from corral.events.model import Event
-from corral.isolation import cgroups, launcher, protocol
+from corral.isolation import cgroups, protocol, zygote
 from corral.policy import Policy
 from corral.runtime import _procs
 from corral.runtime._eventlog import EventLog
@@ -69,7 +69,7 @@ class ExecContext:
     sandbox_id: str
     uid: int
     policy: Policy
-    launched: launcher.Launched
+    launched: zygote.Launched
     cgroup: cgroups.SandboxCgroup
     workspace: str  # the sandbox's /workspace, seen from the host
     life: Lifecycle
@@ -220,7 +220,7 @@ class Run:
 
     def _send(self, request: protocol.Exec, io: _Stdio) -> None:
         try:
-            launcher.send_message(self.ctx.launched.control, request, io.child_fds)
+            protocol.send(self.ctx.launched.control, request, io.child_fds)
         except OSError as e:
             for fd in io.to_close:
                 os.close(fd)
@@ -253,7 +253,7 @@ class Run:
                     p.terminated = "failed"
                     return
                 p.timed_out = True
-                launcher.send_message(ctx.launched.control, protocol.Kill(id=request.id, token=request.token))
+                protocol.send(ctx.launched.control, protocol.Kill(id=request.id, token=request.token))
                 p.deadline = now + KILL_GRACE
                 continue
             if ctx.life.state is State.FROZEN and p.status is None:
@@ -299,7 +299,7 @@ class Run:
     ) -> None:
         """A message from init on the control socket, or its end."""
         ctx = self.ctx
-        data, fds = launcher.recv_bytes(ctx.launched.control)
+        data, fds = protocol.recv(ctx.launched.control)
         for fd in fds:
             os.close(fd)
         if data is None:  # init is gone: the sandbox was closed under us

@@ -3,7 +3,8 @@
 A host owns what its sandboxes share: the cgroup hierarchy, the uid claims and owner records under
 /run/corral (and the sweep of what dead supervisors left there), the supervisor thread that answers
 seccomp notifications and fires lifetime deadlines, the process-event connector, the resource
-sampler, the zygote that forks every sandbox, the teardown thread, and the set of open sandboxes.
+sampler, the zygote that forks every sandbox (and its network namespaces made ahead), the teardown
+thread, and the set of open sandboxes.
 
     with Host(networks_ahead=0) as host:
         with Sandbox(policy, host=host) as sb:
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from corral._errors import HostError
-from corral.isolation import cgroups, launcher
+from corral.isolation import cgroups, zygote
 from corral.isolation.plan import Plan
 from corral.monitors import process as process_monitor
 from corral.monitors import resource as resource_monitor
@@ -94,19 +95,6 @@ class _Reaper:
                 log.error("sandbox cleanup failed: %s", e)
 
 
-class _ZygoteSeam:
-    """How a host starts sandboxes: through corral's zygote process (see `launcher`)."""
-
-    def __init__(self, networks_ahead: int) -> None:
-        self.networks_ahead = networks_ahead
-
-    def launch(self, plan: Plan, **kwargs: object) -> launcher.Launched:
-        return launcher.launch(plan, networks_ahead=self.networks_ahead, **kwargs)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        launcher._stop_zygote()
-
-
 class Host:
     """corral on this machine. `networks_ahead`: fenced network namespaces the zygote keeps made
     ahead of demand (0 for a process that starts one sandbox). `connector` and `sampler` replace the
@@ -115,7 +103,7 @@ class Host:
     def __init__(
         self,
         *,
-        networks_ahead: int = launcher.NETWORKS_AHEAD,
+        networks_ahead: int = zygote.NETWORKS_AHEAD,
         connector: process_monitor.Connector | None = None,
         sampler: resource_monitor.Sampler | None = None,
     ) -> None:
@@ -127,7 +115,7 @@ class Host:
         self._uids: set[int] = set()
         self._open: set[Sandbox] = set()
         self._reaper = _Reaper()
-        self._zygote = _ZygoteSeam(networks_ahead)
+        self._zygote: zygote.Zygote | None = None
         self._supervisor: Supervisor | None = None
         self._given = (connector, sampler)
         self._connector: process_monitor.Connector | None = None
@@ -153,6 +141,7 @@ class Host:
             connector, sampler = self._given
             self._connector = connector or process_monitor.Connector()
             self._sampler = sampler or resource_monitor.Sampler()
+            self._zygote = zygote.Zygote(self.networks_ahead)
             self._state = HostState.RUNNING
             return self
 
@@ -178,7 +167,8 @@ class Host:
             self._supervisor.stop()
             self._connector.stop()
             self._sampler.stop()
-            self._zygote.stop()
+            assert self._zygote is not None
+            self._zygote.close()  # and with it the network namespaces it made ahead
         with self._lock:
             self._state = HostState.SHUT_DOWN
 
@@ -228,9 +218,27 @@ class Host:
         assert self._sampler is not None
         return self._sampler
 
-    def launch(self, plan: Plan, **kwargs: object) -> launcher.Launched:
-        """Start a sandbox's init from `plan` (see `launcher.launch` for the arguments)."""
-        return self._zygote.launch(plan, **kwargs)
+    def launch(
+        self,
+        plan: Plan,
+        *,
+        join_files: list[str],
+        state_dir: str,
+        landlock_abi: int,
+        notify: bool,
+        commands_memory: str | None = None,
+    ) -> zygote.Launched:
+        """Start a sandbox's init from `plan` through this host's zygote (see `Zygote.launch`)."""
+        self._running()
+        assert self._zygote is not None
+        return self._zygote.launch(
+            plan,
+            join_files=join_files,
+            state_dir=state_dir,
+            landlock_abi=landlock_abi,
+            notify=notify,
+            commands_memory=commands_memory,
+        )
 
     def claim_uid(self, sandbox_id: str) -> int:
         with self._lock:

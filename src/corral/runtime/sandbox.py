@@ -32,7 +32,7 @@ from corral.events import (
     SandboxStop,
 )
 from corral.events.model import Event
-from corral.isolation import cgroups, landlock, launcher, mounts, netns, seccomp
+from corral.isolation import cgroups, landlock, mounts, netns, seccomp, zygote
 from corral.isolation import plan as planning
 from corral.monitors import process as process_monitor
 from corral.policy import Policy
@@ -105,7 +105,7 @@ class Sandbox:
         self._upstream = upstream
         self._fence: Fence | None = None
         self._cgroup: cgroups.SandboxCgroup | None = None
-        self._launched: launcher.Launched | None = None
+        self._launched: zygote.Launched | None = None
         self._workspace_fd: int | None = None  # the sandbox's /workspace, held from its start
         self._state_dir = f"{_hostfiles.STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
