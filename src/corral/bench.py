@@ -1,4 +1,4 @@
-"""corral's own benchmark: the numbers behind the targets in DESIGN.md, as ratios in one run.
+"""corral's own benchmark: the numbers behind the targets in the README, as ratios in one run.
 
     sudo python -m corral.bench                  # warm exec, cold start, 100 idle sandboxes
     sudo python -m corral.bench --idle 1000 --json bench.json
