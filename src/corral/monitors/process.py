@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from corral import _procfs
 from corral._once import process_wide
 from corral.isolation import _linux
 from corral.monitors import _execpath
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # What a proc.exec event records of a command line; the rules judge all of it.
 RECORDED_ARGS = 4096
 RECORDED_ARG_BYTES = 256 * 1024
@@ -193,21 +193,17 @@ class ProcessTable:
 
 def _ppid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2 :].split()[1])
+        return int(_procfs.stat_fields(pid)[_procfs.PPID])
     except (OSError, ValueError, IndexError):
         return None
 
 
 def _start_time(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
-        return _boot_time() + ticks / _CLK_TCK
+        ticks = int(_procfs.stat_fields(pid)[_procfs.STARTTIME])
     except (OSError, ValueError, IndexError):
         return None
+    return _boot_time() + ticks / _procfs.CLK_TCK
 
 
 _boot: float | None = None

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral import _procfs
 from corral._once import process_wide
 from corral.monitors.gpu import GpuMonitor, GpuProcessUsage
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -26,24 +26,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class ProcStat:
     pid: int
     cpu_seconds: float  # user + system since start
-    start_ticks: int
+    start_ticks: int  # clock ticks after boot: with the pid, names the process
     rss: int
+
+    @property
+    def started(self) -> float:
+        """When the process started, in seconds after boot (the clock `uptime()` reads)."""
+        return self.start_ticks / _procfs.CLK_TCK
 
 
 def read_stat(pid: int) -> ProcStat | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fields = _procfs.stat_fields(pid)
         with open(f"/proc/{pid}/statm", "rb") as f:
             pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z":
+        if fields[_procfs.STATE] == b"Z":
             return None
-        return ProcStat(pid, (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[19]), pages * _PAGE)
-    except (ValueError, IndexError):
+        cpu = (int(fields[_procfs.UTIME]) + int(fields[_procfs.STIME])) / _procfs.CLK_TCK
+        return ProcStat(pid, cpu, int(fields[_procfs.STARTTIME]), pages * _PAGE)
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -65,7 +66,7 @@ class CpuMeter:
             key = (s.pid, s.start_ticks)
             prev = self._last.get(key)
             if prev is None:
-                prev = (0.0, s.start_ticks / _CLK_TCK)
+                prev = (0.0, s.started)
             dt = now_uptime - prev[1]
             out[s.pid] = max(0.0, (s.cpu_seconds - prev[0]) / dt) if dt > 0.01 else 0.0
             seen[key] = (s.cpu_seconds, now_uptime)

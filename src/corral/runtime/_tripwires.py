@@ -323,13 +323,13 @@ class Tripwires:
         wiring = pm.Wiring(lambda: pids, self._unix_peer, self._wiring_from)
         for s in stats:
             obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
-            obs._values.update(
+            obs.update(
                 {
                     "evt.type": "proc.sample",
                     "proc.cpu": cpu.get(s.pid, 0.0),
                     "proc.cpu_share": cpu.get(s.pid, 0.0) / self._cpu_budget,
                     "proc.rss": s.rss,
-                    "proc.age": max(0.0, up - s.start_ticks / pm._CLK_TCK),
+                    "proc.age": max(0.0, up - s.started),
                 }
             )
             matches += self.detector.observe(obs)
