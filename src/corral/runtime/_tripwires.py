@@ -198,9 +198,9 @@ class Tripwires:
             **_wiring_fields(pm.Wiring(self._pids, self._unix_peer), pid),
         }
         obs = self._observation(event, pid, lazy)
-        obs._values["proc.stdio_socket"] = "socket" in stdio
+        obs.update({"proc.stdio_socket": "socket" in stdio})
         if recorded is not argv:  # recorded bounded, judged whole
-            obs._values.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
+            obs.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
         return ExecVerdict(self._handle(self.detector.observe(obs), parked=pid))
 
     def _interpreters(
@@ -338,7 +338,7 @@ class Tripwires:
             for u in gpu.get(pid, []):
                 gpu_rows.append(GpuUsage(index=u.index, pid=pid, memory=u.memory_bytes, sm=u.sm_percent))
                 obs = self._observation(None, pid)
-                obs._values.update(
+                obs.update(
                     {
                         "evt.type": "gpu.sample",
                         "gpu.index": u.index,
