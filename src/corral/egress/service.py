@@ -27,11 +27,11 @@ import concurrent.futures
 import contextlib
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,6 +51,8 @@ from corral.egress import framing, sniff
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
 from corral.isolation import netns, sockdiag
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from corral.events.model import Event
@@ -1140,4 +1142,4 @@ def _report_failure(done: concurrent.futures.Future[None]) -> None:
 
 
 def report(error: BaseException) -> None:
-    print(f"corral: egress: {error!r}", file=sys.stderr)
+    log.error("egress: %r", error, exc_info=error)

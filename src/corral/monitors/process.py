@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +31,8 @@ from corral import _procfs
 from corral._once import process_wide
 from corral.isolation import _linux
 from corral.monitors import _execpath
+
+log = logging.getLogger(__name__)
 
 # What a proc.exec event records of a command line; the rules judge all of it.
 RECORDED_ARGS = 4096
@@ -877,7 +879,7 @@ class Connector:
 
     def _failed(self, reason: str) -> None:
         """Fail closed: every sandbox this connector watched is told (and stopped by its owner)."""
-        print(f"corral: {reason}", file=sys.stderr)
+        log.error("%s", reason)
         with self._lock:
             self.error = reason
             tables = {id(t): t for t in self._owners.values()}.values()

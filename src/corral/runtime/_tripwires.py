@@ -12,10 +12,10 @@ from __future__ import annotations
 import collections
 import errno
 import ipaddress
+import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +40,8 @@ from corral.monitors import process as pm
 from corral.monitors import resource as rm
 from corral.monitors.gpu import GpuProcessUsage
 from corral.monitors.resource import CpuMeter, read_stat, uptime
+
+log = logging.getLogger(__name__)
 
 _RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
 _EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the connector, ends it
@@ -147,7 +149,7 @@ class Tripwires:
             path, argv, dirfd, flags = pm.read_exec_call(pid, syscall, args)
         except PermissionError as e:
             # Fail closed: a program the monitor can't read is a program it can't judge.
-            print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
+            log.warning("process monitor: cannot read the execve of pid %d: %s", pid, e)
             return self._refuse_exec(
                 pid, syscall, f"refused: the process monitor could not read the call ({e.strerror})"
             )
