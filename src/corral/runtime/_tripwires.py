@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
+from corral.egress.rules import address_class
 from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
 from corral.events.model import (
     Deny,
@@ -48,15 +49,6 @@ _EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the co
 _IDLE_SWEEP_EVERY = 8  # samples: an idle sandbox is swept every 2 s at the default interval
 _EVIDENCE_PROCS = 24
 _EVIDENCE_CONNS = 10
-_SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-# Named explicitly rather than with ipaddress's is_private, which also counts the documentation
-# ranges (TEST-NET-1/2/3): those stand for the outside world in examples and tests.
-_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
-_DOCUMENTATION = [
-    ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
-]
 
 
 class Responder(Protocol):
@@ -638,32 +630,10 @@ def address_scope(text: str | None) -> str | None:
     if not text:
         return None
     try:
-        a = ipaddress.ip_address(text)
+        scope = address_class(ipaddress.ip_address(text))
     except ValueError:
         return "name"
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if a in _METADATA:
-        return "metadata"
-    if isinstance(a, ipaddress.IPv4Address) and a in _SYNTHETIC:
-        return "name"
-    if isinstance(a, ipaddress.IPv4Address) and a in _CGNAT:
-        return "cgnat"
-    if a.is_loopback:
-        return "loopback"
-    if a.is_link_local:
-        return "link_local"
-    if a.is_multicast:
-        return "multicast"
-    if a.is_unspecified:
-        return "unspecified"
-    if any(a in n for n in _PRIVATE):
-        return "private"
-    if any(a in n for n in _DOCUMENTATION):
-        return "documentation"
-    if a.is_reserved or a.is_private:
-        return "reserved"
-    return "public"
+    return "name" if scope == "benchmark" else scope  # the resolver's synthetic answers stand for names
 
 
 def entropy(text: str) -> float:
