@@ -21,10 +21,10 @@ import contextlib
 import functools
 import heapq
 import itertools
+import logging
 import os
 import select
 import selectors
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +32,8 @@ from collections.abc import Callable
 from corral._lanes import CpuMeter
 from corral._once import process_wide
 from corral.isolation import seccomp
+
+log = logging.getLogger(__name__)
 
 _ANSWERERS = 4  # sandboxes answered at the same time; a flooding one holds at most one thread
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -192,7 +194,7 @@ def _pending(fd: int) -> bool:
 
 
 def _report(what: str, error: BaseException) -> None:
-    print(f"corral: supervisor: {what} failed: {error!r}", file=sys.stderr)
+    log.error("supervisor: %s failed: %r", what, error, exc_info=error)
 
 
 get = process_wide(Supervisor)

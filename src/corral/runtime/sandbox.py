@@ -347,7 +347,7 @@ class _Reaper:
             try:
                 fn()
             except Exception as e:  # a failed cleanup must not stop the others
-                print(f"corral: sandbox cleanup failed: {e}", file=sys.stderr)
+                log.error("sandbox cleanup failed: %s", e, exc_info=e)
 
 
 _reaper = _Reaper()
