@@ -5,15 +5,19 @@ from __future__ import annotations
 import ctypes
 import importlib
 import inspect
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from corral.monitors.gpu import GpuDevice, GpuError, GpuMonitor, GpuProcessUsage
+from corral.monitors.resource import Sampler
 from fakenvml import NVML_ERROR_DRIVER_NOT_LOADED, NVML_SUCCESS, FakeNvml
 
 GiB = 1 << 30
@@ -164,6 +168,58 @@ def test_a_gpu_that_fails_raises_naming_it() -> None:
         GpuError, match=r"^GPU 1: nvmlDeviceGetHandleByIndex failed: GPU is lost \(NVML error 15\)$"
     ):
         GpuMonitor(nvml).sample()
+
+
+def watch_until_failed(sampler: Sampler, keys: list[str], calls: dict[str, int]) -> dict[str, str]:
+    failed: dict[str, str] = {}
+    done = threading.Event()
+
+    def watch(key: str) -> None:
+        def callback(usage: object) -> None:
+            calls[key] = calls.get(key, 0) + 1
+            if key == "broken":
+                raise RuntimeError("a bug in one sandbox's sampling")
+
+        def on_failure(reason: str) -> None:
+            failed[key] = reason
+            done.set()
+
+        sampler.watch(key, 0.02, callback, on_failure)
+
+    for key in keys:
+        watch(key)
+    assert done.wait(10), "no failure reported"
+    return failed
+
+
+def test_a_gpu_that_fails_stops_the_sandboxes_it_was_sampling(caplog: pytest.LogCaptureFixture) -> None:
+    # Blind on a GPU, the tripwires would read "no processes" there: failed closed, as when the
+    # process monitor or the sampler itself fails.
+    nvml = FakeNvml()
+    nvml.add_device().lost = True
+    sampler = Sampler(GpuMonitor(nvml))
+    calls: dict[str, int] = {}
+    with caplog.at_level(logging.ERROR, logger="corral"):
+        failed = watch_until_failed(sampler, ["a"], calls)
+    reason = "GPU sampling failed: GPU 0: nvmlDeviceGetHandleByIndex failed: GPU is lost (NVML error 15)"
+    assert failed == {"a": reason} and calls == {}
+    assert [r.name for r in caplog.records] == ["corral.monitors.resource"]
+    assert caplog.records[0].getMessage() == reason
+
+
+def test_a_sandbox_whose_sampling_fails_is_stopped_alone(caplog: pytest.LogCaptureFixture) -> None:
+    sampler = Sampler(GpuMonitor(FakeNvml()))
+    calls: dict[str, int] = {}
+    with caplog.at_level(logging.ERROR, logger="corral"):
+        failed = watch_until_failed(sampler, ["broken", "fine"], calls)
+        before = calls.get("fine", 0)
+        deadline = time.monotonic() + 5
+        while calls.get("fine", 0) < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    sampler.unwatch("fine")
+    assert failed == {"broken": 'sampling failed: RuntimeError("a bug in one sandbox\'s sampling")'}
+    assert calls["broken"] == 1 and calls["fine"] >= before + 3
+    assert [r.getMessage() for r in caplog.records] == ["sampling a sandbox failed"]
 
 
 def test_devices_and_driver_version() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import Policy, Sandbox, SandboxStop
+from corral import Policy, Sandbox, SandboxStop, _procfs
 from corral.isolation import cgroups
 from helpers import wait_until
 
@@ -80,6 +80,6 @@ def test_the_workspace_is_saved_when_init_is_gone(tmp_path: Path) -> None:
 
 def _zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return _procfs.stat_fields(pid)[_procfs.STATE] == b"Z"
     except OSError:
         return True

@@ -111,6 +111,13 @@ def test_content_verdicts_are_cached_by_file_identity() -> None:
     assert len(reads) == 1
 
 
+def test_fields_set_after_an_observation_is_made_win_over_lazy_ones() -> None:
+    computed: list[str] = []
+    obs = Observation({"proc.name": "sh"}, lazy={"proc.cpu": lambda: computed.append("cpu") or 0.0})
+    obs.update({"proc.cpu": 2.5, "proc.name": "bash"})
+    assert (obs.get("proc.cpu"), obs.get("proc.name"), computed) == (2.5, "bash", [])
+
+
 # --- rule files ----------------------------------------------------------------------------------
 
 

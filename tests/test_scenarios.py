@@ -77,8 +77,8 @@ REQUIRED: dict[str, tuple[str, set[str]]] = {
     "benign-long-sleep": ("benign", set()),
 }
 
-# How long a tripwire may take to raise an alert after the scenario's last step (DESIGN.md: a miner is
-# killed within 2 s; the rest alert at the first attempt).
+# How long a tripwire may take to raise an alert after the scenario's last step (the README's target:
+# a miner is killed within 2 s; the rest alert at the first attempt).
 ALERT_GRACE = 2.0
 
 

@@ -10,7 +10,7 @@
         └── ExecError            a command could not be started (not: it exited non-zero)
 
 Command failures are not exceptions: `Sandbox.exec` returns an `ExecResult` with the exit code, and
-`timed_out`/`killed_by` say why it ended.
+`signal`, `timed_out` and `terminated` say why it ended.
 """
 
 from __future__ import annotations

@@ -42,6 +42,11 @@ class Observation:
             self._values[name] = v
         return v
 
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Set fields known only once the observation was made (what a sample measured), or judged
+        differently from what was recorded (a command line recorded bounded, judged whole)."""
+        self._values.update(values)
+
 
 @dataclass(frozen=True)
 class Match:

@@ -2,10 +2,15 @@
 
 Decisions are made on names and checked on addresses. A name is allowed by a `host` rule (exact, or
 `*.example.com` for its subdomains only) or by `network.hosts`. Whatever address an allowed name
-resolves to is then checked: loopback, private (RFC 1918, CGNAT, ULA), link-local (including the
-cloud metadata address 169.254.169.254), unspecified, multicast and the host's own addresses are
-refused unless the policy names that address itself (in `hosts`, or a `cidr` rule). The proxy then
-connects to exactly the address it checked, so a second DNS answer can't rebind the name.
+resolves to is then checked: every address `address_class` does not call public (loopback, private
+(RFC 1918, ULA), CGNAT, link-local, the cloud metadata addresses, unspecified, multicast,
+documentation, benchmarking and reserved ranges), an IPv4 address written as IPv6 (::ffff:a.b.c.d),
+and the host's own addresses are refused unless the policy names that address itself (in `hosts`,
+or a `cidr` rule). The proxy then connects to exactly the address it checked, so a second DNS answer
+can't rebind the name.
+
+`address_class` is corral's one classification of addresses: the fence refuses by it and the
+tripwires' `net.scope` field reports it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import psutil
 
@@ -22,8 +27,77 @@ if TYPE_CHECKING:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+AddressClass = Literal[
+    "public",
+    "metadata",
+    "loopback",
+    "link_local",
+    "cgnat",
+    "private",
+    "multicast",
+    "unspecified",
+    "documentation",
+    "benchmark",
+    "reserved",
+]
+
+# The cloud metadata service, IPv4 and IPv6 (AWS's IMDS): credentials for whoever asks.
+METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
-METADATA = ipaddress.ip_address("169.254.169.254")
+# RFC 2544's benchmarking range, never routed: corral's resolver answers with addresses from it.
+SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
+# Named explicitly rather than with ipaddress's is_private, which also counts the documentation and
+# benchmarking ranges: those are told apart below (TEST-NETs stand for the outside world in examples).
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+_DOCUMENTATION = tuple(
+    ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+)
+
+
+def address_class(addr: IPAddress) -> AddressClass:
+    """What kind of address `addr` is. An IPv4 address written as IPv6 (::ffff:a.b.c.d) is the IPv4
+    address it reaches; the first class that applies wins (the metadata address before link-local,
+    the IPv6 metadata address before private)."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr in METADATA:
+        return "metadata"
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_link_local:
+        return "link_local"
+    if isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT:
+        return "cgnat"
+    if any(addr in n for n in _PRIVATE):
+        return "private"
+    if addr.is_multicast:
+        return "multicast"
+    if addr.is_unspecified:
+        return "unspecified"
+    if any(addr in n for n in _DOCUMENTATION):
+        return "documentation"
+    if isinstance(addr, ipaddress.IPv4Address) and addr in SYNTHETIC:
+        return "benchmark"
+    if addr.is_reserved or addr.is_private:
+        return "reserved"
+    return "public"
+
+
+# Why the fence refuses each class unless the policy names the address.
+_REFUSED: dict[AddressClass, str] = {
+    "metadata": "cloud metadata address",
+    "loopback": "loopback address",
+    "link_local": "link-local address",
+    "cgnat": "shared (CGNAT) address",
+    "private": "private address",
+    "multicast": "multicast address",
+    "unspecified": "unspecified address",
+    "documentation": "documentation address",
+    "benchmark": "benchmarking address",
+    "reserved": "reserved address",
+}
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -49,20 +123,13 @@ def host_addresses() -> frozenset[IPAddress]:
 
 def forbidden_reason(addr: IPAddress, host_addrs: frozenset[IPAddress] = frozenset()) -> str | None:
     """Why `addr` is off limits unless the policy names it, or None if it is a public address."""
-    if addr == METADATA:
-        return "cloud metadata address"
-    if addr.is_loopback:
-        return "loopback address"
-    if addr.is_unspecified:
-        return "unspecified address"
-    if addr.is_link_local:
-        return "link-local address"
-    if isinstance(addr, ipaddress.IPv4Address) and addr in _CGNAT:
-        return "shared (CGNAT) address"
-    if addr.is_private:
-        return "private address"
-    if addr.is_multicast or addr.is_reserved:
-        return "reserved or multicast address"
+    reason = _REFUSED.get(address_class(addr))
+    if reason is not None:
+        return reason
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # A public IPv4 address in IPv6 dress, from an AAAA answer: nothing needs one, and a check
+        # or a rule written for the IPv4 address would not match it.
+        return "IPv4-mapped address"
     if addr in host_addrs:
         return "one of this host's addresses"
     return None

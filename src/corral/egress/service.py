@@ -27,11 +27,11 @@ import concurrent.futures
 import contextlib
 import functools
 import ipaddress
+import logging
 import os
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -47,10 +47,12 @@ import dns.rrset
 
 from corral._lanes import Lanes
 from corral._once import process_wide
-from corral.egress import framing, sniff
+from corral.egress import framing, rules, sniff
 from corral.egress.rules import IPAddress, Rules, Verdict
 from corral.events import Deny, DnsQuery, NetConnect, ProcessRef
 from corral.isolation import netns, sockdiag
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from corral.events.model import Event
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
 _SO_ORIGINAL_DST = 80
 _SNIFF_TIMEOUT = 3.0
 _CONNECT_TIMEOUT = 10.0
-_SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
+_SYNTHETIC = rules.SYNTHETIC
 _BUFFER = 4 << 20  # how much a stream may hold while its first bytes are read and judged
 # A relay thread's read buffer starts small (most connections carry little) and doubles each time a
 # read fills it, so a bulk transfer moves up to 4 MiB per wake-up.
@@ -1140,4 +1142,4 @@ def _report_failure(done: concurrent.futures.Future[None]) -> None:
 
 
 def report(error: BaseException) -> None:
-    print(f"corral: egress: {error!r}", file=sys.stderr)
+    log.error("egress: %r", error, exc_info=error)

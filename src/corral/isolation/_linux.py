@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from corral import _procfs
+
 _T = TypeVar("_T")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -222,10 +224,8 @@ def set_cmdline(text: str) -> None:
     """Overwrite this process's argv in place (as setproctitle does), so the sandbox's init does not
     show the supervisor's command line, which may carry paths or tokens, to the agent. prctl(PR_SET_MM)
     would be tidier but needs CAP_SYS_RESOURCE, which hosts often withhold even from root."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields 48 and 49 of /proc/pid/stat (counted from 1, "pid (comm)" being 1 and 2).
-    arg_start, arg_end = int(fields[45]), int(fields[46])
+    fields = _procfs.stat_fields("self")
+    arg_start, arg_end = int(fields[_procfs.ARG_START]), int(fields[_procfs.ARG_END])
     size = arg_end - arg_start
     data = text.encode()[: max(size - 1, 0)]
     ctypes.memmove(arg_start, data + b"\0" * (size - len(data)), size)

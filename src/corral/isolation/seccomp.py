@@ -7,8 +7,10 @@ where the agent can't forge it) and answers EPERM. If the supervisor is gone the
 itself, so a refused call can never succeed. Without user notification (policy `degrade:
 [seccomp_notify]`) the same calls get EPERM directly and are not reported.
 
-Phases: `build_filter()` + `load()` in the child after privileges are dropped (no_new_privs is set);
-`Listener` on the host reads notifications from the fd the child hands over.
+Phases: `default_rules()` + `compile_program()` build the BPF program once per kind (in the zygote);
+`load_program()` installs it in the child after privileges are dropped (no_new_privs is set), and
+`load()` does both at once. On the host, `receive()` reads notifications from the listener fd the
+child hands over, and `respond_error()` / `respond_continue()` answer them.
 """
 
 from __future__ import annotations

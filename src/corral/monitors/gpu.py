@@ -29,7 +29,9 @@ class GpuError(CorralError):
     """NVML failed while reading a GPU that it had listed (GPU lost, driver reset, permission).
 
     The message names the NVML call, the GPU index and NVML's error. A monitor that can no longer
-    see a GPU is blind there, so this is raised rather than reported as "no processes".
+    see a GPU is blind there, so this is raised rather than reported as "no processes": the
+    resource sampler logs it and stops the sandboxes it was sampling, as it does when any monitor
+    fails.
     """
 
 

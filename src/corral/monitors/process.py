@@ -16,21 +16,23 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from corral import _procfs
 from corral.isolation import _linux
 from corral.monitors import _execpath
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+log = logging.getLogger(__name__)
+
 # What a proc.exec event records of a command line; the rules judge all of it.
 RECORDED_ARGS = 4096
 RECORDED_ARG_BYTES = 256 * 1024
@@ -192,21 +194,17 @@ class ProcessTable:
 
 def _ppid(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2 :].split()[1])
+        return int(_procfs.stat_fields(pid)[_procfs.PPID])
     except (OSError, ValueError, IndexError):
         return None
 
 
 def _start_time(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        ticks = int(data[data.rindex(b")") + 2 :].split()[19])
-        return _boot_time() + ticks / _CLK_TCK
+        ticks = int(_procfs.stat_fields(pid)[_procfs.STARTTIME])
     except (OSError, ValueError, IndexError):
         return None
+    return _boot_time() + ticks / _procfs.CLK_TCK
 
 
 _boot: float | None = None
@@ -892,7 +890,7 @@ class Connector:
 
     def _failed(self, reason: str) -> None:
         """Fail closed: every sandbox this connector watched is told (and stopped by its owner)."""
-        print(f"corral: {reason}", file=sys.stderr)
+        log.error("%s", reason)
         with self._lock:
             self.error = reason
             tables = {id(t): t for t in self._owners.values()}.values()

@@ -3,21 +3,27 @@
 Per process it reads /proc/PID/stat (CPU ticks, start time) and statm (resident pages): two small
 reads, so 4 samples a second of a busy sandbox cost well under a millisecond. GPU use comes from NVML
 once per round for all sandboxes, and is handed to each by host pid.
+
+Failures fail closed, like the process monitor's: when the sampler stops, NVML fails on a GPU it
+listed (`GpuError`) or a sandbox's own sampling raises, each sandbox concerned is told through its
+`on_failure` and stops; the failure is logged on the `corral` logger for the operator.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corral.monitors.gpu import GpuMonitor, GpuProcessUsage
+from corral import _procfs
+from corral.monitors.gpu import GpuError, GpuMonitor, GpuProcessUsage
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+log = logging.getLogger(__name__)
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -25,24 +31,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 class ProcStat:
     pid: int
     cpu_seconds: float  # user + system since start
-    start_ticks: int
+    start_ticks: int  # clock ticks after boot: with the pid, names the process
     rss: int
+
+    @property
+    def started(self) -> float:
+        """When the process started, in seconds after boot (the clock `uptime()` reads)."""
+        return self.start_ticks / _procfs.CLK_TCK
 
 
 def read_stat(pid: int) -> ProcStat | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fields = _procfs.stat_fields(pid)
         with open(f"/proc/{pid}/statm", "rb") as f:
             pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z":
+        if fields[_procfs.STATE] == b"Z":
             return None
-        return ProcStat(pid, (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[19]), pages * _PAGE)
-    except (ValueError, IndexError):
+        cpu = (int(fields[_procfs.UTIME]) + int(fields[_procfs.STIME])) / _procfs.CLK_TCK
+        return ProcStat(pid, cpu, int(fields[_procfs.STARTTIME]), pages * _PAGE)
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -64,7 +71,7 @@ class CpuMeter:
             key = (s.pid, s.start_ticks)
             prev = self._last.get(key)
             if prev is None:
-                prev = (0.0, s.start_ticks / _CLK_TCK)
+                prev = (0.0, s.started)
             dt = now_uptime - prev[1]
             out[s.pid] = max(0.0, (s.cpu_seconds - prev[0]) / dt) if dt > 0.01 else 0.0
             seen[key] = (s.cpu_seconds, now_uptime)
@@ -140,31 +147,41 @@ class Sampler:
             self._loop()
         except BaseException as e:
             # Fail closed: a sandbox whose resources nobody samples is not left running.
-            reason = f"resource sampling stopped: {e!r}"
-            print(f"corral: {reason}", file=sys.stderr)
-            with self._lock:
-                watches = list(self._watches.values())
-                self._watches.clear()
-            for w in watches:
-                if w.on_failure is not None:
-                    w.on_failure(reason)
+            log.error("resource sampling stopped", exc_info=e)
+            self._fail(None, f"resource sampling stopped: {e!r}")
+
+    def _fail(self, keys: list[object] | None, reason: str) -> None:
+        """Stop watching `keys` (None: every sandbox) and tell each owner that its tripwires are
+        blind, so that it stops the sandbox: a failed monitor is handled the same way wherever it
+        fails."""
+        with self._lock:
+            if keys is None:
+                keys = list(self._watches)
+            watches = [w for w in (self._watches.pop(k, None) for k in keys) if w is not None]
+        for w in watches:
+            if w.on_failure is not None:
+                w.on_failure(reason)
 
     def _loop(self) -> None:
         gpu = self.gpu
         while not self._stopping:
             with self._lock:
-                watches = list(self._watches.values())
+                watches = list(self._watches.items())
             now = time.monotonic()
-            due = [w for w in watches if w.due <= now]
+            due = [(key, w) for key, w in watches if w.due <= now]
             if due:
                 usage: dict[int, list[GpuProcessUsage]] = {}
                 if gpu is not None:
                     try:
                         for u in gpu.sample():
                             usage.setdefault(u.pid, []).append(u)
-                    except Exception as e:
-                        print(f"corral: GPU sampling failed: {e}", file=sys.stderr)
-                for w in due:
+                    except GpuError as e:
+                        # Blind on a GPU: the GPU tripwires would see "no processes" there. Every
+                        # sandbox sampled in this round is stopped, as when any monitor fails.
+                        log.error("GPU sampling failed: %s", e)
+                        self._fail([key for key, _ in due], f"GPU sampling failed: {e}")
+                        due = []
+                for key, w in due:
                     # Fixed-rate, not fixed-delay: a slow round must not stretch detection latency.
                     w.due += w.interval
                     if w.due <= now:  # a round fell behind: skip ahead, staying on the grid
@@ -172,7 +189,8 @@ class Sampler:
                     try:
                         w.callback(usage)
                     except Exception as e:
-                        print(f"corral: sampling a sandbox failed: {e!r}", file=sys.stderr)
+                        log.error("sampling a sandbox failed", exc_info=e)
+                        self._fail([key], f"sampling failed: {e!r}")
             with self._lock:
                 nxt = min((w.due for w in self._watches.values()), default=None)
             timeout = None if nxt is None else max(0.0, nxt - time.monotonic())

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from corral._lanes import CpuMeter
 from corral.isolation import seccomp
 
-log = logging.getLogger("corral")
+log = logging.getLogger(__name__)
 
 _ANSWERERS = 4  # sandboxes answered at the same time; a flooding one holds at most one thread
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -221,4 +221,4 @@ def _pending(fd: int) -> bool:
 
 
 def _report(what: str, error: BaseException) -> None:
-    log.error("supervisor: %s failed: %r", what, error)
+    log.error("supervisor: %s failed: %r", what, error, exc_info=error)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import collections
 import errno
 import ipaddress
+import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from corral.detect.engine import Detector, Match, Observation
 from corral.detect.rules import Ruleset
+from corral.egress.rules import address_class
 from corral.events import Alert, AlertTags, Evidence, ProcessRef, ProcExec, ProcExit, ResourceSample
 from corral.events.model import (
     Deny,
@@ -41,20 +42,13 @@ from corral.monitors import process as pm
 from corral.monitors.gpu import GpuProcessUsage
 from corral.monitors.resource import CpuMeter, read_stat, uptime
 
+log = logging.getLogger(__name__)
+
 _RECORD_EVERY = 5.0  # seconds between resource.sample events while processes run
 _EXIT_GRACE = 2.0  # seconds a process must be gone before the sweep, not the connector, ends it
 _IDLE_SWEEP_EVERY = 8  # samples: an idle sandbox is swept every 2 s at the default interval
 _EVIDENCE_PROCS = 24
 _EVIDENCE_CONNS = 10
-_SYNTHETIC = ipaddress.ip_network("198.18.0.0/15")
-_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-# Named explicitly rather than with ipaddress's is_private, which also counts the documentation
-# ranges (TEST-NET-1/2/3): those stand for the outside world in examples and tests.
-_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")]
-_DOCUMENTATION = [
-    ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
-]
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,7 @@ class Tripwires:
             path, argv, dirfd, flags = pm.read_exec_call(pid, syscall, args)
         except PermissionError as e:
             # Fail closed: a program the monitor can't read is a program it can't judge.
-            print(f"corral: process monitor: cannot read the execve of pid {pid}: {e}", file=sys.stderr)
+            log.warning("process monitor: cannot read the execve of pid %d: %s", pid, e)
             return self._refuse_exec(
                 pid, syscall, f"refused: the process monitor could not read the call ({e.strerror})"
             )
@@ -220,9 +214,9 @@ class Tripwires:
             **_wiring_fields(pm.Wiring(self._pids, self._unix_peer), pid),
         }
         obs = self._observation(event, pid, lazy)
-        obs._values["proc.stdio_socket"] = "socket" in stdio
+        obs.update({"proc.stdio_socket": "socket" in stdio})
         if recorded is not argv:  # recorded bounded, judged whole
-            obs._values.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
+            obs.update({"proc.args": argv[1:], "proc.cmdline": " ".join(argv)})
         verdict, actions = self._handle(self.detector.observe(obs), parked=pid)
         return ExecVerdict(verdict, actions=tuple(actions))
 
@@ -347,13 +341,13 @@ class Tripwires:
         wiring = pm.Wiring(lambda: pids, self._unix_peer, self._wiring_from)
         for s in stats:
             obs = self._observation(None, s.pid, _wiring_fields(wiring, s.pid))
-            obs._values.update(
+            obs.update(
                 {
                     "evt.type": "proc.sample",
                     "proc.cpu": cpu.get(s.pid, 0.0),
                     "proc.cpu_share": cpu.get(s.pid, 0.0) / self._cpu_budget,
                     "proc.rss": s.rss,
-                    "proc.age": max(0.0, up - s.start_ticks / pm._CLK_TCK),
+                    "proc.age": max(0.0, up - s.started),
                 }
             )
             matches += self.detector.observe(obs)
@@ -362,7 +356,7 @@ class Tripwires:
             for u in gpu.get(pid, []):
                 gpu_rows.append(GpuUsage(index=u.index, pid=pid, memory=u.memory_bytes, sm=u.sm_percent))
                 obs = self._observation(None, pid)
-                obs._values.update(
+                obs.update(
                     {
                         "evt.type": "gpu.sample",
                         "gpu.index": u.index,
@@ -663,32 +657,10 @@ def address_scope(text: str | None) -> str | None:
     if not text:
         return None
     try:
-        a = ipaddress.ip_address(text)
+        scope = address_class(ipaddress.ip_address(text))
     except ValueError:
         return "name"
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if a in _METADATA:
-        return "metadata"
-    if isinstance(a, ipaddress.IPv4Address) and a in _SYNTHETIC:
-        return "name"
-    if isinstance(a, ipaddress.IPv4Address) and a in _CGNAT:
-        return "cgnat"
-    if a.is_loopback:
-        return "loopback"
-    if a.is_link_local:
-        return "link_local"
-    if a.is_multicast:
-        return "multicast"
-    if a.is_unspecified:
-        return "unspecified"
-    if any(a in n for n in _PRIVATE):
-        return "private"
-    if any(a in n for n in _DOCUMENTATION):
-        return "documentation"
-    if a.is_reserved or a.is_private:
-        return "reserved"
-    return "public"
+    return "name" if scope == "benchmark" else scope  # the resolver's synthetic answers stand for names
 
 
 def entropy(text: str) -> float:

@@ -92,7 +92,7 @@ class _Reaper:
             try:
                 fn()
             except Exception as e:  # a failed cleanup must not stop the others
-                log.error("sandbox cleanup failed: %s", e)
+                log.error("sandbox cleanup failed: %s", e, exc_info=e)
 
 
 class Host:
