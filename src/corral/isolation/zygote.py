@@ -18,7 +18,6 @@ the one function the runtime calls today, on a default zygote made at first use.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import gc
 import importlib
@@ -59,6 +58,11 @@ class LaunchError(Exception):
         super().__init__(f"{step}: {message}")
 
 
+# Fenced network namespaces a zygote keeps made ahead by default; a process that starts a single
+# sandbox asks for 0.
+NETWORKS_AHEAD = 2
+
+
 class Zygote:
     """One zygote process and the socket to it: `launch` starts sandboxes, `close` ends the process.
 
@@ -69,7 +73,7 @@ class Zygote:
     a socket of its own.
     """
 
-    def __init__(self, networks_ahead: int = 2) -> None:
+    def __init__(self, networks_ahead: int = NETWORKS_AHEAD) -> None:
         self.networks_ahead = networks_ahead
         self._lock = threading.Lock()
         self._closed = False
@@ -206,59 +210,6 @@ def _read_setup(sock: socket.socket, timeout: float, received: list[int]) -> Lau
         else:
             raise LaunchError("setup", f"an unexpected {msg.op} message with {len(fds)} descriptor(s)")
     return Launched(init_pid, os.pidfd_open(init_pid), sock, notify_fd, fence_fds, made_ahead)
-
-
-# --- the default zygote: the seam the runtime's Host replaces -------------------------------------
-
-# Fenced network namespaces the default zygote keeps made ahead; read when it starts. A process that
-# starts a single sandbox sets it to 0 first.
-NETWORKS_AHEAD = 2
-_default: Zygote | None = None
-_default_lock = threading.Lock()
-
-
-def launch(
-    plan: Plan,
-    *,
-    join_files: list[str],
-    state_dir: str,
-    landlock_abi: int,
-    notify: bool,
-    commands_memory: str | None = None,
-    setup_timeout: float = 10.0,
-) -> Launched:
-    """`Zygote.launch` on this process's default zygote, made at first use with `NETWORKS_AHEAD`.
-
-    This function and `NETWORKS_AHEAD` are the seam the runtime's Host replaces: a Host owns its own
-    `Zygote` and calls its `launch`; until then the runtime calls this, and the default zygote is
-    closed when the interpreter exits."""
-    return _default_zygote().launch(
-        plan,
-        join_files=join_files,
-        state_dir=state_dir,
-        landlock_abi=landlock_abi,
-        notify=notify,
-        commands_memory=commands_memory,
-        setup_timeout=setup_timeout,
-    )
-
-
-def _default_zygote() -> Zygote:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Zygote(NETWORKS_AHEAD)
-        return _default
-
-
-@atexit.register
-def _close_default() -> None:
-    # Wait for the zygote so that no process outlives the interpreter; the next `launch` makes another.
-    global _default
-    with _default_lock:
-        if _default is not None:
-            _default.close()
-            _default = None
 
 
 # --- the zygote process ---------------------------------------------------------------------------
