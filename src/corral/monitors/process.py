@@ -23,7 +23,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -453,17 +453,23 @@ def in_root_realpath(root: str, path: str, stop: str | None = None) -> str | Non
     return "/" + "/".join(done)
 
 
+def _stdio_links(pid: int) -> Iterator[tuple[int, str | None]]:
+    """fds 0-2 of `pid` and what each links to in /proc (None: closed, or the process is gone)."""
+    for fd in (0, 1, 2):
+        try:
+            yield fd, os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            yield fd, None
+
+
 def stdio_kinds(pid: int) -> tuple[list[str], list[int]]:
     """What fds 0-2 are (socket, pipe, tty, file, null, other, closed), and the pipes' inodes of 0/1."""
     kinds: list[str] = []
     pipes: list[int] = []
-    for fd in (0, 1, 2):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
+    for fd, target in _stdio_links(pid):
+        if target is None:
             kinds.append("closed")
-            continue
-        if target.startswith("socket:["):
+        elif target.startswith("socket:["):
             kinds.append("socket" if _is_inet_socket(pid, int(target[8:-1])) else "unix")
         elif target.startswith("pipe:["):
             kinds.append("pipe")
@@ -598,10 +604,8 @@ class Wiring:
     def stdio(self, pid: int) -> list[str]:
         """What fds 0-2 are now: socket (a network socket), unix, pipe, fifo, other or closed."""
         kinds = []
-        for fd in (0, 1, 2):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
+        for fd, target in _stdio_links(pid):
+            if target is None:
                 kinds.append("closed")
                 continue
             key = _link_identity(pid, fd, target)
