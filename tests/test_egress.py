@@ -7,9 +7,9 @@ Nothing here leaves the test's loopback-only network namespace.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -24,6 +24,7 @@ import pytest
 from corral import Deny, Policy, Sandbox
 from corral.egress import service
 from corral.egress.rules import IPAddress
+from corral.egress.upstream import dial
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
 from corral.isolation import launcher, netns, sockdiag
@@ -514,10 +515,10 @@ def test_static_binary_that_ignores_proxy_settings_is_still_fenced(tmp_path: Pat
 
 
 def _remap(up: LocalUpstream, address: str) -> Any:
-    async def connect(addr: IPAddress, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(addr: IPAddress, port: int) -> socket.socket:
         up.dialed.append((str(addr), port))
         assert str(addr) == address
-        return await asyncio.open_connection("127.0.0.1", up.ports[port])
+        return await dial(ipaddress.ip_address("127.0.0.1"), up.ports[port])
 
     return connect
 
@@ -629,7 +630,7 @@ print("scanned", flush=True)
 def _stall_fence(seconds: float) -> None:
     """Keep corral's egress loop busy for `seconds`, as a loaded machine does: connections wait in
     the kernel's queue, accepted but undecided, while the sandbox goes on."""
-    service._loop().loop.call_soon_threadsafe(time.sleep, seconds)
+    service.default_loop().loop.call_soon_threadsafe(time.sleep, seconds)
 
 
 @pytest.mark.parametrize("when", ["command exits", "sandbox closes"])

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from corral import Deny, Policy, Sandbox
-from corral.egress import service
+from corral.egress import resolver
 from corral.events import DnsQuery
 
 pytestmark = pytest.mark.root
@@ -32,7 +32,7 @@ def test_a_spent_synthetic_pool_is_refused_and_recorded_and_the_resolver_keeps_a
 ) -> None:
     # A /28 stands for 198.18.0.0/15: 14 addresses run out as the real pool did at 131,071 names
     # (the old resolver raised IndexError in the loop and answered nothing more for new names).
-    monkeypatch.setattr(service, "_SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
+    monkeypatch.setattr(resolver, "SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
     with Sandbox(egress_policy([{"host": "*.example.internal", "ports": [443]}]), keep_workspace=False) as sb:
         r = sb.exec(
             "for i in $(seq 20); do getent hosts n$i.example.internal >/dev/null || echo miss; done; "
@@ -53,9 +53,9 @@ def test_a_spent_synthetic_pool_is_refused_and_recorded_and_the_resolver_keeps_a
 
 
 def test_idle_synthetic_addresses_are_reclaimed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "_SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
-    monkeypatch.setattr(service, "_NAMES_KEPT", 4)
-    monkeypatch.setattr(service, "_NAME_IDLE", 0.0)
+    monkeypatch.setattr(resolver, "SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
+    monkeypatch.setattr(resolver, "NAMES_KEPT", 4)
+    monkeypatch.setattr(resolver, "NAME_IDLE", 0.0)
     with Sandbox(egress_policy([{"host": "*.example.internal", "ports": [443]}]), keep_workspace=False) as sb:
         r = sb.exec(
             "for i in $(seq 40); do getent hosts n$i.example.internal >/dev/null || echo miss; done",
@@ -67,7 +67,7 @@ def test_idle_synthetic_addresses_are_reclaimed(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_name_pool_gives_back_only_idle_names() -> None:
-    pool = service._NamePool(kept=2, idle=3600.0)
+    pool = resolver.NamePool(kept=2, idle=3600.0)
     a, b = pool.address("a.test"), pool.address("b.test")
     assert a is not None and b is not None and a != b
     assert pool.address("c.test") is None  # budget spent, nothing idle: refused, not raised

@@ -35,7 +35,7 @@ import psutil
 
 from corral._errors import ExecError, HostError, PolicyError, SandboxClosedError, SandboxStartError
 from corral.detect import rules as detect_rules
-from corral.egress.service import Fence, Upstream
+from corral.egress.service import Fence, FenceContext, Upstream
 from corral.events import (
     Alert,
     Deny,
@@ -480,12 +480,9 @@ class Sandbox:
                 _supervisor.get().watch_notifications(self._launched.notify_fd, self._on_seccomp)
             step = "egress"
             self._fence = Fence(
-                self.id,
+                FenceContext(self.id, self._emit, lambda: self._current_exec, self._find_process),
                 self.policy,
-                self._launched.fence_fds,
-                self._emit,
-                self._find_process,
-                lambda: self._current_exec,
+                netns.FenceSockets.adopt(self._launched.fence_fds),
                 self._upstream,
             )
             self._launched.fence_fds = []  # the fence owns them now and closes them
@@ -1022,10 +1019,10 @@ class Sandbox:
                 seccomp.respond_error(self._launched.notify_fd, note.id, errno.ECONNREFUSED)
             else:
                 seccomp.respond_continue(self._launched.notify_fd, note.id)
-        if reported is not None:
+        if reported is not None and fence is not None:
             full = _process_ref(note.pid)
             if full.exe is not None and full.cmdline:  # still there, not yet a zombie
-                reported.process = full
+                fence.name_connect(reported, full)
 
     # --- commands ----------------------------------------------------------------------------
 
