@@ -571,6 +571,32 @@ def test_connection_rate_limit(web: Any) -> None:
     assert reasons == ["over 3 connections per minute"]
 
 
+def test_the_proxy_and_the_transparent_path_draw_on_one_connection_budget(web: Any) -> None:
+    # Abuse: an agent that alternates between HTTP_PROXY and a direct connection gets no more than
+    # the budget, and a connect refused at connect() (the seccomp path) is judged on the same count.
+    up = LocalUpstream({80: web.port})
+    p = policy(
+        [{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"}, connections_per_minute=2
+    )
+    proxied, direct = (
+        f"curl -sS -o /dev/null http://{WEB}/",
+        f"curl -sS -o /dev/null --noproxy '*' http://{WEB}/",
+    )
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        codes = [sb.exec(command).exit_code for command in (proxied, direct, proxied, direct)]
+        events = connects(sb)
+        reasons = [d.detail for d in denials(sb)]
+    assert codes[:2] == [0, 0] and codes[2] != 0 and codes[3] != 0
+    assert [(e.via, e.decision) for e in events] == [
+        ("proxy", "allow"),
+        ("transparent", "allow"),
+        ("proxy", "deny"),
+        ("transparent", "deny"),
+    ]
+    assert reasons == ["over 2 connections per minute"] * 2
+    assert len(web.requests) == 2
+
+
 def test_bytes_out_budget_cuts_an_upload(web: Any) -> None:
     up = LocalUpstream({80: web.port})
     p = policy(
