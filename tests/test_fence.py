@@ -70,12 +70,15 @@ def _sockets() -> netns.FenceSockets:
 
 
 @contextlib.contextmanager
-def fence(seen: Seen, egress: list[dict[str, Any]], port: int, **limits: Any) -> Iterator[Fence]:
+def fence(
+    seen: Seen, egress: list[dict[str, Any]], port: int, loop: EgressLoop | None = None, **limits: Any
+) -> Iterator[Fence]:
+    """A fence on its own loop (`loop`, or a new one), stopped with it."""
     network: dict[str, Any] = {"egress": egress, "hosts": {WEB: "127.0.0.1"}}
     if limits:
         network["limits"] = limits
     p = Policy.from_dict({"version": 1, "network": network, "tripwires": {"enabled": False}})
-    loop = EgressLoop(workers=1)
+    loop = loop or EgressLoop(workers=1)
     f = Fence(seen.context(), p, _sockets(), LocalUpstream({port: port}), loop=loop)
     try:
         yield f
@@ -122,14 +125,14 @@ def test_a_connection_record_makes_its_event_only_once_decided() -> None:
 
 def test_the_fence_reports_through_its_context_on_the_loop_it_was_given() -> None:
     seen = Seen()
-    with http_server() as web, fence(seen, [{"host": WEB, "ports": [web.port]}], web.port) as f:
+    loop = EgressLoop(workers=1)
+    with http_server() as web, fence(seen, [{"host": WEB, "ports": [web.port]}], web.port, loop) as f:
         got = _proxy(f, _request(web.port, "/host"))
         assert got.endswith(f"{WEB}:{web.port}".encode()), got
         refused = _proxy(f, b"CONNECT denied.example:443 HTTP/1.1\r\nHost: denied.example:443\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\nX-Corral-Reason: "), refused
         f.settle()
         assert wait_until(lambda: len(seen.of(NetConnect)) == 2)
-        loop_thread = f._egress._thread
     allowed, denied = sorted(seen.of(NetConnect), key=lambda e: e.decision)
     assert (allowed.sandbox, allowed.via, allowed.decision, allowed.name, allowed.exec) == (
         "sb-test",
@@ -144,7 +147,7 @@ def test_the_fence_reports_through_its_context_on_the_loop_it_was_given() -> Non
     assert allowed.process == ME and denied.process == ME and len(seen.asked) == 2
     [deny] = seen.of(Deny)
     assert deny.what == "denied.example port 443" and deny.exec == 7
-    assert not loop_thread.is_alive()  # the loop its owner stopped
+    assert loop.loop.is_closed()  # stopped by its owner, once the fence was closed
 
 
 def test_a_reported_connect_names_its_connection_when_its_socket_cannot() -> None:
