@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
 from corral import Deny, Policy
 from corral.egress.connection import Connection
 from corral.egress.service import EgressLoop, Fence, FenceContext
-from corral.events import NetConnect, ProcessRef
+from corral.events import DnsQuery, NetConnect, ProcessRef
 from corral.events.model import Event
 from corral.isolation import netns, sockdiag
 from helpers import wait_until
@@ -210,3 +213,22 @@ def test_what_was_read_while_judging_counts_once_against_the_bytes_out_budget() 
     first, second = seen.of(NetConnect)
     assert first.decision == "allow" and 600 < first.bytes_out < 1024
     assert (second.decision, second.reason) == ("deny", "over the bytes-out budget")
+
+
+def test_the_resolver_answers_and_names_the_asker_through_the_context() -> None:
+    seen = Seen()
+    with http_server() as web, fence(seen, [{"host": WEB, "ports": [web.port]}], web.port) as f:
+        server = f.sockets.dns.getsockname()
+        allowed = dns.query.udp(dns.message.make_query(WEB, "A"), server[0], timeout=5, port=server[1])
+        denied = dns.query.udp(dns.message.make_query("x.example", "A"), server[0], timeout=5, port=server[1])
+        f.settle()
+        address = f.names.address(WEB)
+    [answer] = allowed.answer
+    assert [r.address for r in answer] == [str(address)]
+    assert denied.rcode() == dns.rcode.NXDOMAIN
+    queries = seen.of(DnsQuery)
+    assert [(q.name, q.decision, q.exec, q.process) for q in queries] == [
+        (WEB, "allow", 7, ME),
+        ("x.example", "deny", 7, ME),
+    ]
+    assert [(d.layer, d.what) for d in seen.of(Deny)] == [("dns", "x.example")]
