@@ -232,3 +232,13 @@ def test_the_resolver_answers_and_names_the_asker_through_the_context() -> None:
         ("x.example", "deny", 7, ME),
     ]
     assert [(d.layer, d.what) for d in seen.of(Deny)] == [("dns", "x.example")]
+
+
+def test_a_refused_client_that_sent_more_still_reads_its_403() -> None:
+    # What the client sent past its request was never read: closed with it unread, the socket would
+    # be reset, and a reset can overtake the 403 on its way. The fence drops it first, then closes.
+    seen = Seen()
+    with fence(seen, [], 443) as f:
+        request = b"CONNECT denied.example:443 HTTP/1.1\r\nHost: denied.example:443\r\n\r\n"
+        got = _proxy(f, request + b"\x16\x03\x01" + b"x" * (64 << 10))
+    assert got.startswith(b"HTTP/1.1 403 Forbidden\r\n"), got

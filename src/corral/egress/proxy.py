@@ -422,4 +422,4 @@ def _origin_form(request: bytes) -> bytes:
 
 def report(error: BaseException) -> None:
     """A failure of the fence's own (not the sandbox's doing), for the operator."""
-    log.error("corral: egress: %r", error)
+    log.error("egress: %r", error)
