@@ -20,13 +20,13 @@ import dns.query
 import dns.rcode
 import pytest
 
-from corral import Deny, Policy
+from corral import Deny
 from corral.egress.connection import Connection
 from corral.egress.service import EgressLoop, Fence, FenceContext
 from corral.events import DnsQuery, NetConnect, ProcessRef
 from corral.events.model import Event
 from corral.isolation import netns, sockdiag
-from helpers import wait_until
+from helpers import policy, wait_until
 from servers import LocalUpstream, http_server
 
 WEB = "web.example.internal"
@@ -80,7 +80,7 @@ def fence(
     network: dict[str, Any] = {"egress": egress, "hosts": {WEB: "127.0.0.1"}}
     if limits:
         network["limits"] = limits
-    p = Policy.from_dict({"version": 1, "network": network, "tripwires": {"enabled": False}})
+    p = policy(network=network, tripwires={"enabled": False})
     loop = loop or EgressLoop(workers=1)
     f = Fence(seen.context(), p, _sockets(), LocalUpstream({port: port}), loop=loop)
     try:
