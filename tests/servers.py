@@ -15,7 +15,6 @@ the openssl command line, `package_index` serves a real wheel that pip installs.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -42,6 +41,7 @@ from typing import Any
 import psutil
 
 from corral.egress.rules import IPAddress
+from corral.egress.upstream import dial
 from helpers import wait_until
 
 HOST = "127.0.0.1"
@@ -1053,10 +1053,8 @@ class LocalUpstream:
         self.resolved.append(name)
         return self.names.get(name, [])
 
-    async def connect(
-        self, address: IPAddress, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(self, address: IPAddress, port: int) -> socket.socket:
         self.dialed.append((str(address), port))
         if address != _LOCAL or port not in self.ports:
             raise ConnectionRefusedError(f"test upstream has nothing at {address} port {port}")
-        return await asyncio.open_connection("127.0.0.1", self.ports[port])
+        return await dial(_LOCAL, self.ports[port])

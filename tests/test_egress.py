@@ -7,9 +7,9 @@ Nothing here leaves the test's loopback-only network namespace.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from corral import Deny, Policy, Sandbox
-from corral.egress import service
 from corral.egress.rules import IPAddress
+from corral.egress.upstream import dial
 from corral.events import DnsQuery, NetConnect, SandboxStop
 from corral.isolation import _linux as L
 from corral.isolation import child, netns, sockdiag
@@ -514,10 +514,10 @@ def test_static_binary_that_ignores_proxy_settings_is_still_fenced(tmp_path: Pat
 
 
 def _remap(up: LocalUpstream, address: str) -> Any:
-    async def connect(addr: IPAddress, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def connect(addr: IPAddress, port: int) -> socket.socket:
         up.dialed.append((str(addr), port))
         assert str(addr) == address
-        return await asyncio.open_connection("127.0.0.1", up.ports[port])
+        return await dial(ipaddress.ip_address("127.0.0.1"), up.ports[port])
 
     return connect
 
@@ -568,6 +568,32 @@ def test_connection_rate_limit(web: Any) -> None:
         reasons = [d.detail for d in denials(sb)]
     assert codes[:3] == [0, 0, 0] and codes[3] != 0
     assert reasons == ["over 3 connections per minute"]
+
+
+def test_the_proxy_and_the_transparent_path_draw_on_one_connection_budget(web: Any) -> None:
+    # Abuse: an agent that alternates between HTTP_PROXY and a direct connection gets no more than
+    # the budget, and a connect refused at connect() (the seccomp path) is judged on the same count.
+    up = LocalUpstream({80: web.port})
+    p = policy(
+        [{"host": WEB, "ports": [80], "protocols": ["http"]}], {WEB: "127.0.0.1"}, connections_per_minute=2
+    )
+    proxied, direct = (
+        f"curl -sS -o /dev/null http://{WEB}/",
+        f"curl -sS -o /dev/null --noproxy '*' http://{WEB}/",
+    )
+    with Sandbox(p, keep_workspace=False, upstream=up) as sb:
+        codes = [sb.exec(command).exit_code for command in (proxied, direct, proxied, direct)]
+        events = connects(sb)
+        reasons = [d.detail for d in denials(sb)]
+    assert codes[:2] == [0, 0] and codes[2] != 0 and codes[3] != 0
+    assert [(e.via, e.decision) for e in events] == [
+        ("proxy", "allow"),
+        ("transparent", "allow"),
+        ("proxy", "deny"),
+        ("transparent", "deny"),
+    ]
+    assert reasons == ["over 2 connections per minute"] * 2
+    assert len(web.requests) == 2
 
 
 def test_bytes_out_budget_cuts_an_upload(web: Any) -> None:
@@ -626,10 +652,10 @@ print("scanned", flush=True)
 """
 
 
-def _stall_fence(seconds: float) -> None:
-    """Keep corral's egress loop busy for `seconds`, as a loaded machine does: connections wait in
-    the kernel's queue, accepted but undecided, while the sandbox goes on."""
-    service._loop().loop.call_soon_threadsafe(time.sleep, seconds)
+def _stall_fence(seconds: float, sb: Sandbox) -> None:
+    """Keep the egress loop serving `sb` busy for `seconds`, as a loaded machine does: connections
+    wait in the kernel's queue, accepted but undecided, while the sandbox goes on."""
+    sb.host.egress.loop.call_soon_threadsafe(time.sleep, seconds)
 
 
 @pytest.mark.parametrize("when", ["command exits", "sandbox closes"])
@@ -640,7 +666,7 @@ def test_every_attempt_is_recorded_however_far_the_fence_lags(when: str) -> None
     sb = Sandbox(policy([]), keep_workspace=False)
     try:
         sb.write_file("scan.py", _SCAN)
-        _stall_fence(0.5)
+        _stall_fence(0.5, sb)
         if when == "command exits":
             r = sb.exec("python3 scan.py", text=True, timeout=30)
             assert r.stdout == "scanned\n", show(r)

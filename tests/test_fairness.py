@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from corral import Deny, Policy, Sandbox
-from corral.egress import service
+from corral.egress import resolver
 from corral.events import DnsQuery
 
 pytestmark = pytest.mark.root
@@ -32,7 +32,7 @@ def test_a_spent_synthetic_pool_is_refused_and_recorded_and_the_resolver_keeps_a
 ) -> None:
     # A /28 stands for 198.18.0.0/15: 14 addresses run out as the real pool did at 131,071 names
     # (the old resolver raised IndexError in the loop and answered nothing more for new names).
-    monkeypatch.setattr(service, "_SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
+    monkeypatch.setattr(resolver, "SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
     with Sandbox(egress_policy([{"host": "*.example.internal", "ports": [443]}]), keep_workspace=False) as sb:
         r = sb.exec(
             "for i in $(seq 20); do getent hosts n$i.example.internal >/dev/null || echo miss; done; "
@@ -53,9 +53,9 @@ def test_a_spent_synthetic_pool_is_refused_and_recorded_and_the_resolver_keeps_a
 
 
 def test_idle_synthetic_addresses_are_reclaimed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "_SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
-    monkeypatch.setattr(service, "_NAMES_KEPT", 4)
-    monkeypatch.setattr(service, "_NAME_IDLE", 0.0)
+    monkeypatch.setattr(resolver, "SYNTHETIC", ipaddress.ip_network("198.18.0.0/28"))
+    monkeypatch.setattr(resolver, "NAMES_KEPT", 4)
+    monkeypatch.setattr(resolver, "NAME_IDLE", 0.0)
     with Sandbox(egress_policy([{"host": "*.example.internal", "ports": [443]}]), keep_workspace=False) as sb:
         r = sb.exec(
             "for i in $(seq 40); do getent hosts n$i.example.internal >/dev/null || echo miss; done",
@@ -67,7 +67,7 @@ def test_idle_synthetic_addresses_are_reclaimed(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_name_pool_gives_back_only_idle_names() -> None:
-    pool = service._NamePool(kept=2, idle=3600.0)
+    pool = resolver.NamePool(kept=2, idle=3600.0)
     a, b = pool.address("a.test"), pool.address("b.test")
     assert a is not None and b is not None and a != b
     assert pool.address("c.test") is None  # budget spent, nothing idle: refused, not raised
@@ -290,3 +290,28 @@ def test_a_lane_in_cpu_debt_is_paused_while_others_go_on() -> None:
     # 0.8 s at a tenth of a core, plus the burst, is about 5 items of 20 ms; unmetered it would be 40.
     assert counts["flood"] <= 8, counts
     assert counts["quiet"] == 3, counts
+
+
+def test_stopped_lanes_finish_the_item_running_drop_the_rest_and_their_workers_exit() -> None:
+    from corral._lanes import Lanes
+
+    lanes = Lanes("test-lanes-stop", workers=2)
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+        ran.append("slow")
+
+    lanes.submit("a", slow)
+    lanes.submit("a", lambda: ran.append("queued"))
+    assert started.wait(5)
+    stopper = threading.Thread(target=lanes.stop)
+    stopper.start()
+    release.set()
+    stopper.join(5)
+    lanes.submit("b", lambda: ran.append("after stop"))
+    time.sleep(0.05)
+    assert ran == ["slow"]
+    assert not [t for t in threading.enumerate() if t.name == "test-lanes-stop"]

@@ -100,9 +100,15 @@ def test_shutdown_closes_every_sandbox_and_leaves_nothing_behind(
         assert _nft_tables() == tables_before
         assert _zygotes() <= zygotes_before, "the host's zygote outlived it"
         # The host's own threads are gone (the process-event connector's ends at the next event
-        # on the machine; the egress loop is still the process's).
+        # on the machine).
         left = {t.name for t in threading.enumerate() if t not in threads_before}
-        assert not left & {"corral-supervisor", "corral-sampler", "corral-reaper"}, left
+        assert not left & {
+            "corral-supervisor",
+            "corral-sampler",
+            "corral-reaper",
+            "corral-egress",
+            "corral-egress-lookup",
+        }, left
 
 
 def test_a_sandbox_on_a_shut_down_host_is_refused_with_the_reason() -> None:

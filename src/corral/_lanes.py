@@ -69,10 +69,14 @@ class Lanes:
         self._buckets: dict[Hashable, CpuMeter] = {}
         self._threads = 0
         self._idle = 0
+        self._stopping = False
 
     def submit(self, lane: Hashable, fn: Callable[[], None]) -> None:
-        """Run `fn` after everything submitted to `lane` before it; exceptions are logged."""
+        """Run `fn` after everything submitted to `lane` before it; exceptions are logged. Dropped
+        once the lanes are stopped."""
         with self._lock:
+            if self._stopping:
+                return
             queue = self._lanes.get(lane)
             if queue is not None:
                 queue.append(fn)  # its turn is queued or deferred, or a worker takes this next
@@ -88,6 +92,19 @@ class Lanes:
             elif self._threads < self.workers:
                 self._threads += 1
                 threading.Thread(target=self._work, name=self.name, daemon=True).start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let the workers finish what they run and exit; work still queued is dropped (its
+        sandboxes are closed). Waits up to `timeout` for them."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stopping = True
+            self._lanes.clear()
+            self._turns.clear()
+            self._deferred.clear()
+            self._ready.notify_all()
+            while self._threads and time.monotonic() < deadline:
+                self._ready.wait(deadline - time.monotonic())
 
     def pending(self, lane: Hashable) -> int:
         """Items of `lane` not yet finished (the one running included)."""
@@ -109,6 +126,10 @@ class Lanes:
         while True:
             with self._lock:
                 while True:
+                    if self._stopping:
+                        self._threads -= 1
+                        self._ready.notify_all()  # stop() waits on the same condition
+                        return
                     now = time.monotonic()
                     while self._deferred and self._deferred[0][0] <= now:
                         self._turns.append(heapq.heappop(self._deferred)[2])
@@ -128,7 +149,9 @@ class Lanes:
             with self._lock:
                 bucket = self._refill(lane, time.monotonic())
                 bucket.tokens -= used
-                queue = self._lanes[lane]
+                queue = self._lanes.get(lane)
+                if queue is None:  # dropped by stop()
+                    continue
                 queue.popleft()
                 if not queue:
                     del self._lanes[lane]

@@ -71,6 +71,13 @@ class FenceSockets:
     def fds(self) -> list[int]:
         return [s.fileno() for s in (self.transparent, self.proxy, self.dns, self.nflog, self.diag)]
 
+    @classmethod
+    def adopt(cls, fds: list[int]) -> FenceSockets:
+        """The sockets for descriptors in `fds()`'s order (as they arrive from the zygote), owned by
+        the objects returned from here on."""
+        transparent, proxy, dns, nflog, diag = (socket.socket(fileno=fd) for fd in fds)
+        return cls(transparent, proxy, dns, nflog, diag)
+
 
 @functools.cache
 def _nft() -> ctypes.CDLL:

@@ -190,7 +190,7 @@ class Notifications:
                 seccomp.respond_error(self._fd, note.id, errno.ECONNREFUSED)
             else:
                 seccomp.respond_continue(self._fd, note.id)
-        if reported is not None:
+        if reported is not None and fence is not None:
             full = process_ref(note.pid)
             if full.exe is not None and full.cmdline:  # still there, not yet a zombie
-                reported.process = full
+                fence.name_connect(reported, full)

@@ -2,9 +2,9 @@
 
 A host owns what its sandboxes share: the cgroup hierarchy, the uid claims and owner records under
 /run/corral (and the sweep of what dead supervisors left there), the supervisor thread that answers
-seccomp notifications and fires lifetime deadlines, the process-event connector, the resource
-sampler, the zygote that forks every sandbox (and its network namespaces made ahead), the teardown
-thread, and the set of open sandboxes.
+seccomp notifications and fires lifetime deadlines, the event loop that serves the egress fences,
+the process-event connector, the resource sampler, the zygote that forks every sandbox (and its
+network namespaces made ahead), the teardown thread, and the set of open sandboxes.
 
     with Host(networks_ahead=0) as host:
         with Sandbox(policy, host=host) as sb:
@@ -17,8 +17,8 @@ sandboxes.
 
 Shutdown runs in one order, each step relying on the ones before it: the open sandboxes are closed
 (their processes killed), the teardown queue is drained (cgroups, state directories, uid claims
-gone), then the helpers stop, the ones sandboxes call into first: the supervisor, the connector, the
-sampler, and last the zygote (and with it the network namespaces it made ahead).
+gone), then the helpers stop, the ones sandboxes call into first: the supervisor, the egress loop,
+the connector, the sampler, and last the zygote (and with it the network namespaces it made ahead).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from corral._errors import HostError
+from corral.egress.service import EgressLoop
 from corral.isolation import cgroups, zygote
 from corral.isolation.plan import Plan
 from corral.monitors import process as process_monitor
@@ -117,6 +118,7 @@ class Host:
         self._reaper = _Reaper()
         self._zygote: zygote.Zygote | None = None
         self._supervisor: Supervisor | None = None
+        self._egress: EgressLoop | None = None
         self._given = (connector, sampler)
         self._connector: process_monitor.Connector | None = None
         self._sampler: resource_monitor.Sampler | None = None
@@ -138,6 +140,7 @@ class Host:
             _hostfiles.sweep_stale(hierarchy)
             self._hierarchy = hierarchy
             self._supervisor = Supervisor()
+            self._egress = EgressLoop()
             connector, sampler = self._given
             self._connector = connector or process_monitor.Connector()
             self._sampler = sampler or resource_monitor.Sampler()
@@ -165,6 +168,8 @@ class Host:
         if was_running:
             assert self._supervisor is not None and self._connector is not None and self._sampler
             self._supervisor.stop()
+            assert self._egress is not None
+            self._egress.stop()  # every fence on it closed with its sandbox
             self._connector.stop()
             self._sampler.stop()
             assert self._zygote is not None
@@ -205,6 +210,13 @@ class Host:
         self._running()
         assert self._supervisor is not None
         return self._supervisor
+
+    @property
+    def egress(self) -> EgressLoop:
+        """The event loop serving this host's fences, and the lookup workers they share."""
+        self._running()
+        assert self._egress is not None
+        return self._egress
 
     @property
     def connector(self) -> process_monitor.Connector:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from corral._errors import HostError, PolicyError, SandboxClosedError, SandboxStartError
-from corral.egress.service import Fence, Upstream
+from corral.egress.service import Fence, FenceContext, Upstream
 from corral.events import (
     Alert,
     Deny,
@@ -177,13 +177,11 @@ class Sandbox:
                 host.supervisor.watch_notifications(self._launched.notify_fd, notes.handle)
             step = "egress"
             self._fence = Fence(
-                self.id,
+                FenceContext(self.id, self._emit, lambda: self._commands.current, self._find_process),
                 self.policy,
-                self._launched.fence_fds,
-                self._emit,
-                self._find_process,
-                lambda: self._commands.current,
+                netns.FenceSockets.adopt(self._launched.fence_fds),
                 self._upstream,
+                loop=host.egress,
             )
             self._launched.fence_fds = []  # the fence owns them now and closes them
             if self.policy.tripwires.enabled:
