@@ -15,7 +15,6 @@ from typing import get_args
 
 import psutil
 
-from benchmarks._internals import internals
 from benchmarks.results import Result
 from corral import Alert, Sandbox
 
@@ -91,7 +90,7 @@ def wait_torn_down(sandboxes: Sequence[Sandbox], timeout: float = 60.0) -> float
     t0 = time.monotonic()
     deadline = t0 + timeout
     for sb in sandboxes:
-        if not internals(sb).wait_torn_down(max(0.0, deadline - time.monotonic())):
+        if not sb.wait_closed(max(0.0, deadline - time.monotonic())):
             raise BenchError(f"sandbox {sb.id} was not torn down within {timeout:g}s of close()")
     return time.monotonic() - t0
 

@@ -7,7 +7,6 @@ import time
 
 import psutil
 
-from benchmarks._internals import internals
 from benchmarks.harness import (
     MIB,
     BenchError,
@@ -146,12 +145,12 @@ def bench_idle_memory(cfg: Config) -> list[Result]:
         uss: list[float] = []
         charged: list[float] = []
         for sb in sandboxes:
-            peek = internals(sb)
-            info = psutil.Process(peek.init_pid()).memory_full_info()
+            assert sb.init_pid is not None
+            info = psutil.Process(sb.init_pid).memory_full_info()
             pss.append(info.pss / MIB)
             uss.append(info.uss / MIB)
-            charged.append(peek.memory_bytes() / MIB)
-        alive = sum(1 for sb in sandboxes if psutil.pid_exists(internals(sb).init_pid()))
+            charged.append(sb.usage().memory_bytes / MIB)
+        alive = sum(1 for sb in sandboxes if sb.init_pid is not None and psutil.pid_exists(sb.init_pid))
     finally:
         t0 = time.perf_counter_ns()
         for sb in sandboxes:

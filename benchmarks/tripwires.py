@@ -9,7 +9,6 @@ import shlex
 import time
 
 from benchmarks import _corpus
-from benchmarks._internals import internals
 from benchmarks.harness import BenchError, Config, progress
 from benchmarks.results import Measure, Result, Target
 from corral import Alert, Policy, Sandbox
@@ -41,7 +40,7 @@ def _tripwire_policy(enabled: bool) -> Policy:
 
 
 def _host_pid(sb: Sandbox, ns_pid: int) -> int | None:
-    for pid in internals(sb).pids():
+    for pid in sb.pids():
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -54,7 +53,7 @@ def _host_pid(sb: Sandbox, ns_pid: int) -> int | None:
 
 def _wait_gone(sb: Sandbox, pid: int, timeout: float) -> bool:
     """Poll every 5 ms until `pid` left the sandbox; False if it outlived `timeout`."""
-    pids = internals(sb).pids
+    pids = sb.pids
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid not in pids():

@@ -1,6 +1,5 @@
 """The benchmark runs end to end and writes every row; it reports numbers, so no timing is asserted. It
-drives corral as a user would: through what `corral` exports, with its reads of private state in one
-function."""
+drives corral as a user would: through what `corral` exports, and nothing private."""
 
 from __future__ import annotations
 
@@ -15,8 +14,6 @@ import pytest
 from benchmarks import run as bench
 
 BENCHMARKS = Path(bench.__file__).parent
-# The one module allowed past the public API (see its docstring for what it reads and why).
-INTERNALS = "_internals.py"
 
 ROWS = {
     "proxy_throughput",
@@ -85,11 +82,10 @@ def _private_uses(path: Path) -> list[str]:
     return found
 
 
-def test_only_internals_reaches_past_the_public_api() -> None:
+def test_the_benchmark_reads_nothing_private() -> None:
     modules = sorted(BENCHMARKS.glob("*.py"))
-    assert INTERNALS in {m.name for m in modules}
-    leaks = [use for m in modules if m.name != INTERNALS for use in _private_uses(m)]
-    assert leaks == [], f"private corral state read outside benchmarks/{INTERNALS}: {leaks}"
+    leaks = [use for m in modules for use in _private_uses(m)]
+    assert leaks == [], f"the benchmark reaches past corral's public API: {leaks}"
 
 
 def test_the_private_use_check_sees_one(tmp_path: Path) -> None:
