@@ -307,12 +307,14 @@ class Proxy:
                     conn, record, owner, f"upstream {verdict.address} port {port}: {e}", deny=False
                 )
             record.decision, record.reason = "allow", verdict.reason
+            # Counted as relaying before it stops counting as deciding, and until its event is
+            # recorded: `Fence.settle` must never find it in neither state while it is still unrecorded.
+            self.relaying[exec_id] = self.relaying.get(exec_id, 0) + 1
+            relaying = True
             if not inspect_in_flight:  # otherwise the relay says when the protocol is known
                 attempt.decided()
             # Who connected must be known while they still exist; by now the lookup has long finished.
             await owner.settle()
-            self.relaying[exec_id] = self.relaying.get(exec_id, 0) + 1
-            relaying = True
             relay = Relay(
                 record,
                 self._recorder,
@@ -330,16 +332,18 @@ class Proxy:
             if record.decision is None:
                 self._cut_off(record, owner, f"corral's proxy failed: {e!r}")
         finally:
-            if relaying:
-                self.relaying[exec_id] -= 1
-                if not self.relaying[exec_id]:
-                    del self.relaying[exec_id]
             _close(conn)
             if upstream is not None:
                 upstream.close()
-            if record.decision == "allow":
-                await owner.settle()
-                self._recorder.allowed(record, time.monotonic() - started)
+            try:
+                if record.decision == "allow":
+                    await owner.settle()
+                    self._recorder.allowed(record, time.monotonic() - started)
+            finally:
+                if relaying:
+                    self.relaying[exec_id] -= 1
+                    if not self.relaying[exec_id]:
+                        del self.relaying[exec_id]
 
     async def _sniff(self, conn: socket.socket, data: bytes) -> tuple[sniff.Sniffed, bytes]:
         """Read the client's first bytes until its protocol (and the name it asks for) is known."""
