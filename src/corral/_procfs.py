@@ -1,4 +1,4 @@
-"""/proc/PID/stat, read in one place: the process and resource monitors and the launcher use it.
+"""/proc/PID/stat, read in one place: the process and resource monitors and the sandbox's set-up use it.
 
 psutil reads the same file, but builds an object and parses every field for each call; the process
 monitor asks for a parent pid on every fork it hears of and the sampler reads each process four
