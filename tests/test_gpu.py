@@ -170,7 +170,9 @@ def test_a_gpu_that_fails_raises_naming_it() -> None:
         GpuMonitor(nvml).sample()
 
 
-def watch_until_failed(sampler: Sampler, keys: list[str], calls: dict[str, int]) -> dict[str, str]:
+def watch_until_failed(
+    sampler: Sampler, keys: list[str], calls: dict[str, int], gpu: tuple[str, ...] = ()
+) -> dict[str, str]:
     failed: dict[str, str] = {}
     done = threading.Event()
 
@@ -184,7 +186,7 @@ def watch_until_failed(sampler: Sampler, keys: list[str], calls: dict[str, int])
             failed[key] = reason
             done.set()
 
-        sampler.watch(key, 0.02, callback, on_failure)
+        sampler.watch(key, 0.02, callback, on_failure, gpu=key in gpu)
 
     for key in keys:
         watch(key)
@@ -200,10 +202,15 @@ def test_a_gpu_that_fails_stops_the_sandboxes_it_was_sampling(caplog: pytest.Log
     sampler = Sampler(GpuMonitor(nvml))
     calls: dict[str, int] = {}
     with caplog.at_level(logging.ERROR, logger="corral"):
-        failed = watch_until_failed(sampler, ["a"], calls)
+        failed = watch_until_failed(sampler, ["a", "no-gpu"], calls, gpu=("a",))
+        # A sandbox granted no GPU holds no GPU device: it is sampled on, without GPU processes.
+        deadline = time.monotonic() + 5
+        while calls.get("no-gpu", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    sampler.unwatch("no-gpu")
     reason = "GPU sampling failed: GPU 0: nvmlDeviceGetHandleByIndex failed: GPU is lost (NVML error 15)"
-    assert failed == {"a": reason} and calls == {}
-    assert [r.name for r in caplog.records] == ["corral.monitors.resource"]
+    assert failed == {"a": reason} and "a" not in calls and calls["no-gpu"] >= 3
+    assert {r.name for r in caplog.records} == {"corral.monitors.resource"}
     assert caplog.records[0].getMessage() == reason
 
 

@@ -5,8 +5,9 @@ reads, so 4 samples a second of a busy sandbox cost well under a millisecond. GP
 once per round for all sandboxes, and is handed to each by host pid.
 
 Failures fail closed, like the process monitor's: when the sampler stops, NVML fails on a GPU it
-listed (`GpuError`) or a sandbox's own sampling raises, each sandbox concerned is told through its
-`on_failure` and stops; the failure is logged on the `corral` logger for the operator.
+listed (`GpuError`: the sandboxes granted GPUs are concerned; the others hold no GPU device) or a
+sandbox's own sampling raises, each sandbox concerned is told through its `on_failure` and stops;
+the failure is logged on the `corral` logger for the operator.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class _Watch:
     due: float
     callback: Callback
     on_failure: Callable[[str], None] | None = None
+    gpu: bool = False  # the sandbox was granted GPUs: blind on them, its tripwires are blind
 
 
 class Sampler:
@@ -117,12 +119,16 @@ class Sampler:
         interval: float,
         callback: Callback,
         on_failure: Callable[[str], None] | None = None,
+        gpu: bool = False,
     ) -> None:
+        """Call `callback` every `interval` seconds with the GPU processes by pid; `on_failure` when
+        sampling fails for this sandbox. `gpu`: the sandbox was granted GPUs (a GPU that can no
+        longer be read stops it; a sandbox without GPUs can't reach them and goes on)."""
         with self._lock:
             # Due times on a grid of the interval: sandboxes sharing an interval are sampled in
             # one round, so a thousand of them wake this thread 4 times a second, not 4,000.
             due = (math.floor(time.monotonic() / interval) + 1) * interval
-            self._watches[key] = _Watch(interval, due, callback, on_failure)
+            self._watches[key] = _Watch(interval, due, callback, on_failure, gpu)
             if not self._stopping and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._run, name="corral-sampler", daemon=True)
                 self._thread.start()
@@ -177,10 +183,12 @@ class Sampler:
                             usage.setdefault(u.pid, []).append(u)
                     except GpuError as e:
                         # Blind on a GPU: the GPU tripwires would see "no processes" there. Every
-                        # sandbox sampled in this round is stopped, as when any monitor fails.
+                        # sandbox granted GPUs sampled in this round is stopped, as when any monitor
+                        # fails; the others hold no GPU device and are sampled as usual.
                         log.error("GPU sampling failed: %s", e)
-                        self._fail([key for key, _ in due], f"GPU sampling failed: {e}")
-                        due = []
+                        usage = {}
+                        self._fail([key for key, w in due if w.gpu], f"GPU sampling failed: {e}")
+                        due = [(key, w) for key, w in due if not w.gpu]
                 for key, w in due:
                     # Fixed-rate, not fixed-delay: a slow round must not stretch detection latency.
                     w.due += w.interval

@@ -278,6 +278,7 @@ class Sandbox:
             self.policy.tripwires.sample_interval,
             lambda gpu: self._act(tw.sample(gpu)),
             self._monitor_failed,
+            gpu=bool(self.policy.gpu),
         )
         self._tripwires = tw
 
