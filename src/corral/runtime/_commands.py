@@ -168,9 +168,9 @@ class Run:
             cwd=self.cwd or "",
             tty=self.tty,
         )
-        self._send(request, io)
         progress = _Progress(output_left=ctx.policy.resources.output, deadline=start + self.timeout)
         try:
+            self._send(request, io)
             yield from self._pump(request, protocol.Exchange(request), io, progress)
         finally:
             for key in list(io.sel.get_map().values()):
@@ -219,21 +219,17 @@ class Run:
         return _Stdio(sel, child_fds, to_close, pending_input)
 
     def _send(self, request: protocol.Exec, io: _Stdio) -> None:
+        """The request, with the command's ends of its stdio, which are closed here either way (the
+        caller closes the selector's)."""
         try:
             protocol.send(self.ctx.launched.control, request, io.child_fds)
         except OSError as e:
-            for fd in io.to_close:
-                os.close(fd)
-            for key in list(io.sel.get_map().values()):
-                if key.data != "control":
-                    os.close(key.fd)
-            io.sel.close()
-            self.slot.set_wake(None)
             raise ExecError(
                 f"sandbox {self.ctx.sandbox_id}: cannot start {self.argv[0]}: its init is gone ({e})"
             ) from None
-        for fd in io.to_close:
-            os.close(fd)
+        finally:
+            for fd in io.to_close:
+                os.close(fd)
 
     def _pump(
         self, request: protocol.Exec, exchange: protocol.Exchange, io: _Stdio, p: _Progress
