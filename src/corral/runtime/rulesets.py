@@ -27,8 +27,9 @@ class RulesetCache:
         """The policy's ruleset; a PolicyError if its responses name no rule or category."""
         # corral's own files are part of the installed package: they change with an upgrade, which
         # restarts the process. The policy's files are checked at every start.
+        files = rule_files(policy)
         key: list[object] = ["builtin"]
-        for f in rule_files(policy):
+        for f in files:
             try:
                 st = os.stat(f)
                 key.append((f, st.st_mtime_ns, st.st_size))
@@ -38,7 +39,7 @@ class RulesetCache:
         with self._lock:
             ruleset = self._rulesets.get(k)
         if ruleset is None:
-            ruleset = detect_rules.load(rule_files(policy))
+            ruleset = detect_rules.load(files)
             with self._lock:
                 self._rulesets[k] = ruleset
         bad = [
