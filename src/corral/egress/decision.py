@@ -85,12 +85,21 @@ class Decision:
         leaves the host)."""
         return name in self.rules.hosts or self.rules.rule_for_name(name, port) is None
 
-    async def destination(self, name: str | None, dest: IPAddress, port: int) -> Verdict:
-        """The verdict on the destination, before anything is read from the client."""
+    def _without_lookup(self, name: str | None, dest: IPAddress, port: int) -> Verdict | None:
+        """The verdict on the destination when no resolver is asked (an address, or a name decided
+        here); None when the name must be resolved first."""
         if name is None:
             return self.rules.check_address(dest, port)
         if self.resolves_here(name, port):
             return self.rules.check_name(name, port, [])
+        return None
+
+    async def destination(self, name: str | None, dest: IPAddress, port: int) -> Verdict:
+        """The verdict on the destination, before anything is read from the client."""
+        verdict = self._without_lookup(name, dest, port)
+        if verdict is not None:
+            return verdict
+        assert name is not None
         return self.rules.check_name(name, port, await self.upstream.resolve(name))
 
     def at_connect(self, name: str | None, dest: IPAddress, port: int) -> Refusal | None:
@@ -100,14 +109,8 @@ class Decision:
         first ones (`admit`, `destination`), and nothing taken from any budget."""
         reason = self.admit(name, dest, take=False)
         if reason is None:
-            if name is not None and not self.resolves_here(name, port):
-                return None
-            verdict = (
-                self.rules.check_address(dest, port)
-                if name is None
-                else self.rules.check_name(name, port, [])
-            )
-            if verdict.allowed:
+            verdict = self._without_lookup(name, dest, port)
+            if verdict is None or verdict.allowed:
                 return None
             reason = verdict.reason
         return Refusal(dest, port, name, reason)
