@@ -209,9 +209,7 @@ class Fence:
         self._dropped()
         # Relays end with the sandbox; their tasks record the connection as they finish.
         await asyncio.gather(self.proxy.drain(_DRAIN_TIMEOUT), self.resolver.drain(), return_exceptions=True)
-        for s in (self.sockets.transparent, self.sockets.proxy, self.sockets.dns, self.sockets.nflog):
-            s.close()
-        self.sockets.diag.close()
+        self.sockets.close()
 
     def _dropped(self) -> None:
         sock = self.sockets.nflog

@@ -30,7 +30,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from corral.isolation import sockdiag
 
@@ -68,15 +68,22 @@ class FenceSockets:
     nflog: socket.socket
     diag: socket.socket  # sock_diag, to find which socket a connection or query came from
 
+    def all(self) -> list[socket.socket]:
+        """The sockets, in the fields' order (the order they travel in)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
     def fds(self) -> list[int]:
-        return [s.fileno() for s in (self.transparent, self.proxy, self.dns, self.nflog, self.diag)]
+        return [s.fileno() for s in self.all()]
+
+    def close(self) -> None:
+        for s in self.all():
+            s.close()
 
     @classmethod
     def adopt(cls, fds: list[int]) -> FenceSockets:
         """The sockets for descriptors in `fds()`'s order (as they arrive from the zygote), owned by
         the objects returned from here on."""
-        transparent, proxy, dns, nflog, diag = (socket.socket(fileno=fd) for fd in fds)
-        return cls(transparent, proxy, dns, nflog, diag)
+        return cls(*(socket.socket(fileno=fd) for fd in fds))
 
 
 @functools.cache
