@@ -129,6 +129,30 @@ def test_a_host_starts_on_first_use_and_can_be_shut_down_unused() -> None:
         host.start()
 
 
+def test_a_start_that_fails_part_way_leaves_nothing_started_and_can_be_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from corral.isolation import zygote
+
+    def no_zygote(networks_ahead: int) -> zygote.Zygote:
+        raise zygote.LaunchError("zygote", "cannot start (test)")
+
+    threads_before = set(threading.enumerate())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    host = Host(networks_ahead=0)
+    with monkeypatch.context() as m:
+        m.setattr(zygote, "Zygote", no_zygote)
+        for _ in range(3):
+            with pytest.raises(zygote.LaunchError, match="cannot start"):
+                host.start()
+    assert host.state is HostState.NEW
+    left = {t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()}
+    assert not left & {"corral-egress", "corral-egress-lookup", "corral-supervisor"}, left
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # the supervisor's epoll and pipes too
+    with host, Sandbox(offline(), keep_workspace=False, host=host) as sb:
+        assert sb.exec("true").ok
+
+
 # A sandboxed agent can reach its host's shared parts only through what they read of it: the
 # supervisor's answerers read its refused and watched calls (addresses, paths, argv) from its
 # memory, the connector sees its forks and exits. Everything here is malformed on purpose.

@@ -138,13 +138,22 @@ class Host:
                 return self
             hierarchy = cgroups.detect()
             _hostfiles.sweep_stale(hierarchy)
-            self._hierarchy = hierarchy
-            self._supervisor = Supervisor()
-            self._egress = EgressLoop()
             connector, sampler = self._given
+            supervisor = Supervisor()
+            egress: EgressLoop | None = None
+            try:
+                egress = EgressLoop()
+                made = zygote.Zygote(self.networks_ahead)
+            except BaseException:
+                # Nothing half-started stays behind: a later start() makes them all again.
+                if egress is not None:
+                    egress.stop()
+                supervisor.stop()
+                raise
+            self._hierarchy = hierarchy
+            self._supervisor, self._egress, self._zygote = supervisor, egress, made
             self._connector = connector or process_monitor.Connector()
             self._sampler = sampler or resource_monitor.Sampler()
-            self._zygote = zygote.Zygote(self.networks_ahead)
             self._state = HostState.RUNNING
             return self
 
