@@ -10,6 +10,7 @@ sandboxes created in this process during the test are checked, not every new ent
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -17,6 +18,12 @@ import pytest
 from corral.runtime.sandbox import Sandbox
 from helpers import policy
 from helpers import wait_until as _wait_until
+
+# Every host the tests make records into a store of this run's own, not the machine's
+# /var/lib/corral/audit.db, and signs with a key of its own (read when the host starts).
+_AUDIT_DIR = tempfile.mkdtemp(prefix="corral-test-audit-")
+os.environ.setdefault("CORRAL_STORE", f"{_AUDIT_DIR}/audit.db")
+os.environ.setdefault("CORRAL_AUDIT_KEY", f"{_AUDIT_DIR}/keys/audit.key")
 
 STATE_ROOT = "/run/corral"
 _REAP_GRACE = 5.0  # sandboxes are torn down by a background thread; give it this long

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,11 @@ def wait_until(done: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 @contextlib.contextmanager
 def own_host(**options: Any) -> Iterator[Host]:
-    """A `Host` of the test's own (its own zygote, supervisor, monitors), shut down afterwards."""
+    """A `Host` of the test's own (its own zygote, supervisor, monitors, and audit store unless
+    `store=` says otherwise), shut down afterwards. (Its own store file: SQLite keeps a closed
+    connection's descriptor open while another connection of the process has the same file open.)"""
+    if "store" not in options:
+        options["store"] = tempfile.mkdtemp(prefix="corral-test-store-") + "/audit.db"
     host = Host(**options)
     try:
         yield host

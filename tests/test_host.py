@@ -130,7 +130,7 @@ def test_a_host_starts_on_first_use_and_can_be_shut_down_unused() -> None:
 
 
 def test_a_start_that_fails_part_way_leaves_nothing_started_and_can_be_tried_again(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from corral.isolation import zygote
 
@@ -139,7 +139,7 @@ def test_a_start_that_fails_part_way_leaves_nothing_started_and_can_be_tried_aga
 
     threads_before = set(threading.enumerate())
     fds_before = len(os.listdir("/proc/self/fd"))
-    host = Host(networks_ahead=0)
+    host = Host(networks_ahead=0, store=tmp_path / "audit.db")
     with monkeypatch.context() as m:
         m.setattr(zygote, "Zygote", no_zygote)
         for _ in range(3):

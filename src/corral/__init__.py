@@ -19,6 +19,7 @@ if _typing.TYPE_CHECKING:
         SandboxClosedError,
         SandboxError,
         SandboxStartError,
+        StoreError,
     )
     from corral.events import (
         SCHEMA_VERSION,
@@ -36,6 +37,7 @@ if _typing.TYPE_CHECKING:
     )
     from corral.policy import Policy
     from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
+    from corral.store import Filters, SandboxInfo, Store, StoredEvent
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,7 @@ _HOME = {
         "SandboxClosedError",
         "SandboxError",
         "SandboxStartError",
+        "StoreError",
     ],
     "corral.events": [
         "SCHEMA_VERSION",
@@ -65,6 +68,7 @@ _HOME = {
     ],
     "corral.policy": ["Policy"],
     "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
+    "corral.store": ["Filters", "SandboxInfo", "Store", "StoredEvent"],
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
 
@@ -78,6 +82,7 @@ __all__ = [
     "ExecExit",
     "ExecResult",
     "ExecStart",
+    "Filters",
     "Host",
     "HostError",
     "HostState",
@@ -92,10 +97,14 @@ __all__ = [
     "Sandbox",
     "SandboxClosedError",
     "SandboxError",
+    "SandboxInfo",
     "SandboxStart",
     "SandboxStartError",
     "SandboxStop",
     "State",
+    "Store",
+    "StoreError",
+    "StoredEvent",
     "__version__",
 ]
 

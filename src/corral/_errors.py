@@ -4,6 +4,8 @@
     ├── PolicyError              the policy is wrong: names the file, the key and what is accepted
     ├── HostError                this host can't enforce what the policy asks (missing kernel feature,
     │                            not root, missing device); the policy may allow degrading some features
+    ├── StoreError               the audit store can't be opened, read or written (names the store
+    │                            and why); sandboxes take no commands while it can't be written
     └── SandboxError             a sandbox failed at run time
         ├── SandboxStartError    setting the sandbox up failed; nothing was left running
         ├── SandboxClosedError   the sandbox is closed (by the user, its lifetime, or a failure)
@@ -37,6 +39,15 @@ class HostError(CorralError):
 
     Run on a host that has it, or list the feature under the policy's ``degrade:`` key where corral
     allows running without it (the degradation is then reported in the ``sandbox.start`` event).
+    """
+
+
+class StoreError(CorralError):
+    """The audit store (or the key that signs its checkpoints) can't be opened, read or written.
+
+    While a host's store can't be written, its sandboxes refuse new commands (their events wait in
+    memory, bounded); fix the store (disk space, the lock's holder, the database server) and they
+    resume, every event written.
     """
 
 

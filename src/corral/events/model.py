@@ -50,6 +50,9 @@ class SandboxStart(_Base):
     )
     degraded: list[str] = Field(default_factory=list, description="protections the host could not apply")
     workspace: str = Field(description="host directory the workspace is saved to when the sandbox closes")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="what the caller labelled the sandbox with (run, episode, ...)"
+    )
 
 
 class SandboxStop(_Base):
@@ -59,6 +62,11 @@ class SandboxStop(_Base):
     leftover: list[ProcessRef] = Field(default_factory=list, description="processes killed by the close")
     error: str = Field(
         "", description="what went wrong while closing (e.g. saving the workspace), if anything"
+    )
+    chain: str = Field(
+        "",
+        description="the hash of the sandbox's event chain up to this event: with this event's own "
+        "hash, the sandbox's final hash in the audit store",
     )
 
 

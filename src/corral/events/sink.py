@@ -15,7 +15,10 @@ class JsonlSink:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the sink
 
     def write(self, event: BaseModel) -> None:
-        line = event.model_dump_json() + "\n"
+        self.write_json(event.model_dump_json())
+
+    def write_json(self, text: str) -> None:
+        line = text + "\n"
         with self._lock:
             if self._file.closed:
                 return  # the sandbox is gone: a monitor's late report has nowhere to go

@@ -1,15 +1,26 @@
-"""A sandbox's event list: what `Sandbox.events()` returns, the JSONL file beside it, and the
-folding of repeated denials (`DenyRepeats`) before either sees them."""
+"""A sandbox's event record: the events in order, each hashed into the sandbox's chain and handed
+to the host's audit writer; the list `Sandbox.events()` returns; the JSONL file, if asked for; and
+the folding of repeated denials (`DenyRepeats`) before any of them sees them.
+
+The chain is made here, under the log's lock, because here is where the events get their order:
+they come from several threads (the command's, the supervisor's, the egress loop's, the monitors').
+The chain ends with `sandbox.stop`, which carries the hash of everything before it; an event that
+arrives after it is not recorded (logged for the operator)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
 
-from corral.events import Deny, JsonlSink
+from corral.events import Alert, Deny, JsonlSink, SandboxStart, SandboxStop
 from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
+from corral.store import chain
+from corral.store._store import Chained, stamp
+from corral.store.writer import AuditWriter
 
 log = logging.getLogger("corral")
 
@@ -20,14 +31,25 @@ EVENTS_KEPT = 10_000
 
 
 class EventLog:
-    def __init__(self, sandbox_id: str, path: str | os.PathLike[str] | None) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        path: str | os.PathLike[str] | None,
+        writer: AuditWriter,
+        labels: Mapping[str, str],
+    ) -> None:
         self._id = sandbox_id
+        self._writer = writer
+        self._head = chain.genesis(sandbox_id)
+        self.seq = 0  # events in the chain so far
+        self._sealed = False  # sandbox.stop recorded: the chain is complete
         self._kept = EVENTS_KEPT
         self._events: list[Event] = []
         self._lock = threading.Lock()
         self._repeats = DenyRepeats()
-        self.elided = 0  # events dropped from `events()` (not from the JSONL file) to bound memory
+        self.elided = 0  # events dropped from `events()` (not from the store or file) to bound memory
         self._sink = JsonlSink(path) if path is not None else None
+        writer.open_sandbox(sandbox_id, labels, stamp(datetime.now(UTC)))
 
     def add(self, event: Event) -> list[Event]:
         """Record `event` (a denial may be held back, to be counted with its repeats); what was
@@ -38,33 +60,58 @@ class EventLog:
                 recorded: list[Event] = [*self._repeats.add(event)]
             else:
                 recorded = [*self._repeats.expired(), event]
-            self._record(recorded)
-        return recorded
+            return self._record(recorded)
 
     def flush(self) -> list[Event]:
         """Record the denials still being counted (at a command's end, so its result lists them, and
         at the sandbox's stop)."""
         with self._lock:
-            recorded: list[Event] = [*self._repeats.flush()]
-            self._record(recorded)
-        return recorded
+            return self._record([*self._repeats.flush()])
 
-    def _record(self, recorded: list[Event]) -> None:
-        for event in recorded:
+    def _record(self, events: list[Event]) -> list[Event]:
+        recorded: list[Event] = []
+        for event in events:
+            if self._sealed:
+                log.warning("sandbox %s: %s after the sandbox stopped; not recorded", self._id, event.type)
+                continue
+            if isinstance(event, SandboxStop):
+                event = event.model_copy(update={"chain": self._head})
+                self._sealed = True
+            recorded.append(event)
+            body = event.model_dump_json()
+            self.seq += 1
+            digest = chain.link(self._head, body)
+            self._writer.put(
+                Chained(
+                    sandbox=self._id,
+                    seq=self.seq,
+                    time=stamp(event.time),
+                    type=event.type,
+                    body=body,
+                    prev=self._head,
+                    hash=digest,
+                    category=_category(event),
+                    severity=event.severity if isinstance(event, Alert) else None,
+                    stop_reason=event.reason if isinstance(event, SandboxStop) else None,
+                ),
+                policy=event.policy if isinstance(event, SandboxStart) else None,
+            )
+            self._head = digest
             self._events.append(event)
             if self._sink is not None:
-                self._sink.write(event)
+                self._sink.write_json(body)
         if len(self._events) > self._kept:
             drop = self._kept // 10
             del self._events[1 : 1 + drop]  # [0] is sandbox.start, which says what the sandbox was
             if not self.elided:
                 log.warning(
-                    "sandbox %s: over %d events; the oldest are dropped from events() (the event file "
+                    "sandbox %s: over %d events; the oldest are dropped from events() (the audit store "
                     "keeps them)",
                     self._id,
                     self._kept,
                 )
             self.elided += drop
+        return recorded
 
     def events(self) -> list[Event]:
         with self._lock:
@@ -84,3 +131,11 @@ class EventLog:
     def close(self) -> None:
         if self._sink is not None:
             self._sink.close()
+
+
+def _category(event: Event) -> str | None:
+    if isinstance(event, Alert):
+        return event.category
+    if isinstance(event, Deny):
+        return event.layer
+    return None

@@ -4,7 +4,8 @@ A host owns what its sandboxes share: the cgroup hierarchy, the uid claims and o
 /run/corral (and the sweep of what dead supervisors left there), the supervisor thread that answers
 seccomp notifications and fires lifetime deadlines, the event loop that serves the egress fences,
 the process-event connector, the resource sampler, the zygote that forks every sandbox (and its
-network namespaces made ahead), the teardown thread, and the set of open sandboxes.
+network namespaces made ahead), the teardown thread, the audit store's writer, and the set of open
+sandboxes.
 
     with Host(networks_ahead=0) as host:
         with Sandbox(policy, host=host) as sb:
@@ -18,7 +19,14 @@ sandboxes.
 Shutdown runs in one order, each step relying on the ones before it: the open sandboxes are closed
 (their processes killed), the teardown queue is drained (cgroups, state directories, uid claims
 gone), then the helpers stop, the ones sandboxes call into first: the supervisor, the egress loop,
-the connector, the sampler, and last the zygote (and with it the network namespaces it made ahead).
+the connector, the sampler, the zygote (and with it the network namespaces it made ahead), and
+last the audit writer, once every event is in.
+
+The audit store is `store` (a SQLite path or a postgresql:// URL; default: the CORRAL_STORE
+environment variable, else /var/lib/corral/audit.db), its checkpoints signed with the Ed25519 key at
+`audit_key` (default: CORRAL_AUDIT_KEY, else /etc/corral/audit.key; made on first use). A host whose
+store can't be opened doesn't start; one whose store stops taking writes refuses new commands until
+it takes them again (see `corral.store.writer`).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import atexit
 import enum
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -40,6 +49,7 @@ from corral.monitors import resource as resource_monitor
 from corral.runtime import _hostfiles
 from corral.runtime._supervisor import Supervisor
 from corral.runtime.rulesets import RulesetCache
+from corral.store.writer import AuditWriter
 
 if TYPE_CHECKING:
     from corral.runtime.sandbox import Sandbox
@@ -107,8 +117,13 @@ class Host:
         networks_ahead: int = zygote.NETWORKS_AHEAD,
         connector: process_monitor.Connector | None = None,
         sampler: resource_monitor.Sampler | None = None,
+        store: str | os.PathLike[str] | None = None,
+        audit_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.networks_ahead = networks_ahead
+        self.store_location = store
+        self.audit_key = audit_key
+        self._audit: AuditWriter | None = None
         self.rulesets = RulesetCache()
         self._lock = threading.RLock()
         self._state = HostState.NEW
@@ -139,6 +154,8 @@ class Host:
             hierarchy = cgroups.detect()
             _hostfiles.sweep_stale(hierarchy)
             connector, sampler = self._given
+            # First: without a store to record into, no sandbox may start.
+            audit = AuditWriter(self.store_location, self.audit_key, on_overflow=self._store_overflow)
             supervisor = Supervisor()
             egress: EgressLoop | None = None
             try:
@@ -149,7 +166,9 @@ class Host:
                 if egress is not None:
                     egress.stop()
                 supervisor.stop()
+                audit.stop()
                 raise
+            self._audit = audit
             self._hierarchy = hierarchy
             self._supervisor, self._egress, self._zygote = supervisor, egress, made
             self._connector = connector or process_monitor.Connector()
@@ -183,6 +202,8 @@ class Host:
             self._sampler.stop()
             assert self._zygote is not None
             self._zygote.close()  # and with it the network namespaces it made ahead
+            assert self._audit is not None
+            self._audit.stop()  # every sandbox's events are in by now
         with self._lock:
             self._state = HostState.SHUT_DOWN
 
@@ -213,6 +234,19 @@ class Host:
         self._running()
         assert self._hierarchy is not None
         return self._hierarchy
+
+    @property
+    def audit(self) -> AuditWriter:
+        """The writer of this host's audit store."""
+        self._running()
+        assert self._audit is not None
+        return self._audit
+
+    def _store_overflow(self, reason: str) -> None:
+        # The store has been failing long enough for a backlog to build: stop what feeds it.
+        log.error("%s: stopping this host's sandboxes", reason)
+        for sb in self.open_sandboxes():
+            sb._terminate("failed", reason)
 
     @property
     def supervisor(self) -> Supervisor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from corral._errors import HostError, PolicyError, SandboxClosedError, SandboxStartError
+from corral._errors import HostError, PolicyError, SandboxClosedError, SandboxStartError, StoreError
 from corral.egress.service import Fence, FenceContext, Upstream
 from corral.events import (
     Alert,
@@ -44,6 +45,7 @@ from corral.runtime.results import ExecResult, Output, with_output
 __all__ = ["CONTROL_TAMPER_RULE", "WORKSPACE_ROOT", "ExecResult", "Output", "Sandbox"]
 
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
+_COMMIT_WAIT = 10.0  # seconds close() waits for its events to be committed
 _PROXY = f"http://127.0.0.1:{netns.PROXY_PORT}"
 # Programs that honour proxy variables name their destination to the proxy (CONNECT host:port);
 # everything else is caught in flight anyway. The policy's env may override these.
@@ -72,6 +74,8 @@ class Sandbox:
     upstream: how the egress proxy resolves names and connects on the host
         (`corral.egress.service.Upstream`); tests map names and ports to local servers with it.
     host: the `Host` that runs the sandbox; without it, the process's default host.
+    labels: what to file the sandbox under in the audit store (e.g. run, episode, step): up to 32
+        string pairs; every reader of the store filters by them.
     """
 
     def __init__(
@@ -83,7 +87,11 @@ class Sandbox:
         keep_workspace: bool = True,
         upstream: Upstream | None = None,
         host: Host | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        if os.geteuid() != 0:
+            raise HostError("corral must run as root to create sandboxes (namespaces, cgroups, mounts)")
+        self.labels = _checked_labels(labels or {})
         self.host = host if host is not None else default_host()
         if policy is None:
             policy = Policy.default()
@@ -91,7 +99,7 @@ class Sandbox:
             policy = Policy.load(policy)
         self.policy = policy
         self.id = secrets.token_hex(6)
-        self._log = _eventlog.EventLog(self.id, events)
+        self._log = _eventlog.EventLog(self.id, events, self.host.audit, self.labels)
         self._commands = _commands.CommandSlot()
         self._exec_ctx: _commands.ExecContext | None = None  # once started
         self._life = Lifecycle()
@@ -115,8 +123,6 @@ class Sandbox:
     # --- lifecycle -----------------------------------------------------------------------
 
     def _start(self) -> None:
-        if os.geteuid() != 0:
-            raise HostError("corral must run as root to create sandboxes (namespaces, cgroups, mounts)")
         degraded: list[str] = []
         abi = landlock.abi_version()
         if abi == 0:
@@ -242,6 +248,7 @@ class Sandbox:
                 },
                 degraded=degraded,
                 workspace=self.workspace,
+                labels=self.labels,
             )
         )
 
@@ -413,6 +420,15 @@ class Sandbox:
         grace period or two); that happens in the background unless `wait=True`.
         """
         self._terminate("closed")
+        # The caller may rely on the record being durable once close() returns (a grader reading the
+        # verdict from the store, an operator's report).
+        writer = self.host.audit
+        if not writer.wait_committed(self.id, self._log.seq, _COMMIT_WAIT):
+            raise StoreError(
+                f"sandbox {self.id} is closed, but its last events are not in the audit store "
+                f"{writer.where} after {_COMMIT_WAIT:g}s ({writer.failure or 'the writer is behind'}); "
+                "they are written when the store takes writes again, while this process lives"
+            )
         if wait:
             self._life.wait_for(State.REAPED)
 
@@ -655,6 +671,10 @@ class Sandbox:
             full_env.update(env)
         if self._exec_ctx is None:
             raise SandboxClosedError(f"sandbox {self.id} did not start")
+        failure = self.host.audit.failure
+        if failure is not None:
+            # Fail closed: what the command would do could not be recorded.
+            raise StoreError(f"sandbox {self.id} takes no commands: {failure}")
         return _commands.Run(
             self._commands,
             self._exec_ctx,
@@ -680,6 +700,26 @@ class Sandbox:
             raise OSError(errno.ENOENT, f"read_file {path}: {_text(r.stderr)}")
         assert isinstance(r.stdout, bytes)
         return r.stdout
+
+
+_LABEL_KEY = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+_LABELS_MAX = 32
+_LABEL_VALUE_MAX = 256
+
+
+def _checked_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > _LABELS_MAX:
+        raise SandboxStartError(f"labels: {len(labels)} given; at most {_LABELS_MAX} are accepted")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
+            raise SandboxStartError(
+                f"labels: key {k!r}: 1-64 characters of letters, digits and _ . : / - are accepted"
+            )
+        if not isinstance(v, str) or len(v) > _LABEL_VALUE_MAX:
+            raise SandboxStartError(
+                f"labels: {k}: value {v!r}: a string of at most {_LABEL_VALUE_MAX} characters is accepted"
+            )
+    return dict(labels)
 
 
 def _text(data: bytes | str) -> str:

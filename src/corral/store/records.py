@@ -18,6 +18,7 @@ class StoredEvent:
     type: str
     body: dict[str, Any]  # the event's JSON (corral.events schema), as emitted
     hash: str = ""  # sha256 of the previous event's hash and this body, hex
+    n: int = 0  # the store's cursor: larger for every later commit (for following the store)
 
 
 @dataclass(frozen=True)
