@@ -22,6 +22,7 @@ from types import FrameType
 
 from corral import __version__
 from corral._errors import CorralError, PolicyError
+from corral.cli import _record
 from corral.detect import rules as detect_rules
 from corral.events import Alert, Deny, event_json_schema
 from corral.isolation import plan as planning
@@ -48,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         help="host directory copied in and saved back at exit (created if missing)",
     )
     run.add_argument("--timeout", metavar="SECONDS", type=float, help="override resources.timeout")
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="file the sandbox under this label in the audit store (repeat), e.g. --label run=r42",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
     shell = sub.add_parser("shell", help="an interactive shell in a sandbox")
@@ -71,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     rlist.add_argument("--policy", metavar="FILE", help="apply this policy's rule files and responses")
     rlist.add_argument("--rules", metavar="FILE", action="append", default=[], help="extra rule file")
 
-    ev = sub.add_parser("events", help="the event stream's schema")
-    esub = ev.add_subparsers(dest="events_command", required=True, metavar="ACTION")
-    esub.add_parser("schema", help="print the events' JSON Schema")
+    _record.add_parsers(sub)
     return p
 
 
@@ -139,7 +145,15 @@ def _run(args: argparse.Namespace) -> int:
         # Entered first, left last: the pty outlives the sandbox (see `_Terminal.__exit__`).
         term = stack.enter_context(_Terminal(terminals)) if terminals else None
         stack.enter_context(host)
-        sb = stack.enter_context(Sandbox(policy, workspace=args.workspace, events=args.events, host=host))
+        sb = stack.enter_context(
+            Sandbox(
+                policy,
+                workspace=args.workspace,
+                events=args.events,
+                host=host,
+                labels=_record.labels_arg(args.label),
+            )
+        )
         if term is not None:
             run = sb.stream(argv, timeout=args.timeout, stdio=term.stdio, tty=term.controlling)
             term.relay(run)
@@ -339,8 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "rules":
             return _rules(args)
-        print(json.dumps(event_json_schema(), indent=2))
-        return 0
+        if args.command == "events" and args.what == "schema":
+            print(json.dumps(event_json_schema(), indent=2))
+            return 0
+        return _record.run(args)
     except PolicyError as e:
         print(e, file=sys.stderr)
         return CORRAL_FAILED

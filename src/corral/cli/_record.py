@@ -1,0 +1,254 @@
+"""The commands that read the audit store: `corral events`, `corral audit verify|prune`,
+`corral report`, `corral export`, `corral ui`. Each takes `--store PATH|URL` (default: the host's
+store: CORRAL_STORE, else /var/lib/corral/audit.db)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from corral._errors import CorralError, StoreError
+from corral.policy._units import parse_duration
+from corral.store import Filters, Store, StoredEvent, verify
+from corral.store import chain as audit_chain
+from corral.store.verify import summary
+
+_FOLLOW_POLL = 0.25  # seconds between looks at the store while following
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ev = sub.add_parser(
+        "events",
+        help="events from the audit store (or `corral events schema`: the events' JSON Schema)",
+        description="Print events from the audit store, oldest first, filtered.",
+    )
+    ev.add_argument("what", nargs="?", choices=["schema"], help="print the events' JSON Schema instead")
+    _filters(ev)
+    ev.add_argument("--json", action="store_true", help="one JSON object per line (the stored event)")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing events as they are committed")
+    ev.add_argument("--limit", type=int, metavar="N", help="at most N events")
+
+    audit = sub.add_parser("audit", help="check or prune the audit store")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    check = asub.add_parser(
+        "verify",
+        help="check every chain and signature; exit 1 if anything was edited, deleted, inserted, "
+        "reordered or truncated",
+    )
+    _store_option(check)
+    check.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="a host's public key (PEM; repeat for a fleet's hosts); default: this host's",
+    )
+    check.add_argument("--json", action="store_true", help="the findings as JSON")
+    prune = asub.add_parser("prune", help="remove whole sandboxes that stopped long enough ago")
+    _store_option(prune)
+    prune.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h")
+
+
+def _store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store", metavar="PATH|URL", help="SQLite file or postgresql:// URL (default: the host's)"
+    )
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    _store_option(p)
+    p.add_argument("--sandbox", metavar="ID", help="one sandbox (an id, or the start of one)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="K=V", help="sandboxes labelled so (repeat: all)"
+    )
+    p.add_argument(
+        "--type", action="append", default=[], metavar="T", help="event type, e.g. alert, net.connect"
+    )
+    p.add_argument(
+        "--category", action="append", default=[], metavar="C", help="alert category (or a denial's layer)"
+    )
+    p.add_argument("--since", metavar="T", help="RFC 3339 time, or an age such as 30m, 2h, 7d")
+    p.add_argument("--until", metavar="T", help="RFC 3339 time, or an age")
+
+
+def labels_arg(values: list[str], option: str = "--label") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CorralError(f"{option} {item!r}: expected KEY=VALUE, e.g. {option} run=r42")
+        labels[key] = value
+    return labels
+
+
+def time_arg(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
+        except ValueError:
+            raise CorralError(
+                f"{option} {value!r}: expected an RFC 3339 time (2026-12-04T10:00:00Z) or an age "
+                "(30m, 2h, 7d)"
+            ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def open_store(where: str | None) -> Store:
+    return Store.open(where, create=False)
+
+
+def filters_from(args: argparse.Namespace, store: Store) -> Filters:
+    types = [t for item in args.type for t in item.split(",") if t]
+    categories = [c for item in args.category for c in item.split(",") if c]
+    return Filters(
+        sandbox=store.find_sandbox(args.sandbox).id if args.sandbox else None,
+        labels=labels_arg(args.label),
+        types=types,
+        categories=categories,
+        since=time_arg(args.since, "--since"),
+        until=time_arg(args.until, "--until"),
+    )
+
+
+def events(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        filters = filters_from(args, store)
+        for e in _events(store, filters, args.follow, args.limit):
+            if args.json:
+                print(json.dumps({**e.body, "seq": e.seq, "hash": e.hash}), flush=args.follow)
+            else:
+                print(line(e), flush=args.follow)
+        return 0
+
+
+def _events(store: Store, filters: Filters, follow: bool, limit: int | None) -> Iterator[StoredEvent]:
+    after, left = 0, limit
+    while True:
+        for e in store.events(filters, after=after, limit=left):
+            after = e.seq if filters.sandbox is not None else e.n
+            yield e
+            if left is not None:
+                left -= 1
+                if left <= 0:
+                    return
+            if follow and filters.sandbox is not None and e.type == "sandbox.stop":
+                return
+        if not follow:
+            return
+        time.sleep(_FOLLOW_POLL)
+
+
+def line(e: StoredEvent) -> str:
+    """One terminal line for an event: when, which sandbox, what, and the gist of it. Every string
+    in it came from the sandbox, so control characters are shown escaped, never sent."""
+    b = e.body
+    gist: str
+    if e.type == "exec.start":
+        gist = f"#{b.get('exec')} {_argv(b.get('command'))}"
+    elif e.type == "exec.exit":
+        gist = f"#{b.get('exec')} exit {b.get('exit_code')} in {b.get('duration', 0):.2f}s"
+    elif e.type == "proc.exec":
+        p = b.get("process") or {}
+        gist = f"pid {p.get('pid')} {_argv(p.get('cmdline')) or p.get('exe')}"
+    elif e.type == "proc.exit":
+        gist = f"pid {b.get('pid')} exit {b.get('exit_code')}"
+    elif e.type == "net.connect":
+        where = b.get("name") or b.get("destination")
+        gist = f"{b.get('decision')} {where}:{b.get('port')} {b.get('protocol')} ({b.get('reason')})"
+    elif e.type == "dns.query":
+        gist = f"{b.get('decision')} {b.get('name')} {b.get('qtype')}"
+    elif e.type == "deny":
+        count = f" x{b['count']}" if b.get("count", 1) > 1 else ""
+        gist = f"{b.get('layer')} refused {b.get('what')}{count} {b.get('detail', '')}".rstrip()
+    elif e.type == "alert":
+        gist = (
+            f"{b.get('severity')} {b.get('category')} {b.get('rule')} -> {b.get('action')}: "
+            f"{b.get('message')}"
+        )
+    elif e.type == "sandbox.start":
+        labels = " ".join(f"{k}={v}" for k, v in sorted((b.get("labels") or {}).items()))
+        gist = f"policy {b.get('policy')} {labels}".rstrip()
+    elif e.type == "sandbox.stop":
+        gist = f"{b.get('reason')} after {b.get('duration', 0):.1f}s {b.get('error', '')}".rstrip()
+    elif e.type == "resource.sample":
+        mib = b.get("memory", 0) // 1024 // 1024
+        gist = f"cpu {b.get('cpu', 0):.2f} memory {mib} MiB processes {b.get('processes')}"
+    else:
+        gist = ""
+    stamp = e.time.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return _printable(f"{stamp}  {e.sandbox}  {e.type:<15} {gist}")
+
+
+def _argv(value: object) -> str:
+    return " ".join(str(a) for a in value) if isinstance(value, list) else ""
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def audit(args: argparse.Namespace) -> int:
+    if args.audit_command == "verify":
+        keys = [audit_chain.load_public(k) for k in args.key] if args.key else None
+        with open_store(args.store) as store:
+            result = verify(store, keys)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "store": result.store,
+                        "ok": result.ok,
+                        "events": result.events,
+                        "sandboxes": result.sandboxes,
+                        "commits": result.commits,
+                        "checkpoints": result.checkpoints,
+                        "seconds": result.seconds,
+                        "findings": [
+                            {
+                                "kind": f.kind,
+                                "tampered": f.tampered,
+                                "sandbox": f.sandbox,
+                                "seq": f.seq,
+                                "message": f.message,
+                            }
+                            for f in result.findings
+                        ],
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            for text in summary(result):
+                print(text)
+        return 0 if result.ok else 1
+    try:
+        age = parse_duration(args.older_than)
+    except ValueError as e:
+        raise CorralError(f"--older-than {args.older_than!r}: {e}; e.g. 30d or 12h") from None
+    with open_store(args.store) as store:
+        removed = store.prune(timedelta(seconds=age), audit_chain.Signer())
+    plural = "es" if len(removed) != 1 else ""
+    print(f"{store.where}: pruned {len(removed)} sandbox{plural} stopped over {args.older_than} ago")
+    return 0
+
+
+def handles(command: str) -> bool:
+    return command in ("events", "audit")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "events":
+            return events(args)
+        return audit(args)
+    except StoreError as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return 1
