@@ -21,6 +21,8 @@ def test_all_is_complete_and_importable() -> None:
         "egress",
         "detect",
         "monitors",
+        "report",
+        "store",
     }
     assert public <= set(corral.__all__) | {"annotations"}
     for name in corral.__all__:
