@@ -315,6 +315,20 @@ def test_process_tree_nesting_reexec_pid_reuse_and_unknown_processes() -> None:
     assert "ld" in to_text(build([], stored(events)))
 
 
+def test_a_reused_pid_whose_exit_was_lost_is_a_new_process() -> None:
+    def born(pid: int, started: float, *cmdline: str) -> ProcessRef:
+        return ProcessRef(pid=pid, ppid=1, exe=cmdline[0], cmdline=list(cmdline), started=at(started))
+
+    events: list[Event] = [
+        ProcExec(sandbox=CLEAN_ID, time=at(0), process=born(40, 0, "/bin/sh", "-c", "exec sleep 1")),
+        ProcExec(sandbox=CLEAN_ID, time=at(0.1), process=born(40, 0, "/bin/sleep", "1")),  # the same one
+        ProcExec(sandbox=CLEAN_ID, time=at(9), process=born(40, 9, "/bin/true")),  # no proc.exit between
+    ]
+    first, second = process_tree(stored(events))
+    assert (first.cmdline, first.images) == (["/bin/sleep", "1"], 2)
+    assert (second.cmdline, second.images) == (["/bin/true"], 1)
+
+
 def test_process_tree_depth_and_count_are_bounded() -> None:
     chain = [
         ProcExec(sandbox=CLEAN_ID, time=at(i), process=ref(1000 + i, 999 + i, "/bin/sh")) for i in range(200)

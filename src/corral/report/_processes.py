@@ -1,8 +1,8 @@
 """The process tree, from proc.exec (who started what, read on the host at execve) and proc.exit, with
 each process's connections (net.connect names its process) and the rules that fired on it.
 
-A node is one pid's life in one sandbox: a pid seen again after its proc.exit is a new process (the
-kernel reuses pids). A parent is linked only if it was seen before its child, so no pid reuse can
+A node is one pid's life in one sandbox: a pid seen again after its proc.exit, or with another start
+time, is a new process (the kernel reuses pids). A parent is linked only if it was seen before its child, so no pid reuse can
 make a cycle. An agent can nest processes as deep as it likes; past `MAX_DEPTH` the descendants are
 listed flat under their ancestor at that depth (their `ppid` still names the real parent), so a
 renderer's recursion and a report's size stay bounded while every process stays in view."""
@@ -26,6 +26,7 @@ class _Proc:
     __slots__ = (
         "alerts",
         "anchor",
+        "born",
         "children",
         "cmdline",
         "connections",
@@ -56,6 +57,7 @@ class _Proc:
         self.cmdline: list[str] = []
         self.exec: int | None = None
         self.started: datetime | None = None
+        self.born: str | None = None  # ProcessRef.started as given: the same across execs, not pids
         self.exited: datetime | None = None
         self.exit_code: int | None = None
         self.images = 0
@@ -109,6 +111,7 @@ class ProcessTreeBuilder:
         proc.ns_pid = f.opt_int(ref, "ns_pid")
         proc.exe = f.opt_text(ref, "exe")
         proc.cmdline = f.clip_list(f.strings(ref, "cmdline"), self._limits.text)
+        proc.born = f.opt_text(ref, "started")
         proc.exec = f.opt_int(body, "exec") if f.opt_int(body, "exec") is not None else f.opt_int(ref, "exec")
         if proc.started is None:
             proc.started = time
@@ -123,6 +126,9 @@ class ProcessTreeBuilder:
         if pid is None:
             return
         proc = self._live.get((sandbox, pid))
+        born = f.opt_text(ref, "started")
+        if proc is not None and proc.born is not None and born is not None and born != proc.born:
+            proc = None  # the pid was reused, and its proc.exit never reached us
         if proc is not None and proc.exited is None and proc.seen_exec:
             # The same process running a new program (a shell's `exec`, or sh -c's last command).
             proc.images += 1
