@@ -21,6 +21,7 @@ def test_all_is_complete_and_importable() -> None:
         "egress",
         "detect",
         "monitors",
+        "report",
         "store",
     }
     assert public <= set(corral.__all__) | {"annotations"}
