@@ -32,7 +32,8 @@ class Server:
         return f"postgresql:///{database}?host={self.sockets}&user=postgres"
 
     def _as_postgres(self, *argv: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=60)
+        argv = ("runuser", "-u", "postgres", "--", *argv)
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
         self._as_postgres(

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from corral._errors import CorralError, StoreError
+from corral.events import Deny, Event
+from corral.events.model import AlertCategory
 from corral.policy._units import parse_duration
+from corral.report import build as build_report
+from corral.report import to_html as report_html
+from corral.report import to_json as report_json
+from corral.report import to_text as report_text
 from corral.store import Filters, Store, StoredEvent, verify
 from corral.store import chain as audit_chain
 from corral.store.verify import summary
@@ -31,6 +39,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     ev.add_argument("--json", action="store_true", help="one JSON object per line (the stored event)")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing events as they are committed")
     ev.add_argument("--limit", type=int, metavar="N", help="at most N events")
+
+    rep = sub.add_parser(
+        "report",
+        help="the report of a sandbox, or of every sandbox with some labels (a run, an episode)",
+        description="The verdict, the timeline, the process tree, top destinations and resource use.",
+    )
+    rep.add_argument("sandbox", nargs="?", metavar="SANDBOX", help="a sandbox id (or the start of one)")
+    _store_option(rep)
+    rep.add_argument("--label", action="append", default=[], metavar="K=V", help="e.g. --label run=r42")
+    rep.add_argument("--format", choices=["text", "json", "html"], default="text")
+    rep.add_argument("--output", "-o", metavar="FILE", help="write it here instead of stdout")
 
     audit = sub.add_parser("audit", help="check or prune the audit store")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -240,15 +259,66 @@ def audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def handles(command: str) -> bool:
-    return command in ("events", "audit")
+def report(args: argparse.Namespace) -> int:
+    labels = labels_arg(args.label)
+    if (args.sandbox is None) == (not labels):
+        raise CorralError("report: give a SANDBOX id or --label K=V (e.g. --label run=r42), not both")
+    with open_store(args.store) as store:
+        if args.sandbox is not None:
+            sandboxes = [store.find_sandbox(args.sandbox)]
+            filters = Filters(sandbox=sandboxes[0].id)
+        else:
+            sandboxes = store.sandboxes(labels=labels)
+            if not sandboxes:
+                raise StoreError(f"no sandbox in {store.where} is labelled {_labels_text(labels)}")
+            filters = Filters(labels=labels)
+        built = build_report(sandboxes, store.events(filters))
+    render = {"text": report_text, "json": report_json, "html": report_html}[args.format]
+    out = render(built)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(out)
+        print(f"{args.output}: {args.format} report of {built.title}", file=sys.stderr)
+    else:
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+    return 0
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def run(args: argparse.Namespace) -> int:
+    """The store-reading commands; a store that can't be read exits 1 with the reason."""
     try:
         if args.command == "events":
+            _check_filters(args)
             return events(args)
+        if args.command == "report":
+            return report(args)
         return audit(args)
     except StoreError as e:
         print(f"corral: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `corral events | head`: the reader has what it wanted.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush is quiet
+        return 0
+
+
+EVENT_TYPES = tuple(
+    typing.get_args(cls.model_fields["type"].annotation)[0]
+    for cls in typing.get_args(typing.get_args(Event)[0])
+)
+CATEGORIES = (*typing.get_args(AlertCategory), *typing.get_args(Deny.model_fields["layer"].annotation))
+
+
+def _check_filters(args: argparse.Namespace) -> None:
+    for t in (t for item in args.type for t in item.split(",") if t):
+        if t not in EVENT_TYPES:
+            raise CorralError(f"--type {t!r}: not an event type; one of {', '.join(EVENT_TYPES)}")
+    for c in (c for item in args.category for c in item.split(",") if c):
+        if c not in CATEGORIES:
+            raise CorralError(
+                f"--category {c!r}: not an alert category or a denial's layer; one of {', '.join(CATEGORIES)}"
+            )

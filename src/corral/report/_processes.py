@@ -2,10 +2,11 @@
 each process's connections (net.connect names its process) and the rules that fired on it.
 
 A node is one pid's life in one sandbox: a pid seen again after its proc.exit, or with another start
-time, is a new process (the kernel reuses pids). A parent is linked only if it was seen before its child, so no pid reuse can
-make a cycle. An agent can nest processes as deep as it likes; past `MAX_DEPTH` the descendants are
-listed flat under their ancestor at that depth (their `ppid` still names the real parent), so a
-renderer's recursion and a report's size stay bounded while every process stays in view."""
+time, is a new process (the kernel reuses pids). A parent is linked only if it was seen before its
+child, so no pid reuse can make a cycle. An agent can nest processes as deep as it likes; past
+`MAX_DEPTH` the descendants are listed flat under their ancestor at that depth (their `ppid` still
+names the real parent), so a renderer's recursion and a report's size stay bounded while every
+process stays in view."""
 
 from __future__ import annotations
 
