@@ -203,7 +203,8 @@ class Host:
             assert self._zygote is not None
             self._zygote.close()  # and with it the network namespaces it made ahead
             assert self._audit is not None
-            self._audit.stop()  # every sandbox's events are in by now
+            # Every sandbox's events are handed over by now; a failing store gets a last short try.
+            self._audit.stop(timeout=10.0 if self._audit.failure is None else 2.0)
         with self._lock:
             self._state = HostState.SHUT_DOWN
 

@@ -46,6 +46,7 @@ __all__ = ["CONTROL_TAMPER_RULE", "WORKSPACE_ROOT", "ExecResult", "Output", "San
 
 WORKSPACE_ROOT = "/var/lib/corral/workspaces"
 _COMMIT_WAIT = 10.0  # seconds close() waits for its events to be committed
+_FAILED_COMMIT_WAIT = 2.0  # the same, when the store is already failing
 _PROXY = f"http://127.0.0.1:{netns.PROXY_PORT}"
 # Programs that honour proxy variables name their destination to the proxy (CONNECT host:port);
 # everything else is caught in flight anyway. The policy's env may override these.
@@ -417,20 +418,24 @@ class Sandbox:
         Before it returns, the workspace is saved (with every process frozen) and every process in
         the sandbox has been sent SIGKILL, which no process survives or can act after. Removing the
         cgroup and state directory waits for the kernel to finish tearing the namespaces down (an RCU
-        grace period or two); that happens in the background unless `wait=True`.
+        grace period or two); that happens in the background unless `wait=True`. Its events are in
+        the audit store when it returns (a StoreError, after the sandbox is destroyed, if the store
+        can't take them).
         """
         self._terminate("closed")
         # The caller may rely on the record being durable once close() returns (a grader reading the
         # verdict from the store, an operator's report).
         writer = self.host.audit
-        if not writer.wait_committed(self.id, self._log.seq, _COMMIT_WAIT):
-            raise StoreError(
-                f"sandbox {self.id} is closed, but its last events are not in the audit store "
-                f"{writer.where} after {_COMMIT_WAIT:g}s ({writer.failure or 'the writer is behind'}); "
-                "they are written when the store takes writes again, while this process lives"
-            )
+        patience = _COMMIT_WAIT if writer.failure is None else _FAILED_COMMIT_WAIT
+        committed = writer.wait_committed(self.id, self._log.seq, patience)
         if wait:
             self._life.wait_for(State.REAPED)
+        if not committed:
+            raise StoreError(
+                f"sandbox {self.id} is closed, but its last events are not in the audit store "
+                f"{writer.where} after {patience:g}s ({writer.failure or 'the writer is behind'}); "
+                "they are written when the store takes writes again, while this process lives"
+            )
 
     def _expire(self) -> None:
         # Saving a large workspace takes a while; the supervisor thread serves every sandbox's

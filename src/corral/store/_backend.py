@@ -15,6 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 from corral._errors import StoreError
 
 DEFAULT_STORE = "/var/lib/corral/audit.db"
+# How long a SQLite writer waits for another process's write to finish before the store counts as
+# locked (and the host fails closed). Commits take milliseconds; a longer hold is a stuck holder.
+LOCK_WAIT = 2.0
 SCHEMA_VERSION = "1"
 
 
@@ -84,7 +87,7 @@ class SQLite:
         directory = os.path.dirname(self.path) or "."
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives the process being killed; only a power cut may
             # lose the last commits (never corrupting the file). FULL would fsync every commit.

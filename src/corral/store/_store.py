@@ -141,6 +141,15 @@ class Store:
             raise
         return store
 
+    def _connection(self) -> Any:
+        """The connection, made again if the server dropped it (a PostgreSQL restart). A SQLite
+        store is never reopened: a file that went away would come back empty."""
+        if self._db.kind == "postgresql" and (
+            getattr(self._conn, "closed", False) or getattr(self._conn, "broken", False)
+        ):
+            self._conn = self._db.connect()
+        return self._conn
+
     def close(self) -> None:
         with self._lock:
             try:
@@ -175,6 +184,7 @@ class Store:
         with self._lock:
             try:
                 db.check()
+                conn = self._connection()
                 db.begin_write(conn)
                 try:
                     for tally in tallies.values():
@@ -271,7 +281,7 @@ class Store:
     def _query(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
             try:
-                rows: list[Any] = self._db.run(self._conn, statement, params).fetchall()
+                rows: list[Any] = self._db.run(self._connection(), statement, params).fetchall()
             except errors() as e:
                 raise StoreError(f"audit store {self.where}: can't be read: {_why(e)}") from e
         return rows
