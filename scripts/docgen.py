@@ -4,6 +4,7 @@ drift from what corral accepts and emits.
 - docs/policy.md: the reference section, from the policy's JSON Schema (`Policy.json_schema()`).
 - docs/rules.md: the condition fields (`corral.detect.fields`) and the built-in rules (`rules/*.yaml`).
 - docs/events.md: each event type's field table, from the event models (`corral/events/model.py`).
+- docs/ocsf.md: the OCSF mapping table, from `corral.store.ocsf.MAPPING`.
 
 The prose around them is written by hand. `scripts/gen-docs` rewrites the files; `scripts/gen-docs --check`
 (and tests/test_docs.py) says which are stale.
@@ -25,6 +26,7 @@ from corral.detect import rules
 from corral.detect.fields import FIELDS
 from corral.events.model import Event
 from corral.policy import Policy
+from corral.store import ocsf
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = "scripts/gen-docs"
@@ -226,12 +228,24 @@ def events_doc(text: str) -> str:
     return "\n## ".join(out)
 
 
+# --- docs/ocsf.md ---------------------------------------------------------------------------------
+
+OCSF_DOC = ROOT / "docs" / "ocsf.md"
+OCSF_BEGIN = f"<!-- mapping: generated from corral.store.ocsf.MAPPING by `{COMMAND}`; do not edit -->\n"
+OCSF_END = "<!-- end of mapping -->\n"
+
+
+def ocsf_doc(text: str) -> str:
+    return _between(OCSF_DOC, text, OCSF_BEGIN, OCSF_END, ocsf.mapping_table())
+
+
 # --- all of them ----------------------------------------------------------------------------------
 
 DOCS: dict[Path, Callable[[str], str]] = {
     POLICY_DOC: policy_doc,
     RULES_DOC: rules_doc,
     EVENTS_DOC: events_doc,
+    OCSF_DOC: ocsf_doc,
 }
 
 
