@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 from corral._errors import CorralError, StoreError
@@ -21,8 +21,10 @@ from corral.report import build as build_report
 from corral.report import to_html as report_html
 from corral.report import to_json as report_json
 from corral.report import to_text as report_text
-from corral.store import Filters, Store, StoredEvent, verify
+from corral.store import Filters, SandboxInfo, Store, StoredEvent, verify
 from corral.store import chain as audit_chain
+from corral.store.ocsf import FORMATS, OCSF_VERSION
+from corral.store.ocsf import export as export_events
 from corral.store.verify import summary
 
 _FOLLOW_POLL = 0.25  # seconds between looks at the store while following
@@ -50,6 +52,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     rep.add_argument("--label", action="append", default=[], metavar="K=V", help="e.g. --label run=r42")
     rep.add_argument("--format", choices=["text", "json", "html"], default="text")
     rep.add_argument("--output", "-o", metavar="FILE", help="write it here instead of stdout")
+
+    exp = sub.add_parser(
+        "export",
+        help="events as JSON lines, or as OCSF records for a SIEM",
+        description="Write events one JSON object a line: as stored (jsonl), or as OCSF "
+        f"{OCSF_VERSION} records (ocsf; see docs/ocsf.md for the mapping).",
+    )
+    exp.add_argument("--format", choices=list(FORMATS), required=True)
+    _filters(exp)
+    exp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
 
     audit = sub.add_parser("audit", help="check or prune the audit store")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -284,6 +296,41 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Sandboxes(Mapping[str, SandboxInfo]):
+    """The sandboxes an export names, read from the store as they come up."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._known: dict[str, SandboxInfo | None] = {}
+
+    def __getitem__(self, sandbox_id: str) -> SandboxInfo:
+        if sandbox_id not in self._known:
+            self._known[sandbox_id] = self._store.sandbox(sandbox_id)
+        found = self._known[sandbox_id]
+        if found is None:
+            raise KeyError(sandbox_id)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(k for k, v in self._known.items() if v is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for v in self._known.values() if v is not None)
+
+
+def export(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        filters = filters_from(args, store)
+        sandboxes = _Sandboxes(store)
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as out:
+                written = export_events(store.events(filters), sandboxes, args.format, out)
+            print(f"{args.output}: {written} {args.format} records", file=sys.stderr)
+        else:
+            export_events(store.events(filters), sandboxes, args.format, sys.stdout)
+    return 0
+
+
 def _labels_text(labels: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -296,6 +343,9 @@ def run(args: argparse.Namespace) -> int:
             return events(args)
         if args.command == "report":
             return report(args)
+        if args.command == "export":
+            _check_filters(args)
+            return export(args)
         return audit(args)
     except StoreError as e:
         print(f"corral: {e}", file=sys.stderr)

@@ -87,7 +87,9 @@ class SQLite:
         directory = os.path.dirname(self.path) or "."
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=LOCK_WAIT, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives the process being killed; only a power cut may
             # lose the last commits (never corrupting the file). FULL would fsync every commit.
