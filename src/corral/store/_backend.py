@@ -10,7 +10,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from corral._errors import StoreError
 
@@ -140,7 +140,8 @@ class PostgreSQL:
         if "@" in netloc:
             user, _, hostport = netloc.rpartition("@")
             netloc = f"{user.split(':', 1)[0]}@{hostport}"
-        self.where = urlunsplit(parts._replace(netloc=netloc))
+        # Shown in messages: the URL without its password.
+        self.where = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
 
     def connect(self) -> Any:
         import psycopg  # only a PostgreSQL store needs it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -114,6 +115,7 @@ class Store:
         self._lock = threading.RLock()
         self.where = db.where
         self.kind = db.kind
+        self.id = ""  # made when the store is set up; host-chain entries and anchors name it
 
     @classmethod
     def open(cls, where: str | os.PathLike[str] | None = None, *, create: bool = True) -> Store:
@@ -127,8 +129,14 @@ class Store:
                 db.create(conn)
                 row = db.run(conn, "SELECT value FROM meta WHERE key = 'schema'").fetchone()
                 if row is None:
-                    db.run(conn, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-                elif row[0] != SCHEMA_VERSION:
+                    # Another process may be setting the same store up: the first one's values stay.
+                    for k, v in (("schema", SCHEMA_VERSION), ("id", uuid.uuid4().hex)):
+                        db.run(
+                            conn, "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (k, v)
+                        )
+                    row = db.run(conn, "SELECT value FROM meta WHERE key = 'schema'").fetchone()
+                store.id = str(db.run(conn, "SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
+                if row[0] != SCHEMA_VERSION:
                     raise StoreError(
                         f"audit store {db.where}: schema version {row[0]}; this corral reads version "
                         f"{SCHEMA_VERSION}"
@@ -207,7 +215,8 @@ class Store:
                     ).fetchone()
                     seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, chain.HOST_GENESIS)
                     now = stamp(datetime.now(UTC))
-                    body = chain.heads_body(seq, now, [(s, n, h) for s, (n, h) in sorted(heads.items())])
+                    advanced = [(s, n, h) for s, (n, h) in sorted(heads.items())]
+                    body = chain.heads_body(self.id, seq, now, advanced)
                     digest = chain.link(prev, body)
                     signature = signer.sign(digest) if sign else None
                     db.run(

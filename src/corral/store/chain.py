@@ -6,8 +6,8 @@ event's `prev` is the sandbox's genesis, `sha256("corral-sandbox\\n" id)`. Each 
 chain, one entry per commit, listing the (sandbox, count, head) of every sandbox the commit
 advanced; entries are linked the same way, and some of them (checkpoints) are signed with the host's
 Ed25519 key, which lives outside the store (`/etc/corral/audit.key` by default). The latest
-checkpoint is also written beside the key (`audit.key.head`), so cutting the store's tail off,
-checkpoints and all, shows.
+checkpoint of each store is also written beside the key (`audit.key.head`, by the store's id), so
+cutting the store's tail off, checkpoints and all, shows.
 
 What this proves: an edit, deletion, insertion, reordering or truncation of committed events is
 found by `corral audit verify`, naming the sandbox and the event. What it can't: someone who holds
@@ -19,6 +19,7 @@ commit) are not there to verify.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -47,9 +48,10 @@ def link(prev: str, body: str) -> str:
 HOST_GENESIS = hashlib.sha256(b"corral-host\n").hexdigest()
 
 
-def heads_body(seq: int, time: str, heads: list[tuple[str, int, str]]) -> str:
-    """The stored text of a host-chain entry: which sandboxes a commit advanced, to what."""
-    return json.dumps({"seq": seq, "time": time, "heads": heads}, separators=(",", ":"))
+def heads_body(store: str, seq: int, time: str, heads: list[tuple[str, int, str]]) -> str:
+    """The stored text of a host-chain entry: which sandboxes a commit to `store` (its id)
+    advanced, to what."""
+    return json.dumps({"store": store, "seq": seq, "time": time, "heads": heads}, separators=(",", ":"))
 
 
 def prune_body(sandbox: str, count: int, head: str, time: str) -> str:
@@ -115,25 +117,43 @@ class Signer:
     def sign(self, digest: str) -> str:
         return self._key.sign(digest.encode()).hex()
 
-    def anchor(self, seq: int, digest: str, signature: str) -> None:
-        """Keep the latest checkpoint beside the key. Several processes may share a key: the file
-        only moves forward (a race leaves it one checkpoint behind, which still anchors)."""
-        current = read_anchor(self.path)
-        if current is not None and current.host == self.host and current.seq >= seq:
-            return
-        data = {"host": self.host, "seq": seq, "hash": digest, "signature": signature}
-        _write_atomically(self.path + ".head", json.dumps(data).encode(), 0o644)
+    def anchor(self, store: str, seq: int, digest: str, signature: str) -> None:
+        """Keep the latest checkpoint of `store` (its id) beside the key. Several processes may
+        share a key and a store: the lock keeps their updates whole, and an anchor only moves
+        forward."""
+        head = self.path + ".head"
+        with open(head + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            anchors = _read_anchors(head)
+            current = anchors.get(store)
+            if current is not None and current.get("host") == self.host and int(current.get("seq", 0)) >= seq:
+                return
+            anchors[store] = {"host": self.host, "seq": seq, "hash": digest, "signature": signature}
+            _write_atomically(head, json.dumps(anchors, indent=1).encode(), 0o644)
 
 
-def read_anchor(key_path: str) -> Anchor | None:
+def _read_anchors(path: str) -> dict[str, dict[str, Any]]:
     try:
-        with open(key_path + ".head", encoding="utf-8") as f:
-            data: dict[str, Any] = json.load(f)
-        return Anchor(str(data["host"]), int(data["seq"]), str(data["hash"]), str(data["signature"]))
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise StoreError(f"audit anchors {path}: unreadable: {e}") from e
+    if not isinstance(data, dict):
+        raise StoreError(f"audit anchors {path}: not a JSON object")
+    return data
+
+
+def read_anchor(key_path: str, store: str) -> Anchor | None:
+    """The checkpoint of `store` kept beside the key at `key_path`, if there is one."""
+    data = _read_anchors(key_path + ".head").get(store)
+    if data is None:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"audit anchor {key_path}.head: unreadable: {e}") from e
+    try:
+        return Anchor(str(data["host"]), int(data["seq"]), str(data["hash"]), str(data["signature"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"audit anchors {key_path}.head: store {store}: unreadable: {e}") from e
 
 
 def load_public(path: str) -> Ed25519PublicKey:

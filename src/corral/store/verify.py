@@ -130,7 +130,7 @@ def _verify_host_chains(
             result.findings.append(
                 Finding("unsigned", f"host {h}: {last_seq - last_signed} commits after the last checkpoint")
             )
-        anchor = _anchor_for(h)
+        anchor = _anchor_for(store, h)
         if anchor is not None and anchor.seq > last_seq:
             result.findings.append(
                 Finding(
@@ -173,7 +173,7 @@ def _verify_host_chains(
                 )
             else:
                 last_signed = seq
-        anchor = _anchor_for(h)
+        anchor = _anchor_for(store, h)
         if anchor is not None and anchor.seq == seq and anchor.hash != digest:
             result.findings.append(
                 Finding(
@@ -181,8 +181,15 @@ def _verify_host_chains(
                 )
             )
         try:
-            for sid, count, head in json.loads(body)["heads"]:
+            data = json.loads(body)
+            for sid, count, head in data["heads"]:
                 committed[sid] = _Committed(int(count), str(head))
+            if data["store"] != store.id:
+                result.findings.append(
+                    Finding(
+                        "rewritten", f"host {h}: commit {seq} was made to another store ({data['store']})"
+                    )
+                )
         except (ValueError, KeyError, TypeError):
             result.findings.append(Finding("rewritten", f"host {h}: commit {seq} is not readable"))
         expect_seq, expect_prev, last_seq = seq + 1, digest, seq
@@ -191,9 +198,9 @@ def _verify_host_chains(
     return committed
 
 
-def _anchor_for(host: str) -> chain.Anchor | None:
+def _anchor_for(store: Store, host: str) -> chain.Anchor | None:
     path = os.environ.get("CORRAL_AUDIT_KEY", chain.DEFAULT_KEY)
-    anchor = chain.read_anchor(path)
+    anchor = chain.read_anchor(path, store.id)
     return anchor if anchor is not None and anchor.host == host else None
 
 

@@ -174,7 +174,7 @@ class AuditWriter:
             if signature is not None:
                 self._last_signed = now
                 try:
-                    self.signer.anchor(seq, digest, signature)
+                    self.signer.anchor(self.store.id, seq, digest, signature)
                 except OSError as e:
                     log.warning("audit anchor beside %s: can't be written: %s", self.signer.path, e)
             with self._cond:
