@@ -2,7 +2,8 @@
 to the host's audit writer; the list `Sandbox.events()` returns; the JSONL file, if asked for; and
 the folding of repeated denials (`DenyRepeats`) before any of them sees them.
 
-The chain is made here, under the log's lock, because here is where the events get their order:
+The chain (`corral.store.writer.SandboxChain`) is extended here, under the log's lock, because here
+is where the events get their order:
 they come from several threads (the command's, the supervisor's, the egress loop's, the monitors').
 The chain ends with `sandbox.stop`, which carries the hash of everything before it; an event that
 arrives after it is not recorded (logged for the operator)."""
@@ -13,13 +14,10 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from datetime import UTC, datetime
 
-from corral.events import Alert, Deny, JsonlSink, SandboxStart, SandboxStop
+from corral.events import Deny, JsonlSink
 from corral.events.aggregate import DenyRepeats
 from corral.events.model import Event
-from corral.store import chain
-from corral.store._store import Chained, stamp
 from corral.store.writer import AuditWriter
 
 log = logging.getLogger("corral")
@@ -39,17 +37,13 @@ class EventLog:
         labels: Mapping[str, str],
     ) -> None:
         self._id = sandbox_id
-        self._writer = writer
-        self._head = chain.genesis(sandbox_id)
-        self.seq = 0  # events in the chain so far
-        self._sealed = False  # sandbox.stop recorded: the chain is complete
+        self._chain = writer.sandbox(sandbox_id, labels)
         self._kept = EVENTS_KEPT
         self._events: list[Event] = []
         self._lock = threading.Lock()
         self._repeats = DenyRepeats()
         self.elided = 0  # events dropped from `events()` (not from the store or file) to bound memory
         self._sink = JsonlSink(path) if path is not None else None
-        writer.open_sandbox(sandbox_id, labels, stamp(datetime.now(UTC)))
 
     def add(self, event: Event) -> list[Event]:
         """Record `event` (a denial may be held back, to be counted with its repeats); what was
@@ -71,32 +65,12 @@ class EventLog:
     def _record(self, events: list[Event]) -> list[Event]:
         recorded: list[Event] = []
         for event in events:
-            if self._sealed:
+            chained = self._chain.record(event)
+            if chained is None:
                 log.warning("sandbox %s: %s after the sandbox stopped; not recorded", self._id, event.type)
                 continue
-            if isinstance(event, SandboxStop):
-                event = event.model_copy(update={"chain": self._head})
-                self._sealed = True
+            event, body = chained
             recorded.append(event)
-            body = event.model_dump_json()
-            self.seq += 1
-            digest = chain.link(self._head, body)
-            self._writer.put(
-                Chained(
-                    sandbox=self._id,
-                    seq=self.seq,
-                    time=stamp(event.time),
-                    type=event.type,
-                    body=body,
-                    prev=self._head,
-                    hash=digest,
-                    category=_category(event),
-                    severity=event.severity if isinstance(event, Alert) else None,
-                    stop_reason=event.reason if isinstance(event, SandboxStop) else None,
-                ),
-                policy=event.policy if isinstance(event, SandboxStart) else None,
-            )
-            self._head = digest
             self._events.append(event)
             if self._sink is not None:
                 self._sink.write_json(body)
@@ -112,6 +86,11 @@ class EventLog:
                 )
             self.elided += drop
         return recorded
+
+    @property
+    def seq(self) -> int:
+        """Events in the sandbox's chain so far."""
+        return self._chain.seq
 
     def events(self) -> list[Event]:
         with self._lock:
@@ -131,11 +110,3 @@ class EventLog:
     def close(self) -> None:
         if self._sink is not None:
             self._sink.close()
-
-
-def _category(event: Event) -> str | None:
-    if isinstance(event, Alert):
-        return event.category
-    if isinstance(event, Deny):
-        return event.layer
-    return None

@@ -21,10 +21,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 from corral._errors import StoreError
+from corral.events import Alert, Deny, SandboxStart, SandboxStop
+from corral.events.model import Event
 from corral.store import chain
-from corral.store._store import Chained, Store, Tally
+from corral.store._store import Chained, Store, Tally, stamp
 
 log = logging.getLogger("corral")
 
@@ -42,6 +45,53 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+class SandboxChain:
+    """One sandbox's events, chained in the order `record` is called (the caller serialises the
+    calls), and handed to the writer. The chain ends with `sandbox.stop`, which carries the hash of
+    everything before it; `record` refuses what comes after."""
+
+    def __init__(self, writer: AuditWriter, sandbox: str, labels: Mapping[str, str]) -> None:
+        self.sandbox = sandbox
+        self.seq = 0  # events in the chain so far
+        self.head = chain.genesis(sandbox)
+        self.sealed = False
+        self._writer = writer
+        writer.open_sandbox(sandbox, labels, stamp(datetime.now(UTC)))
+
+    def record(self, event: Event) -> tuple[Event, str] | None:
+        """Chain `event` and hand it over; the event as recorded (a stop gets its `chain`) and its
+        JSON, or None once the chain has ended."""
+        if self.sealed:
+            return None
+        if isinstance(event, SandboxStop):
+            event = event.model_copy(update={"chain": self.head})
+            self.sealed = True
+        body = event.model_dump_json()
+        self.seq += 1
+        digest = chain.link(self.head, body)
+        self._writer.put(
+            Chained(
+                sandbox=self.sandbox,
+                seq=self.seq,
+                time=stamp(event.time),
+                type=event.type,
+                body=body,
+                prev=self.head,
+                hash=digest,
+                category=event.category
+                if isinstance(event, Alert)
+                else event.layer
+                if isinstance(event, Deny)
+                else None,
+                severity=event.severity if isinstance(event, Alert) else None,
+                stop_reason=event.reason if isinstance(event, SandboxStop) else None,
+            ),
+            policy=event.policy if isinstance(event, SandboxStart) else None,
+        )
+        self.head = digest
+        return event, body
 
 
 class AuditWriter:
@@ -74,6 +124,10 @@ class AuditWriter:
         self._thread.start()
 
     # --- what sandboxes call -----------------------------------------------------------------------
+
+    def sandbox(self, sandbox: str, labels: Mapping[str, str]) -> SandboxChain:
+        """A new sandbox's chain, its events to go into this writer's store."""
+        return SandboxChain(self, sandbox, labels)
 
     def open_sandbox(self, sandbox: str, labels: Mapping[str, str], started: str) -> None:
         with self._cond:
@@ -221,3 +275,12 @@ class AuditWriter:
             self._cond.notify_all()
         if first:
             log.error("%s; sandboxes take no commands until it can be written again", reason)
+
+
+def _category(event: Event) -> str | None:
+    """What the store files an event under besides its type: an alert's category, a denial's layer."""
+    if isinstance(event, Alert):
+        return event.category
+    if isinstance(event, Deny):
+        return event.layer
+    return None
