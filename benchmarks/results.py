@@ -38,12 +38,13 @@ class Target:
     """What the design asks for.
 
     kind "max": the headline value of corral is under `limit`.
+    kind "min": the headline value of corral is at least `limit` (rates).
     kind "max_delta": corral's headline is at most `limit` above the baseline's.
     kind "min_ratio": corral's headline is at least `limit` times the baseline's (throughputs).
     kind "max_ratio": corral's headline is at most `limit` times the baseline's (slowdowns).
     """
 
-    kind: Literal["max", "max_delta", "min_ratio", "max_ratio"]
+    kind: Literal["max", "min", "max_delta", "min_ratio", "max_ratio"]
     limit: float
     text: str
 
@@ -80,6 +81,8 @@ class Result:
         t = self.target
         if t.kind == "max":
             return self.value(self.corral) < t.limit
+        if t.kind == "min":
+            return self.value(self.corral) >= t.limit
         if t.kind == "max_delta":
             return None if self.delta is None else self.delta <= t.limit
         if t.kind == "max_ratio":

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from benchmarks import egress, fairness, startup, tripwires
+from benchmarks import egress, fairness, startup, store, tripwires
 from benchmarks.harness import MIB, BenchFn, Config, progress
 from benchmarks.results import Result, format_table
 
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, BenchFn] = {
     "tripwires": tripwires.bench_tripwires,
     "fairness": fairness.bench_fairness,
     "idle_memory": startup.bench_idle_memory,
+    "store": store.bench_store,
 }
 
 

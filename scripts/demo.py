@@ -4,12 +4,15 @@ Run with `make demo` (as root)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
-from corral import Alert, Deny, ExecExit, Policy, Sandbox
+from corral import Alert, Deny, ExecExit, Filters, Policy, Sandbox, Store, report
 
 ROOT = Path(__file__).resolve().parent.parent
+REPORTS = "/var/lib/corral/reports"
 
 STEPS: list[tuple[str, str]] = [
     ("work: write and run a program", "printf 'print(sum(range(10)))\\n' > sum.py && python3 sum.py"),
@@ -75,7 +78,8 @@ STEPS: list[tuple[str, str]] = [
 def main() -> int:
     policy = Policy.load(ROOT / "examples/policies/strict.yaml")
     print(f"corral demo: one agent episode under {policy.source}\n")
-    with Sandbox(policy, keep_workspace=False) as sb:
+    run = time.strftime("demo-%Y%m%dT%H%M%S")
+    with Sandbox(policy, keep_workspace=False, labels={"run": run, "episode": "1"}) as sb:
         for title, command in STEPS:
             if sb.closed:
                 break
@@ -106,7 +110,30 @@ def main() -> int:
     print("Every event is JSON; the last few:")
     for e in events[-3:]:
         print("  " + e.model_dump_json()[:160])
+    _point_at_the_record(sb.id, run)
     return 0
+
+
+def _point_at_the_record(sandbox: str, run: str) -> None:
+    """close() returned with every event committed to the host's audit store: check its chains,
+    write the episode's report, and say where to look."""
+    with Store.open() as store:
+        verification = store.verify()
+        info = store.find_sandbox(sandbox)
+        built = report.build([info], store.events(Filters(sandbox=sandbox)))
+    os.makedirs(REPORTS, exist_ok=True)
+    html = f"{REPORTS}/{sandbox}.html"
+    with open(html, "w", encoding="utf-8") as f:
+        f.write(report.to_html(built))
+    state = "intact" if verification.ok else "TAMPERED"
+    print(
+        f"\nThe episode is in the audit store {store.where} ({info.events} events; the store's chains "
+        f"and signatures check: {state}). Its verdict: {info.verdict}.\n"
+        f"  report:    .venv/bin/corral report {sandbox}     (or --label run={run}; --format html|json)\n"
+        f"  as HTML:   {html}\n"
+        f"  dashboard: .venv/bin/corral ui, then http://127.0.0.1:8765/sandboxes/{sandbox}\n"
+        f"  verify:    .venv/bin/corral audit verify"
+    )
 
 
 if __name__ == "__main__":

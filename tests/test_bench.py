@@ -33,6 +33,9 @@ ROWS = {
     "benign_alerts",
     "fairness_exec",
     "fairness_dns",
+    "store_ingest",
+    "store_query",
+    "store_verify",
 }
 
 

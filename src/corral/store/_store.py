@@ -496,6 +496,12 @@ class Store:
             "host_chain": entries,
         }
 
+    def verify(self, keys: Sequence[Any] | None = None) -> Any:
+        """Check every chain and signature (see `corral.store.verify`); a `Verification`."""
+        from corral.store.verify import verify  # verify reads through this class
+
+        return verify(self, keys)
+
     # --- retention -------------------------------------------------------------------------------
 
     def prune(self, older_than: timedelta, signer: chain.Signer) -> list[str]:
