@@ -239,6 +239,14 @@ def ocsf_doc(text: str) -> str:
     return _between(OCSF_DOC, text, OCSF_BEGIN, OCSF_END, ocsf.mapping_table())
 
 
+README = ROOT / "README.md"
+
+
+def readme(text: str) -> str:
+    """The README's "Record" section shows the same OCSF table."""
+    return _between(README, text, OCSF_BEGIN, OCSF_END, ocsf.mapping_table())
+
+
 # --- all of them ----------------------------------------------------------------------------------
 
 DOCS: dict[Path, Callable[[str], str]] = {
@@ -246,6 +254,7 @@ DOCS: dict[Path, Callable[[str], str]] = {
     RULES_DOC: rules_doc,
     EVENTS_DOC: events_doc,
     OCSF_DOC: ocsf_doc,
+    README: readme,
 }
 
 

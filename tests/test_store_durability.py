@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,3 +268,25 @@ def test_the_cli_reads_the_store(tmp_path: Path) -> None:
     ):
         r = subprocess.run([*corral, *argv], env=env, capture_output=True, text=True)
         assert r.returncode != 0 and message in r.stderr, (argv, r.stderr)
+
+
+def test_no_sandbox_reads_the_hosts_key_or_store_whatever_its_policy_lists() -> None:
+    # Under /etc, which every sandbox sees, and listed by the policy on top of that.
+    private = tempfile.mkdtemp(dir="/etc", prefix="corral-test-")
+    os.chmod(private, 0o755)  # so that hiding, not the directory's mode, is what keeps them out
+    try:
+        with own_host(
+            store=f"{private}/audit.db", audit_key=f"{private}/audit.key", networks_ahead=0
+        ) as host:
+            assert host.audit.pending() == 0
+            with Sandbox(policy(filesystem={"readable": [private]}), host=host, keep_workspace=False) as sb:
+                for name in ("audit.key", "audit.db", "audit.db-wal"):
+                    r = sb.exec(["cat", f"{private}/{name}"])
+                    assert r.exit_code != 0 and r.stdout == b"", (name, r.stdout[:100])
+                    assert b"Permission denied" in r.stderr, r.stderr
+                # The public half is no secret: anyone may check a signature with it.
+                assert sb.exec(["cat", f"{private}/audit.key.pub"]).stdout.startswith(
+                    b"-----BEGIN PUBLIC KEY"
+                )
+    finally:
+        shutil.rmtree(private, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -278,13 +279,23 @@ def _readable_host_path(path: str, host_root: str) -> tuple[str, int]:
     return "/" + os.path.relpath(real, os.path.realpath(host_root or "/")), stat.S_IFMT(st.st_mode)
 
 
-def build(policy: Policy, *, uid: int, gid: int, sandbox_id: str, host_root: str = "") -> Plan:
-    """Turn a validated policy into a plan. `host_root` lets tests run this on a fake host tree."""
+def build(
+    policy: Policy,
+    *,
+    uid: int,
+    gid: int,
+    sandbox_id: str,
+    host_root: str = "",
+    never_shown: Sequence[str] = (),
+) -> Plan:
+    """Turn a validated policy into a plan. `host_root` lets tests run this on a fake host tree.
+    `never_shown`: host files hidden whatever the policy lists (the host's audit key and store)."""
     readable = policy.filesystem.readable
     # A path the policy lists explicitly is shown even where a built-in secret location covers it.
     hidden = [
         *(h for h in DEFAULT_HIDDEN if not any(r == h or r.startswith(h + "/") for r in readable)),
         *policy.filesystem.hidden,
+        *never_shown,
     ]
 
     ops: list[MountOp] = []

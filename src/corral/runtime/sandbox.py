@@ -138,7 +138,9 @@ class Sandbox:
         self.uid = uid = host.claim_uid(self.id)
         step = "plan"
         try:
-            plan = planning.build(self.policy, uid=uid, gid=uid, sandbox_id=self.id)
+            plan = planning.build(
+                self.policy, uid=uid, gid=uid, sandbox_id=self.id, never_shown=host.audit.private_paths()
+            )
             step = "state directory"
             os.makedirs(_hostfiles.STATE_ROOT, mode=0o700, exist_ok=True)
             mounts.prepare_host(self._state_dir, uid, uid, plan.hostname)

@@ -175,6 +175,14 @@ class AuditWriter:
             self._cond.notify_all()
             return self._cond.wait_for(lambda: self._committed.get(sandbox, seq) >= seq, timeout)
 
+    def private_paths(self) -> list[str]:
+        """What no sandbox may read, whatever its policy lists: the signing key, and the store's
+        files (every sandbox's events) when it is a SQLite file."""
+        paths = [self.signer.path]
+        if self.store.kind == "sqlite":
+            paths += [self.where + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+        return paths
+
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
