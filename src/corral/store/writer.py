@@ -1,6 +1,6 @@
 """`AuditWriter`: a host's one writer into its audit store.
 
-Sandboxes hand it their events already chained (`EventLog` hashes them as they are recorded); a
+Sandboxes hand it their events already chained (`SandboxChain` hashes them as they are recorded); a
 thread commits them in groups: within 100 ms of being handed over, or at once when a sandbox closes
 and waits for its events to be committed. Each commit also extends the host chain, and at most once
 a second (and whenever a sandbox stops) the commit is a signed checkpoint.
@@ -8,9 +8,9 @@ a second (and whenever a sandbox stops) the commit is a signed checkpoint.
 Fail closed: when a commit fails (disk full, the database locked past its timeout, the file or the
 server gone), the writer says so (`failure`), its host's sandboxes refuse new commands, and it
 retries every second with the same events, which wait in memory. Nothing is dropped: past
-`PENDING_MAX` events waiting on a failed store, the host's open sandboxes are stopped (`on_overflow`),
-so the backlog stops growing; while the store is healthy, a sandbox emitting faster than the store
-takes events waits for it instead (backpressure).
+`PENDING_MAX` events (or `PENDING_BYTES_MAX` of them) waiting on a failed store, the host's open
+sandboxes are stopped (`on_overflow`), so the backlog stops growing; while the store is healthy, a
+sandbox emitting faster than the store takes events waits for it instead (backpressure).
 """
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ log = logging.getLogger("corral")
 COMMIT_INTERVAL = 0.1  # seconds an event may wait before its commit
 BATCH_MAX = 20_000  # events in one commit at most
 PENDING_MAX = 200_000  # events waiting on a failed store before the host's sandboxes are stopped
+# ... or this many bytes of them: an event's text is the agent's to inflate (a command line of
+# megabytes), so the count alone would not bound memory.
+PENDING_BYTES_MAX = 256 << 20
 CHECKPOINT_INTERVAL = 1.0  # seconds between signed checkpoints while events flow
 RETRY_INTERVAL = 1.0
 _BACKPRESSURE_WAIT = 5.0
+_BATCH_BYTES = 32 << 20
 
 
 def _boot_id() -> str:
@@ -108,6 +112,7 @@ class AuditWriter:
         self._on_overflow = on_overflow
         self._cond = threading.Condition()
         self._pending: deque[Chained] = deque()
+        self._pending_bytes = 0
         self._tallies: dict[str, Tally] = {}  # sandboxes with events not all committed, or still open
         self._policies: dict[str, str] = {}
         self._committed: dict[str, int] = {}  # sandbox -> last seq committed
@@ -145,15 +150,14 @@ class AuditWriter:
         with self._cond:
             if policy is not None:
                 self._policies[event.sandbox] = policy
-            if len(self._pending) >= PENDING_MAX:
+            if self._full():
                 if self.failure is None:
                     # Healthy but outrun: the emitter waits for the writer (bounded memory, nothing
                     # dropped).
                     self._urgent = True
                     self._cond.notify_all()
                     self._cond.wait_for(
-                        lambda: len(self._pending) < PENDING_MAX or self.failure is not None,
-                        _BACKPRESSURE_WAIT,
+                        lambda: not self._full() or self.failure is not None, _BACKPRESSURE_WAIT
                     )
                 if self.failure is not None and not self._overflowed:
                     self._overflowed = True
@@ -164,9 +168,13 @@ class AuditWriter:
                     if self._on_overflow is not None:
                         threading.Thread(target=self._on_overflow, args=(reason,), daemon=True).start()
             self._pending.append(event)
+            self._pending_bytes += len(event.body)
             if event.type == "sandbox.stop":
                 self._urgent = True
                 self._cond.notify_all()
+
+    def _full(self) -> bool:
+        return len(self._pending) >= PENDING_MAX or self._pending_bytes >= PENDING_BYTES_MAX
 
     def wait_committed(self, sandbox: str, seq: int, timeout: float) -> bool:
         """Commit now, and wait until `sandbox`'s events up to `seq` are in the store."""
@@ -215,7 +223,7 @@ class AuditWriter:
                 if not self._pending and self._stopping:
                     return
                 self._urgent = False
-                batch = [self._pending[i] for i in range(min(len(self._pending), BATCH_MAX))]
+                batch = self._batch()
                 tallies = self._advance(batch)
             if not batch:
                 continue
@@ -241,7 +249,7 @@ class AuditWriter:
                     log.warning("audit anchor beside %s: can't be written: %s", self.signer.path, e)
             with self._cond:
                 for _ in batch:
-                    self._pending.popleft()
+                    self._pending_bytes -= len(self._pending.popleft().body)
                 for sid, tally in tallies.items():
                     self._committed[sid] = tally.events
                     if tally.stopped is not None:
@@ -256,6 +264,17 @@ class AuditWriter:
                     self.failure = None
                     self._overflowed = False
                 self._cond.notify_all()
+
+    def _batch(self) -> list[Chained]:
+        """The next events to commit: up to BATCH_MAX of them, or 32 MiB of text."""
+        batch: list[Chained] = []
+        size = 0
+        for event in self._pending:
+            if len(batch) >= BATCH_MAX or (batch and size + len(event.body) > _BATCH_BYTES):
+                break
+            batch.append(event)
+            size += len(event.body)
+        return batch
 
     def _advance(self, batch: list[Chained]) -> dict[str, Tally]:
         by_sandbox: dict[str, list[Chained]] = {}
