@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from corral.runtime._eventlog import EventLog
 from corral.store import Filters, chain, verify
 from corral.store._backend import backend
 from corral.store.writer import AuditWriter
+from helpers import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -386,3 +388,32 @@ def test_the_proof_of_a_sandbox_checks_with_only_its_events_and_the_public_key(w
     assert any(
         e["signature"] and chain.signature_ok(public, e["hash"], e["signature"]) for e in proof["host_chain"]
     )
+
+
+def test_a_backlog_on_a_failing_store_stops_the_sandboxes_instead_of_dropping_events(
+    tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.store import writer as writer_module
+
+    # Events an agent inflated (a command line of a megabyte each): the bytes bound, not the count.
+    monkeypatch.setattr(writer_module, "PENDING_BYTES_MAX", 8 << 20)
+    where = str(tmp_path / "audit.db")
+    stopped: list[str] = []
+    writer = AuditWriter(where, key, on_overflow=stopped.append)
+    holder = sqlite3.connect(where, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # nothing can be committed now
+    try:
+        log = EventLog("0000ccccdddd", None, writer, {})
+        for n in range(12):
+            log.add(ExecStart(sandbox="0000ccccdddd", exec=n + 1, command=["x" * (1 << 20)]))
+        assert writer.failure is not None and "locked" in writer.failure
+        assert writer.pending() == 12  # every one kept
+        assert wait_until(lambda: bool(stopped), timeout=5)
+        assert "can't be written" in stopped[0] and "events wait for it" in stopped[0]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert writer.wait_committed("0000ccccdddd", 12, 10)
+    writer.stop()
+    with Store.open(where) as store:
+        assert len(list(store.events(Filters(sandbox="0000ccccdddd")))) == 12
