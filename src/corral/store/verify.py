@@ -22,12 +22,11 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from corral.store import chain
-from corral.store._store import Store, parse_stamp
+from corral.store._store import Store
 from corral.store.records import SEVERITIES, SandboxInfo
 
 TAMPER = ("edited", "deleted", "inserted", "reordered", "truncated", "rewritten", "unverifiable")
@@ -71,7 +70,7 @@ class _Committed:
     head: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     seq: int
     prev: str
@@ -90,7 +89,7 @@ def verify(store: Store, keys: Sequence[Ed25519PublicKey] | None = None) -> Veri
     for info in store.sandboxes():
         result.sandboxes += 1
         rows, stop_seen, checks = _read_sandbox(store, info.id, result)
-        _check_sandbox(info.id, rows, committed.pop(info.id, None), result)
+        _check_sandbox(info.id, rows, checks.linear, committed.pop(info.id, None), result)
         _check_row(info, checks, result)
         if not stop_seen:
             result.findings.append(_open_or_cut(info.id, info.writer_pid, info.events, store))
@@ -228,19 +227,22 @@ class _Checks:
     worst: str | None = None
     categories: dict[str, int] = field(default_factory=dict)
     labels: dict[str, str] | None = None
-    stop_time: str | None = None
+    linear: bool = True  # every row intact and linked to the one before it, seq 1, 2, ...
 
 
 def _read_sandbox(store: Store, sid: str, result: Verification) -> tuple[list[_Row], bool, _Checks]:
     rows: list[_Row] = []
     checks = _Checks()
     stop_seen = False
+    link = chain.link
+    expect_prev, expect_seq = chain.genesis(sid), 1
+    checks.linear = True
     for seq, time_col, typ, category, body, prev, digest in store.raw(
         "SELECT seq, time, type, category, body, prev, hash FROM events WHERE sandbox = ? ORDER BY seq",
         (sid,),
     ):
         result.events += 1
-        intact = chain.link(prev, body) == digest and _columns_agree(body, sid, typ, time_col)
+        intact = link(prev, body) == digest and _columns_agree(body, sid, typ, time_col)
         if typ == "alert" or typ == "sandbox.start" or typ == "sandbox.stop":
             data = json.loads(body)
             if typ == "alert":
@@ -256,7 +258,10 @@ def _read_sandbox(store: Store, sid: str, result: Verification) -> tuple[list[_R
                 checks.labels = data.get("labels", {})
             else:
                 stop_seen = True
-        rows.append(_Row(int(seq), prev, digest, intact))
+        # The common case, checked as the rows stream by: each row links to the one before it.
+        checks.linear = checks.linear and intact and prev == expect_prev and seq == expect_seq
+        expect_prev, expect_seq = digest, seq + 1
+        rows.append(_Row(seq, prev, digest, intact))
     return rows, stop_seen, checks
 
 
@@ -270,20 +275,32 @@ def _columns_agree(body: str, sid: str, typ: str, time_col: str) -> bool:
     end = head.find('"', start + 8)
     if start < 0 or end < 0:
         return False
-    try:
-        return datetime.fromisoformat(head[start + 8 : end]) == parse_stamp(time_col)
-    except ValueError:
-        return False
+    return _stamped(head[start + 8 : end]) == time_col
 
 
-def _check_sandbox(sid: str, rows: list[_Row], committed: _Committed | None, result: Verification) -> None:
+def _stamped(t: str) -> str:
+    """An event's RFC 3339 UTC time as the store's time column has it (microseconds always)."""
+    if not t.endswith("Z"):
+        return ""  # corral writes UTC only; anything else was not written by it
+    whole, _, fraction = t[:-1].partition(".")
+    return f"{whole}.{fraction.ljust(6, '0')}Z"
+
+
+def _check_sandbox(
+    sid: str, rows: list[_Row], linear: bool, committed: _Committed | None, result: Verification
+) -> None:
     found: list[Finding] = []
     if committed is None:
         found.append(Finding("inserted", f"sandbox {sid}: no host chain names it", sid))
-    for r in rows:
-        if not r.intact:
-            found.append(Finding("edited", f"sandbox {sid}: event {r.seq} was edited", sid, r.seq))
-    order, extra = _follow(sid, rows, found)
+    order: list[int]
+    extra: list[int]
+    if linear:
+        order, extra = list(range(len(rows))), []
+    else:
+        for r in rows:
+            if not r.intact:
+                found.append(Finding("edited", f"sandbox {sid}: event {r.seq} was edited", sid, r.seq))
+        order, extra = _follow(sid, rows, found)
     for i in extra:
         found.append(
             Finding("inserted", f"sandbox {sid}: event {rows[i].seq} is not in its chain", sid, rows[i].seq)
