@@ -129,7 +129,9 @@ class Signer:
             if current is not None and current.get("host") == self.host and int(current.get("seq", 0)) >= seq:
                 return
             anchors[store] = {"host": self.host, "seq": seq, "hash": digest, "signature": signature}
-            _write_atomically(head, json.dumps(anchors, indent=1).encode(), 0o644)
+            # Not synced: after a power cut an older anchor still anchors, and a sandbox's close
+            # (which signs) need not wait for the disk.
+            _write_atomically(head, json.dumps(anchors, indent=1).encode(), 0o644, sync=False)
 
 
 def _read_anchors(path: str) -> dict[str, dict[str, Any]]:
@@ -185,14 +187,17 @@ def signature_ok(public: Ed25519PublicKey, digest: str, signature: str) -> bool:
     return True
 
 
-def _write_atomically(path: str, data: bytes, mode: int, *, exclusive: bool = False) -> None:
+def _write_atomically(
+    path: str, data: bytes, mode: int, *, exclusive: bool = False, sync: bool = True
+) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".corral-")
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if exclusive:
             os.link(tmp, path)  # FileExistsError rather than replace a key someone else just made
             os.unlink(tmp)
