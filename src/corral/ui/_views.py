@@ -7,6 +7,7 @@ pass it on as data; the templates escape it (autoescape is on)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -408,9 +409,17 @@ def alert_view(e: StoredEvent) -> AlertView:
 
 
 def _value(v: Any) -> str:
+    if isinstance(v, dict) and "pid" in v:
+        return _proc(v)
+    if isinstance(v, dict | list) and any(
+        isinstance(x, dict | list) for x in (v.values() if isinstance(v, dict) else v)
+    ):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_value(x)}" for k, x in v.items())
     if isinstance(v, list):
         return " ".join(str(x) for x in v)
-    return str(v)
+    return "—" if v is None else str(v)
 
 
 def denials(store: Store, sandbox: str) -> list[Row]:

@@ -64,9 +64,10 @@
     details.id = "alert-" + d.seq;
     const s = el("summary");
     s.append(el("span", "badge sev-" + a.severity, a.severity), el("span", "pill cat", a.category),
-      el("span", "msg", a.message), el("span", "dim", "rule " + a.rule + " · " + a.action + ": " + a.outcome + " · " + d.time));
+      el("span", "msg", a.message), el("span", "dim meta", "rule " + a.rule + " · " + a.action + ": " + a.outcome + " · " + d.time));
     details.append(s);
     const ev = el("div", "evidence");
+    ev.append(el("p", "full", a.message));
     if (a.trigger.length) {
       ev.append(el("h3", null, "Trigger"));
       const t = el("table", "kv");
