@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from corral import ExecResult, Policy, PolicyError, Sandbox, SandboxClosedError
+from corral import ExecResult, Host, Policy, PolicyError, Sandbox, SandboxClosedError
 from corral.events import Deny, DnsQuery, NetConnect, SandboxStop
 from corral.events.model import AlertCategory
 from servers import (
@@ -413,10 +413,19 @@ def _workspace(scenario: Scenario, into: Path) -> None:
             shutil.copy2(src, into / src.name)
 
 
-def run(scenario: Scenario, tmp: Path, *, alert_only: bool = False) -> ScenarioResult:
+def run(
+    scenario: Scenario,
+    tmp: Path,
+    *,
+    alert_only: bool = False,
+    host: Host | None = None,
+    labels: dict[str, str] | None = None,
+) -> ScenarioResult:
     """Run `scenario` with its servers; `tmp` is an empty scratch directory the caller removes.
 
-    `alert_only`: the tripwires raise alerts but take no other action (see `build_policy`)."""
+    `alert_only`: the tripwires raise alerts but take no other action (see `build_policy`). `host`,
+    `labels`: the Host to run on (default: the process's) and the sandbox's labels (the dashboard's
+    tests record scenarios into a store of their own, by run and episode)."""
     started = time.monotonic()
     workspace = tmp / "workspace"
     _workspace(scenario, workspace)
@@ -429,7 +438,13 @@ def run(scenario: Scenario, tmp: Path, *, alert_only: bool = False) -> ScenarioR
         upstream = LocalUpstream({spec.port: servers[key].port for key, spec in scenario.servers.items()})
         # The workspace copy is written back at close, which is why the scenario directory itself is
         # never handed to the sandbox.
-        sb = Sandbox(build_policy(scenario, alert_only=alert_only), workspace=workspace, upstream=upstream)
+        sb = Sandbox(
+            build_policy(scenario, alert_only=alert_only),
+            workspace=workspace,
+            upstream=upstream,
+            host=host,
+            labels=labels,
+        )
         try:
             for step in scenario.steps:
                 try:

@@ -78,15 +78,21 @@ class _Row:
     intact: bool  # the hash is the hash of the text, and the columns agree with the text
 
 
-def verify(store: Store, keys: Sequence[Ed25519PublicKey] | None = None) -> Verification:
+def verify(
+    store: Store, keys: Sequence[Ed25519PublicKey] | None = None, *, sandbox: str | None = None
+) -> Verification:
     """Check every sandbox and host chain in `store`. `keys`: the hosts' public keys (default: this
-    host's, from CORRAL_AUDIT_KEY or /etc/corral/audit.key)."""
+    host's, from CORRAL_AUDIT_KEY or /etc/corral/audit.key). `sandbox`: check that sandbox's chain
+    only (the host chains are still walked whole: they say which head was committed for it)."""
     started = time.monotonic()
     result = Verification(store.where)
     trusted = {chain.fingerprint(k): k for k in (keys if keys is not None else _default_keys())}
     committed = _verify_host_chains(store, trusted, result)
     pruned = _pruned(store, trusted, result)
-    for info in store.sandboxes():
+    infos = store.sandboxes() if sandbox is None else [i for i in [store.sandbox(sandbox)] if i is not None]
+    if sandbox is not None:
+        committed = {sid: c for sid, c in committed.items() if sid == sandbox}
+    for info in infos:
         result.sandboxes += 1
         rows, stop_seen, checks = _read_sandbox(store, info.id, result)
         _check_sandbox(info.id, rows, checks.linear, committed.pop(info.id, None), result)
