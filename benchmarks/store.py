@@ -5,13 +5,18 @@ plain SQLite (or plain hashing) doing the same work on the same machine in the s
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import random
 import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -83,7 +88,7 @@ def bench_store(cfg: Config) -> list[Result]:
 def _ingest(cfg: Config, directory: str) -> list[Result]:
     where = f"{directory}/ingest.db"
     seconds = 2.0 if cfg.quick else 10.0
-    producers = 4
+    producers = 2
     progress(f"store: events into the store for {seconds:g}s while sandboxes run")
     process = psutil.Process()
     with Host(networks_ahead=0, store=where) as host:
@@ -160,8 +165,11 @@ def _ingest(cfg: Config, directory: str) -> list[Result]:
 
 def _read_back(cfg: Config, directory: str) -> list[Result]:
     where = f"{directory}/million.db"
-    sandboxes, per = (100, 1_000) if cfg.quick else (1_000, 1_000)
-    total = sandboxes * per
+    # Most sandboxes with 1,000 events, and one long one (a tenth of the store) whose dashboard page
+    # is the heaviest to render.
+    sandboxes, per = (90, 1_000) if cfg.quick else (900, 1_000)
+    big = sandboxes * per // 9
+    total = sandboxes * per + big
     progress(f"store: filling a store with {total:,} events")
     t0 = time.perf_counter()
     with Host(networks_ahead=0, store=where) as host:
@@ -170,6 +178,7 @@ def _read_back(cfg: Config, directory: str) -> list[Result]:
             sid = f"m{i:011d}"
             _synthetic(host, sid, per, {"run": f"r{i // 100}", "episode": str(i)})
             ids.append(sid)
+        _synthetic(host, "longsandbox0", big, {"run": "r0", "episode": "long"})
     progress(f"store: filled in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(7)
     with Store.open(where) as store:
@@ -200,6 +209,7 @@ def _read_back(cfg: Config, directory: str) -> list[Result]:
             hashed += 1
         hash_rate = hashed / (time.perf_counter() - t0)
         conn.close()
+    pages = _dashboard(cfg, where, "longsandbox0")
     return [
         Result(
             key="store_query",
@@ -221,4 +231,71 @@ def _read_back(cfg: Config, directory: str) -> list[Result]:
             target=Target("min", 100_000, ">= 100,000/s"),
             notes={"db_mib": round(os.path.getsize(where) / MIB, 1)},
         ),
+        Result(
+            key="dashboard_page",
+            what=f"dashboard: a sandbox's page ({big:,} events of its own, {total:,} in the store)",
+            unit="ms",
+            corral=Measure.of(pages["sandbox"]),
+            baseline=Measure.of(pages["static"]),
+            baseline_name="a static file from the same server",
+            target=Target("max", 500.0, "< 500 ms"),
+            notes={
+                "runs_page_ms": round(Measure.of(pages["runs"]).median, 1),
+                "run_page_ms": round(Measure.of(pages["run"]).median, 1),
+            },
+        ),
     ]
+
+
+def _dashboard(cfg: Config, where: str, sandbox: str) -> dict[str, list[float]]:
+    """`corral ui` over the store, as a user starts it; each page fetched over HTTP, whole."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "ui", "--store", where, "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    err = server.stderr.read().decode() if server.stderr else ""
+                    raise BenchError(f"corral ui did not start: {err.strip()}") from None
+                time.sleep(0.1)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+        def fetch(path: str) -> Callable[[], object]:
+            def get() -> object:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise BenchError(f"corral ui: GET {path}: {response.status}")
+                return body
+
+            return get
+
+        runs = 5 if cfg.quick else 20
+        try:
+            return {
+                name: time_ms(fetch(path), runs, 2)
+                for name, path in (
+                    ("static", "/static/corral.css"),
+                    ("runs", "/"),
+                    ("run", "/runs/r0"),
+                    ("sandbox", f"/sandboxes/{sandbox}"),
+                )
+            }
+        finally:
+            conn.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stderr:
+            server.stderr.close()

@@ -36,6 +36,7 @@ ROWS = {
     "store_ingest",
     "store_query",
     "store_verify",
+    "dashboard_page",
 }
 
 

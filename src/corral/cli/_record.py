@@ -63,6 +63,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _filters(exp)
     exp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
 
+    ui = sub.add_parser(
+        "ui",
+        help="the web dashboard over the audit store, and Prometheus metrics at /metrics",
+        description="Serve the dashboard until interrupted. It binds to loopback unless told otherwise, "
+        "and then needs a token.",
+    )
+    ui.add_argument("--listen", default="127.0.0.1:8765", metavar="HOST:PORT")
+    _store_option(ui)
+    ui.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="required of every request (default: CORRAL_UI_TOKEN); needed to listen beyond loopback",
+    )
+
     audit = sub.add_parser("audit", help="check or prune the audit store")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     check = asub.add_parser(
@@ -331,6 +345,23 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard(args: argparse.Namespace) -> int:
+    from corral.ui import ListenError, serve  # the web server's imports, only for this command
+    from corral.ui._guard import check_listen
+
+    open_store(args.store).close()  # a clear error for a store that isn't there, before binding
+    try:
+        host, port = check_listen(args.listen, args.token or os.environ.get("CORRAL_UI_TOKEN"))
+        print(
+            f"corral ui: http://{host}:{port}/ over {args.store or 'the host store'} (Ctrl-C stops it)",
+            file=sys.stderr,
+        )
+        serve(args.listen, args.store, args.token)
+    except ListenError as e:
+        raise CorralError(str(e)) from None
+    return 0
+
+
 def _labels_text(labels: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -346,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "export":
             _check_filters(args)
             return export(args)
+        if args.command == "ui":
+            return dashboard(args)
         return audit(args)
     except StoreError as e:
         print(f"corral: {e}", file=sys.stderr)

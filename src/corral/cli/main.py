@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "events" and args.what == "schema":
             print(json.dumps(event_json_schema(), indent=2))
             return 0
-        return _record.run(args)  # events, report, audit
+        return _record.run(args)  # events, report, export, audit, ui
     except PolicyError as e:
         print(e, file=sys.stderr)
         return CORRAL_FAILED

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from corral.store import chain
-from corral.store._store import Store
+from corral.store._store import Store, time_of
 from corral.store.records import SEVERITIES, SandboxInfo
 
 TAMPER = ("edited", "deleted", "inserted", "reordered", "truncated", "rewritten", "unverifiable")
@@ -274,22 +274,7 @@ def _read_sandbox(store: Store, sid: str, result: Verification) -> tuple[list[_R
 def _columns_agree(body: str, sid: str, typ: str, time_col: str) -> bool:
     # The events' JSON starts {"v":N,"time":"...","sandbox":"...","type":"...": the columns readers
     # filter by must say the same, or an edited column could hide an event from a query.
-    head = body[:160]
-    if f'"sandbox":"{sid}","type":"{typ}"' not in head:
-        return False
-    start = head.find('"time":"')
-    end = head.find('"', start + 8)
-    if start < 0 or end < 0:
-        return False
-    return _stamped(head[start + 8 : end]) == time_col
-
-
-def _stamped(t: str) -> str:
-    """An event's RFC 3339 UTC time as the store's time column has it (microseconds always)."""
-    if not t.endswith("Z"):
-        return ""  # corral writes UTC only; anything else was not written by it
-    whole, _, fraction = t[:-1].partition(".")
-    return f"{whole}.{fraction.ljust(6, '0')}Z"
+    return f'"sandbox":"{sid}","type":"{typ}"' in body[:160] and time_of(body) == time_col
 
 
 def _check_sandbox(

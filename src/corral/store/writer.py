@@ -27,7 +27,7 @@ from corral._errors import StoreError
 from corral.events import Alert, Deny, SandboxStart, SandboxStop
 from corral.events.model import Event
 from corral.store import chain
-from corral.store._store import Chained, Store, Tally, stamp
+from corral.store._store import Chained, Store, Tally, stamp, time_of
 
 log = logging.getLogger("corral")
 
@@ -79,7 +79,7 @@ class SandboxChain:
             Chained(
                 sandbox=self.sandbox,
                 seq=self.seq,
-                time=stamp(event.time),
+                time=time_of(body),
                 type=event.type,
                 body=body,
                 prev=self.head,

@@ -17,16 +17,13 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import IO
 
-import jinja2
-
+from corral import report
 from corral.store import Filters, SandboxInfo, Store, StoredEvent, verify
-from corral.ui import _views
 
 CHUNK = 1 << 16
-REPORT_ROWS = 10_000  # timeline rows in the packet's report (the JSONL has every event)
 
 
-def build(store: Store, info: SandboxInfo, env: jinja2.Environment) -> IO[bytes]:
+def build(store: Store, info: SandboxInfo) -> IO[bytes]:
     """The packet, in a temporary file (a sandbox's events may not fit in memory), at position 0."""
     out = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 - the caller closes it
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
@@ -37,7 +34,7 @@ def build(store: Store, info: SandboxInfo, env: jinja2.Environment) -> IO[bytes]
         z.writestr("proof.json", json.dumps(store.proof(info.id), indent=1))
         z.writestr("verification.json", json.dumps(_verification(store, info.id), indent=1))
         events = store.events(Filters(sandbox=info.id))
-        z.writestr("report.html", _report_html(info, events, env))
+        z.writestr("report.html", _report_html(info, events))
     out.seek(0)
     return out
 
@@ -63,19 +60,7 @@ def _verification(store: Store, sandbox: str) -> dict[str, object]:
     }
 
 
-def _report_html(sandbox: SandboxInfo, events: Iterable[StoredEvent], env: jinja2.Environment) -> str:
-    """The packet's report. A minimal one of the dashboard's own for now; corral.report renders the
-    full one (verdict, process tree, timeline, resources) and should take over here once it lands."""
-    alerts: list[_views.AlertView] = []
-    rows: list[_views.Row] = []
-    more = 0
-    for e in events:
-        if e.type == "alert":
-            alerts.append(_views.alert_view(e))
-        if len(rows) < REPORT_ROWS:
-            rows.append(_views.row(e.seq, e.time, e.body))
-        else:
-            more += 1
-    return env.get_template("report.html").render(
-        sandbox=sandbox, alerts=alerts, rows=rows, more=more, made=datetime.now(UTC)
-    )
+def _report_html(sandbox: SandboxInfo, events: Iterable[StoredEvent]) -> str:
+    """The report `corral report SANDBOX --format html` writes: one file, no script, nothing
+    external."""
+    return report.to_html(report.build([sandbox], events))

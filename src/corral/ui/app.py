@@ -118,7 +118,7 @@ def make_app(store_where: str | None, *, token: str | None) -> Starlette:
 
     def packet(request: Request) -> Response:
         info = sandbox_or_404(request)
-        f = _packet.build(store, info, state.env)
+        f = _packet.build(store, info)
         return StreamingResponse(
             _packet.chunks(f),
             media_type="application/zip",
