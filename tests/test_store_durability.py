@@ -290,3 +290,33 @@ def test_no_sandbox_reads_the_hosts_key_or_store_whatever_its_policy_lists() -> 
                 )
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_events_follow_prints_a_running_sandboxs_events_as_they_are_committed_and_ends_at_its_stop(
+    tmp_path: Path,
+) -> None:
+    where = str(tmp_path / "audit.db")
+    with own_host(store=where, networks_ahead=0) as host:
+        sb = Sandbox(policy(), host=host, keep_workspace=False)
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "events", "--store", where, "--sandbox", sb.id, "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follow.stdout is not None
+            assert "sandbox.start" in follow.stdout.readline()
+            sb.exec(["echo", "followed"])
+            line = follow.stdout.readline()
+            while "exec.start" not in line:
+                line = follow.stdout.readline()
+            assert "echo followed" in line
+            sb.close()
+            out, err = follow.communicate(timeout=10)  # it ends by itself at the sandbox's stop
+            assert follow.returncode == 0, err
+            assert out.rstrip().splitlines()[-1].split()[2] == "sandbox.stop"
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.communicate()
