@@ -23,6 +23,7 @@ def test_all_is_complete_and_importable() -> None:
         "monitors",
         "report",
         "store",
+        "ui",
     }
     assert public <= set(corral.__all__) | {"annotations"}
     for name in corral.__all__:
