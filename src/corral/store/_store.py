@@ -3,6 +3,7 @@ appending of chained events with the host chain, the queries every reader uses, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -204,48 +205,54 @@ class Store:
         the sandboxes' rows, and extend the host chain by one entry listing the heads they reach,
         signed when `sign`. All or nothing: a StoreError (and nothing committed) if the store can't
         take it. Returns the chain entry's (seq, hash, signature)."""
-        db, conn = self._db, self._conn
+        db = self._db
         heads: dict[str, tuple[int, str]] = {}
         for e in events:
             heads[e.sandbox] = (e.seq, e.hash)
+        with self._writing("written") as conn:
+            for tally in tallies.values():
+                if tally.events == 0:
+                    continue
+                self._upsert(tally)
+            self._insert_events(events)
+            row = db.run(
+                conn,
+                "SELECT seq, hash FROM chain WHERE host = ? ORDER BY seq DESC LIMIT 1",
+                (signer.host,),
+            ).fetchone()
+            seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, chain.HOST_GENESIS)
+            now = stamp(datetime.now(UTC))
+            advanced = [(s, n, h) for s, (n, h) in sorted(heads.items())]
+            body = chain.heads_body(self.id, seq, now, advanced)
+            digest = chain.link(prev, body)
+            signature = signer.sign(digest) if sign else None
+            db.run(
+                conn,
+                "INSERT INTO chain (host, seq, time, body, prev, hash, signature) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (signer.host, seq, now, body, prev, digest, signature),
+            )
+        return seq, digest, signature
+
+    @contextlib.contextmanager
+    def _writing(self, done: str) -> Iterator[Any]:
+        """A write transaction holding the store's write lock: committed if the block ends, rolled
+        back if it raises; a StoreError saying the store can't be `done` if the store fails."""
+        db = self._db
         with self._lock:
             try:
                 db.check()
                 conn = self._connection()
                 db.begin_write(conn)
                 try:
-                    for tally in tallies.values():
-                        if tally.events == 0:
-                            continue
-                        self._upsert(tally)
-                    self._insert_events(events)
-                    row = db.run(
-                        conn,
-                        "SELECT seq, hash FROM chain WHERE host = ? ORDER BY seq DESC LIMIT 1",
-                        (signer.host,),
-                    ).fetchone()
-                    seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, chain.HOST_GENESIS)
-                    now = stamp(datetime.now(UTC))
-                    advanced = [(s, n, h) for s, (n, h) in sorted(heads.items())]
-                    body = chain.heads_body(self.id, seq, now, advanced)
-                    digest = chain.link(prev, body)
-                    signature = signer.sign(digest) if sign else None
-                    db.run(
-                        conn,
-                        "INSERT INTO chain (host, seq, time, body, prev, hash, signature) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (signer.host, seq, now, body, prev, digest, signature),
-                    )
+                    yield conn
                     db.run(conn, "COMMIT")
                 except BaseException:
-                    try:
+                    with contextlib.suppress(*errors()):
                         db.run(conn, "ROLLBACK")
-                    except errors():
-                        pass
                     raise
             except errors() as e:
-                raise StoreError(f"audit store {db.where}: can't be written: {_why(e)}") from e
-        return seq, digest, signature
+                raise StoreError(f"audit store {db.where}: can't be {done}: {_why(e)}") from e
 
     # Rows per INSERT statement: one statement for many rows, because a statement run per row hands
     # the interpreter's lock back and forth once per row, and a writer competing with busy threads
@@ -538,41 +545,29 @@ class Store:
         of its last (count, head) signed with the host key, so the host chain that names it still
         verifies. Sandboxes still running (or cut off) are kept. Returns the ids removed."""
         cutoff = stamp(datetime.now(UTC) - older_than)
-        db, conn = self._db, self._conn
+        db = self._db
         removed: list[str] = []
-        with self._lock:
-            try:
-                db.begin_write(conn)
-                try:
-                    rows = db.run(
-                        conn,
-                        "SELECT id, events, head FROM sandboxes WHERE stopped IS NOT NULL AND stopped < ?",
-                        (cutoff,),
-                    ).fetchall()
-                    now = stamp(datetime.now(UTC))
-                    for sid, count, head in rows:
-                        body = chain.prune_body(sid, int(count), head, now)
-                        db.run(
-                            conn,
-                            "INSERT INTO pruned (sandbox, host, body, signature) VALUES (?, ?, ?, ?)",
-                            (sid, signer.host, body, signer.sign(chain.link(chain.HOST_GENESIS, body))),
-                        )
-                        for statement in (
-                            "DELETE FROM events WHERE sandbox = ?",
-                            "DELETE FROM labels WHERE sandbox = ?",
-                            "DELETE FROM sandboxes WHERE id = ?",
-                        ):
-                            db.run(conn, statement, (sid,))
-                        removed.append(sid)
-                    db.run(conn, "COMMIT")
-                except BaseException:
-                    try:
-                        db.run(conn, "ROLLBACK")
-                    except errors():
-                        pass
-                    raise
-            except errors() as e:
-                raise StoreError(f"audit store {db.where}: can't be pruned: {_why(e)}") from e
+        with self._writing("pruned") as conn:
+            rows = db.run(
+                conn,
+                "SELECT id, events, head FROM sandboxes WHERE stopped IS NOT NULL AND stopped < ?",
+                (cutoff,),
+            ).fetchall()
+            now = stamp(datetime.now(UTC))
+            for sid, count, head in rows:
+                body = chain.prune_body(sid, int(count), head, now)
+                db.run(
+                    conn,
+                    "INSERT INTO pruned (sandbox, host, body, signature) VALUES (?, ?, ?, ?)",
+                    (sid, signer.host, body, signer.sign(chain.link(chain.HOST_GENESIS, body))),
+                )
+                for statement in (
+                    "DELETE FROM events WHERE sandbox = ?",
+                    "DELETE FROM labels WHERE sandbox = ?",
+                    "DELETE FROM sandboxes WHERE id = ?",
+                ):
+                    db.run(conn, statement, (sid,))
+                removed.append(sid)
         if removed and db.kind == "sqlite":
             self._query("PRAGMA wal_checkpoint(TRUNCATE)")
         return removed

@@ -241,12 +241,6 @@ class AuditWriter:
                     return  # stop() says what was left
                 time.sleep(RETRY_INTERVAL)
                 continue
-            if signature is not None:
-                self._last_signed = now
-                try:
-                    self.signer.anchor(self.store.id, seq, digest, signature)
-                except OSError as e:
-                    log.warning("audit anchor beside %s: can't be written: %s", self.signer.path, e)
             with self._cond:
                 for _ in batch:
                     self._pending_bytes -= len(self._pending.popleft().body)
@@ -264,6 +258,13 @@ class AuditWriter:
                     self.failure = None
                     self._overflowed = False
                 self._cond.notify_all()
+            if signature is not None:
+                # After the waiters are told: a closing sandbox waits for its commit, not for this.
+                self._last_signed = now
+                try:
+                    self.signer.anchor(self.store.id, seq, digest, signature)
+                except (OSError, StoreError) as e:
+                    log.warning("audit anchor beside %s: can't be written: %s", self.signer.path, e)
 
     def _batch(self) -> list[Chained]:
         """The next events to commit: up to BATCH_MAX of them, or 32 MiB of text."""
