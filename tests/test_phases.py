@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from corral import AsyncSandbox, Deny, PhaseChange, Policy, Sandbox, SandboxStart
+from corral import AsyncSandbox, Deny, PhaseChange, Policy, Sandbox, SandboxClosedError, SandboxStart
 from corral.egress.decision import Decision
 from corral.egress.rules import Rules
 from corral.events import DnsQuery, NetConnect
@@ -126,6 +126,8 @@ def test_a_switch_changes_the_rules_at_once_and_is_recorded() -> None:
                 sb.phase("agnet")
             assert sb.current_phase == "verify"
             events = sb.events()
+        with pytest.raises(SandboxClosedError, match="it has no phase to switch"):
+            sb.phase("setup")
     [start] = [e for e in events if isinstance(e, SandboxStart)]
     assert start.phase == "setup"
     assert [(e.previous, e.phase) for e in events if isinstance(e, PhaseChange)] == [

@@ -407,7 +407,14 @@ class Sandbox:
             # Recorded first: the connections cut by the switch follow it in the sandbox's events.
             current = self._commands.current
             self._emit(PhaseChange(sandbox=self.id, previous=previous, phase=name, exec=current))
-            fence.enter_phase(name)
+            try:
+                fence.enter_phase(name)
+            except Exception as e:
+                # The egress loop is gone or stopping (a closing sandbox, a host shutting down): the
+                # sandbox has no network at all then, in no phase.
+                if self._life.ending:
+                    raise SandboxClosedError(f"sandbox {self.id} closed during the switch to {name}") from e
+                raise
             self._phase = name
 
     def alerts(self) -> list[Alert]:
