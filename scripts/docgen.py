@@ -68,7 +68,11 @@ def policy_reference() -> str:
     out: list[str] = []
 
     def ref(prop: dict[str, Any]) -> str | None:
-        target = prop.get("$ref") or prop.get("items", {}).get("$ref")
+        target = (
+            prop.get("$ref")
+            or prop.get("items", {}).get("$ref")
+            or (prop.get("additionalProperties") or {}).get("$ref")  # a mapping of names to sections
+        )
         return target.rsplit("/", 1)[-1] if target else None
 
     def section(prefix: str, model: dict[str, Any]) -> None:
@@ -77,7 +81,8 @@ def policy_reference() -> str:
         for name, prop in model["properties"].items():
             key = f"{prefix}{name}"
             if (target := ref(prop)) is not None:
-                nested.append((key + ("[]" if prop.get("type") == "array" else ""), prop, defs[target]))
+                suffix = {"array": "[]", "object": ".NAME"}.get(prop.get("type", ""), "")
+                nested.append((key + suffix, prop, defs[target]))
                 continue
             default = "required" if name in model.get("required", []) else f"`{_flow(prop['default'])}`"
             rows.append(f"| `{key}` | {default} | {prop['description']} |")
@@ -85,7 +90,7 @@ def policy_reference() -> str:
             out.extend([*rows, ""])
         for key, prop, target in nested:
             out.extend([f"### `{key}`", "", prop["description"]])
-            if key.endswith("[]"):
+            if key.endswith(("[]", ".NAME")):
                 out.extend(["", target["description"]])
             out.append("")
             section(f"{key}.", target)

@@ -741,6 +741,58 @@ def stratum_pool() -> Iterator[StratumPool]:
 
 
 # --------------------------------------------------------------------------------------------------
+# A download that never ends
+
+
+class _TrickleServer(_TcpServer):
+    def __init__(self, chunk: int, interval: float) -> None:
+        self.chunk = chunk
+        self.interval = interval
+        self.sent: list[int] = []  # bytes of body sent, one entry per connection
+        self.ended: list[str] = []  # how each connection ended, once it did
+        super().__init__(_TrickleHandler)
+
+
+class _TrickleHandler(socketserver.StreamRequestHandler):
+    server: _TrickleServer
+    timeout = _CONNECTION_TIMEOUT
+
+    def handle(self) -> None:
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # the request's head; the answer is the same whatever was asked
+        index = len(self.server.sent)
+        self.server.sent.append(0)
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n")
+            while not self.server._closing:
+                self.wfile.write(b"x" * self.server.chunk)
+                self.wfile.flush()
+                self.server.sent[index] += self.server.chunk
+                time.sleep(self.server.interval)
+            self.server.ended.append("server stopped")
+        except OSError as e:
+            self.server.ended.append(f"client went away: {e.__class__.__name__}")
+
+
+@dataclass
+class TrickleServer:
+    """A running HTTP server whose every answer is a 1 GB body sent a chunk at a time, forever: a
+    long download, for what happens to a connection that outlives a phase of its sandbox."""
+
+    port: int
+    sent: list[int]  # body bytes sent, per connection
+    ended: list[str]  # how each connection ended
+    host: str = HOST
+
+
+@contextlib.contextmanager
+def trickle_server(chunk: int = 1024, interval: float = 0.02) -> Iterator[TrickleServer]:
+    server = _TrickleServer(chunk, interval)
+    with _serving(server, "trickle"):
+        yield TrickleServer(port=server.port, sent=server.sent, ended=server.ended)
+
+
+# --------------------------------------------------------------------------------------------------
 # Raw TCP listener and UDP sink
 
 

@@ -37,6 +37,7 @@ from corral.events import (
     ExecStart,
     GpuUsage,
     NetConnect,
+    PhaseChange,
     ProcessRef,
     ProcessUsage,
     ProcExec,
@@ -307,7 +308,7 @@ def test_every_event_maps_to_valid_ocsf_of_its_class(event: Any) -> None:
 def test_every_event_type_has_a_decision_in_the_table() -> None:
     types = {m.model_fields["type"].default for m in get_args(get_args(Event)[0])}
     assert {r.type for r in MAPPING} == types
-    assert {e.type for e in EVENTS} | {"resource.sample"} == types
+    assert {e.type for e in EVENTS} | {r.type for r in MAPPING if r.cls is None} == types
 
 
 def test_without_the_sandbox_record_the_event_still_maps() -> None:
@@ -320,6 +321,11 @@ def test_without_the_sandbox_record_the_event_still_maps() -> None:
 
 def test_resource_samples_are_not_exported() -> None:
     assert to_ocsf(stored(RESOURCE), INFO) is None
+
+
+def test_phase_switches_are_not_exported() -> None:
+    switch = PhaseChange(**common(), previous="setup", phase="agent", exec=2)
+    assert to_ocsf(stored(switch), INFO) is None
 
 
 # --- what the records say -------------------------------------------------------------------------

@@ -266,6 +266,32 @@ def test_file_part_is_the_path_as_given(tmp_path: Path) -> None:
             "up to 63 characters each and 253 in all); use e.g. db.example.internal",
         ),
         (
+            "version: 1\nnetwork:\n  phases:\n    Set-Up: {}\n",
+            'p.yaml: network.phases.Set-Up: "Set-Up" is not a phase name (a-z, 0-9, _ and -, starting with '
+            "a letter, up to 32 characters); use e.g. setup",
+        ),
+        (
+            "version: 1\nnetwork:\n  phases:\n    setup: {egres: []}\n",
+            "p.yaml: network.phases.setup.egres: unknown key; allowed keys: egress",
+        ),
+        (
+            "version: 1\nnetwork:\n  phases:\n    setup:\n      egress: [{host: a.example.internal}]\n",
+            "p.yaml: network.phases.setup.egress[0].ports: missing; use ports: [443]",
+        ),
+        (
+            "version: 1\nnetwork:\n  phases: {setup: {}, agent: {}}\n  start_phase: agnet\n",
+            'p.yaml: network.start_phase: "agnet" is not one of network.phases; use one of setup, agent',
+        ),
+        (
+            "version: 1\nnetwork:\n  start_phase: setup\n",
+            'p.yaml: network.start_phase: "setup" names a phase, but network.phases lists none; add it there',
+        ),
+        (
+            "version: 1\nnetwork:\n  phases: [setup, agent]\n",
+            "p.yaml: network.phases: a list is not a mapping; use e.g. "
+            "{setup: {egress: [{host: pypi.example.internal, ports: [443]}]}, agent: {}}",
+        ),
+        (
             "version: 1\nfilesystem:\n  hidden: [/srv/../etc]\n",
             'p.yaml: filesystem.hidden[0]: "/srv/../etc" contains ".."; use e.g. /srv/secrets',
         ),
@@ -273,6 +299,37 @@ def test_file_part_is_the_path_as_given(tmp_path: Path) -> None:
 )
 def test_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: str) -> None:
     assert problems(tmp_path, monkeypatch, text) == [expected]
+
+
+PHASES = """version: 1
+network:
+  egress: [{host: git.example.internal, ports: [22], protocols: [ssh]}]
+  phases:
+    setup:
+      egress: [{host: pypi.example.internal, ports: [443]}]
+    agent: {}
+    verify: {}
+"""
+
+
+def test_phases_keep_their_order_and_add_to_the_base_rules(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(PHASES)
+    network = Policy.load(path).network
+    assert list(network.phases) == ["setup", "agent", "verify"]
+    assert network.initial_phase == "setup"  # the first listed, when start_phase is not set
+    assert [r.host for r in network.egress_in("setup")] == ["git.example.internal", "pypi.example.internal"]
+    assert [r.host for r in network.egress_in("agent")] == ["git.example.internal"]
+    assert network.egress_in(None) == network.egress
+    path.write_text(PHASES + "  start_phase: agent\n")
+    assert Policy.load(path).network.initial_phase == "agent"
+    assert Policy.default().network.initial_phase is None
+
+
+def test_a_phase_named_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The later one would silently replace the first: a setup phase written twice could undo a fix.
+    text = "version: 1\nnetwork:\n  phases:\n    setup: {}\n    agent: {}\n    setup: {}\n"
+    assert problems(tmp_path, monkeypatch, text) == ['p.yaml: line 6: duplicate key "setup"']
 
 
 def test_every_problem_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,6 +82,11 @@ class Recorder:
         if deny:
             self._emit(record.deny(f"{record.name or record.destination} port {record.port}", reason))
 
+    def cut(self, record: Connection, why: str) -> None:
+        """The `deny` of an allowed connection cut by a switch of network phases (its `net.connect`,
+        recorded first, stays allowed: it was, while its phase lasted)."""
+        self._emit(record.deny(f"{record.name or record.destination} port {record.port}", why))
+
     def over_budget(self, record: Connection, limit: int) -> None:
         """The bytes-out budget cut `record` (its process is settled before any bytes are relayed)."""
         self._emit(

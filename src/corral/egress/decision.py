@@ -115,6 +115,25 @@ class Decision:
             reason = verdict.reason
         return Refusal(dest, port, name, reason)
 
+    def recheck(
+        self, name: str | None, dest: IPAddress, address: IPAddress | None, port: int, protocol: str
+    ) -> str | None:
+        """Why the rules in force now refuse a connection judged under earlier ones (another network
+        phase), or None: the same destination checks, on the address that was checked and dialled (no
+        new lookup), and its protocol as far as it is known (one still unknown under a rule for any
+        protocol counts as unknown, so a stricter rule cuts it)."""
+        if name is not None:
+            verdict = self.rules.check_name(name, port, [] if address is None else [address])
+        else:
+            verdict = self.rules.check_address(address or dest, port)
+        if not verdict.allowed:
+            return verdict.reason
+        assert verdict.rule is not None
+        allowed = verdict.rule.protocols
+        if "any" not in allowed and protocol not in allowed:
+            return f"{protocol} to {name or dest} port {port} is not allowed (allowed: {', '.join(allowed)})"
+        return None
+
     def protocol(
         self, verdict: Verdict, name: str | None, dest: IPAddress, port: int, seen: sniff.Sniffed
     ) -> Verdict:

@@ -94,6 +94,25 @@ class _Owner:
         record.process = self._reports.owner(record.destination, record.port, found)
 
 
+class _Open:
+    """A connection being relayed: what a switch of network phases re-judges, and cuts when the new
+    phase does not allow it. Its sockets are shut, not closed: that wakes the relay's threads out of
+    their blocking reads, and they end the connection the usual way (`_serve` records it, with `cut`)."""
+
+    __slots__ = ("_sockets", "cut", "record")
+
+    def __init__(self, record: Connection, client: socket.socket, upstream: socket.socket) -> None:
+        self.record = record
+        self._sockets = (client, upstream)
+        self.cut: str | None = None  # why it was cut, once it was
+
+    def end(self, why: str) -> None:
+        self.cut = why
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 _Handler = Callable[[socket.socket, _Attempt], Awaitable[None]]
 
 
@@ -119,6 +138,7 @@ class Proxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.deciding = 0  # connection attempts not yet decided and recorded
         self.relaying: dict[int | None, int] = {}  # open relays by the command that opened them
+        self._open: set[_Open] = set()  # on the loop's thread only
         self.closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -141,6 +161,24 @@ class Proxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def enter_phase(self, previous: str | None, phase: str, timeout: float) -> list[Connection]:
+        """Cut every open connection the rules now in force (those of `phase`, entered just now on the
+        loop's thread) do not allow, and wait (up to `timeout`) until each is recorded. Connections still
+        being decided need nothing here: `_serve` re-judges them before it relays (`Rules.switches`)."""
+        cut: list[_Open] = []
+        for opened in list(self._open):
+            r = opened.record
+            reason = self._decision.recheck(r.name, r.destination, r.address, r.port, r.protocol)
+            if reason is not None:
+                opened.end(
+                    f"cut at the switch from phase {previous} to {phase}, which does not allow it: {reason}"
+                )
+                cut.append(opened)
+        deadline = time.monotonic() + timeout
+        while any(o in self._open for o in cut) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        return [o.record for o in cut]
 
     def _listeners(self) -> list[tuple[socket.socket, _Handler]]:
         return [(self._transparent_listener, self._transparent), (self._proxy_listener, self._explicit)]
@@ -250,6 +288,7 @@ class Proxy:
         connect_reply: bytes = b"",
     ) -> None:
         started = time.monotonic()
+        switches = self._decision.rules.switches  # the phase it is judged in
         exec_id = self._context.current_exec()
         record = Connection(
             self._context.sandbox_id, dest, port, name or self._names.name(dest), via, exec_id
@@ -260,6 +299,7 @@ class Proxy:
         upstream: socket.socket | None = None
         framer: framing.OneRequest | None = None
         relaying = False
+        opened: _Open | None = None
         try:
             reason = self._decision.admit(name, dest, take=True)
             if reason is not None:
@@ -306,6 +346,18 @@ class Proxy:
                 return await self._refuse(
                     conn, record, owner, f"upstream {verdict.address} port {port}: {e}", deny=False
                 )
+            if self._decision.rules.switches != switches:
+                # Judged under a phase that has ended: a phase must not let through what it was
+                # deciding when the next, stricter one began. No await between this and `_open`, so a
+                # switch either finds it open there or is seen here.
+                later = self._decision.recheck(name, dest, verdict.address, port, record.protocol)
+                if later is not None:
+                    phase = self._decision.rules.phase
+                    return await self._refuse(
+                        conn, record, owner, f"phase {phase} began while it was decided: {later}"
+                    )
+            opened = _Open(record, conn, upstream)
+            self._open.add(opened)
             record.decision, record.reason = "allow", verdict.reason
             # Counted as relaying before it stops counting as deciding, and until its event is
             # recorded: `Fence.settle` must never find it in neither state while it is still unrecorded.
@@ -338,8 +390,15 @@ class Proxy:
             try:
                 if record.decision == "allow":
                     await owner.settle()
+                    cut = opened.cut if opened is not None else None
+                    if cut is not None:
+                        record.reason = f"{record.reason}; {cut}"
                     self._recorder.allowed(record, time.monotonic() - started)
+                    if cut is not None:
+                        self._recorder.cut(record, cut)
             finally:
+                if opened is not None:
+                    self._open.discard(opened)
                 if relaying:
                     self.relaying[exec_id] -= 1
                     if not self.relaying[exec_id]:

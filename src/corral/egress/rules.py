@@ -144,13 +144,25 @@ class Verdict:
 
 
 class Rules:
-    """The policy's network section, compiled for fast lookups."""
+    """The policy's network section, compiled for fast lookups: the egress rules of the phase in force
+    (`network.egress` plus the phase's own), which `enter` changes."""
 
     def __init__(self, policy: Policy, host_addrs: frozenset[IPAddress] | None = None) -> None:
-        self.rules = policy.network.egress
+        self._network = policy.network
+        self.phase = policy.network.initial_phase
+        self.rules = policy.network.egress_in(self.phase)
+        self.switches = 0  # phases entered since the start: a decision made under another is re-judged
         self.hosts = {k.lower(): v for k, v in policy.network.hosts.items()}
         self.host_addrs = host_addresses() if host_addrs is None else host_addrs
         self.limits = policy.network.limits
+
+    def enter(self, phase: str) -> None:
+        """Put `phase`'s rules in force (one of the policy's phases; KeyError otherwise). Called on the
+        egress loop's thread; a reader on another (a parked connect being judged) sees the old rules or
+        the new ones, each whole: the rules are one tuple, replaced in one assignment."""
+        self.rules = self._network.egress_in(phase)
+        self.phase = phase
+        self.switches += 1
 
     def name_allowed(self, name: str) -> bool:
         """Whether the resolver may answer for `name` at all (some rule covers it, on any port)."""

@@ -10,7 +10,8 @@ records; this one ties them to a sandbox, and closes them in order.
 
 The fence reaches its sandbox through a `FenceContext` only; the sandbox reaches the fence through
 its methods: `judge_connect`, `refuse_connect`, `note_connect` and `name_connect` for a connect its
-seccomp filter reported, `settle` when a command exits, `close` when it ends.
+seccomp filter reported, `enter_phase` when the caller switches network phases, `settle` when a
+command exits, `close` when it ends.
 """
 
 from __future__ import annotations
@@ -133,6 +134,27 @@ class Fence:
         self._closed = self.proxy.closed = self.resolver.closed = True
         with contextlib.suppress(Exception):
             self._egress.run(self._stop())
+
+    # --- network phases ------------------------------------------------------------------------
+
+    def enter_phase(self, phase: str, timeout: float = _DRAIN_TIMEOUT) -> list[Connection]:
+        """Put the rules of `phase` (one of the policy's network phases) in force, now: every new
+        connection and query is judged by them from this call on, every open connection they do not
+        allow is cut, and one still being decided is re-judged by them before it is relayed. Returns
+        the connections cut, once each is recorded (given `timeout`): its `net.connect`, allowed, with
+        a reason saying the switch cut it, and a `deny`.
+
+        Synthetic addresses the resolver gave out stay mapped to their names: a connection to one is
+        judged by the name, under the rules in force, so an address handed out in an earlier phase
+        lets nothing through that the current phase refuses, and the refusal names the name."""
+        return self._egress.run(self._enter_phase(phase, timeout), timeout + 1)
+
+    async def _enter_phase(self, phase: str, timeout: float) -> list[Connection]:
+        # On the loop's thread, between two of its steps: no accept, query or decision is half-way
+        # through a judgement when the rules change.
+        previous = self.rules.phase
+        self.rules.enter(phase)
+        return await self.proxy.enter_phase(previous, phase, timeout)
 
     # --- connects the sandbox's seccomp filter reported -----------------------------------------
 

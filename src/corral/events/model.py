@@ -53,6 +53,7 @@ class SandboxStart(_Base):
     labels: dict[str, str] = Field(
         default_factory=dict, description="what the caller labelled the sandbox with (run, episode, ...)"
     )
+    phase: str | None = Field(None, description="the network phase it started in, if its policy has phases")
 
 
 class SandboxStop(_Base):
@@ -68,6 +69,16 @@ class SandboxStop(_Base):
         description="the hash of the sandbox's event chain up to this event: with this event's own "
         "hash, the sandbox's final hash in the audit store",
     )
+
+
+class PhaseChange(_Base):
+    """The caller switched the sandbox's network phase (`Sandbox.phase`): the egress rules of `phase`
+    are in force from this event on. Connections the new phase does not allow follow it, cut."""
+
+    type: Literal["phase"] = "phase"
+    previous: str | None = Field(description="the phase left")
+    phase: str = Field(description="the phase entered")
+    exec: int | None = Field(None, description="the command running at the switch, if any")
 
 
 class ExecStart(_Base):
@@ -97,8 +108,8 @@ class Deny(_Base):
         "seccomp", "landlock", "unix", "cgroup", "storage", "timeout", "lifetime", "egress", "dns", "output"
     ]
     what: str = Field(
-        description="the refused syscall, the UNIX socket's path, or the budget: memory, processes, disk, "
-        "timeout, lifetime, output"
+        description="the refused syscall, the UNIX socket's path, the destination (name or address and "
+        "port), or the budget: memory, processes, disk, timeout, lifetime, output, bytes_out, names"
     )
     exec: int | None = Field(None, description="the command running when it happened, if any")
     process: ProcessRef | None = None
@@ -264,6 +275,7 @@ class Alert(_Base):
 Event = Annotated[
     SandboxStart
     | SandboxStop
+    | PhaseChange
     | ExecStart
     | ExecExit
     | Deny

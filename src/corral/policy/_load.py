@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -178,13 +178,18 @@ def _lookup(
     """
     owner: type[BaseModel] | None = model
     field = None
+    named = False  # the next part is a name in a mapping of sections (network.phases.NAME)
     for part in loc:
         if isinstance(part, int):
+            continue
+        if named:
+            named = False
             continue
         if owner is None or part not in owner.model_fields:
             break
         field = owner.model_fields[part]
         owner = _model_in(field.annotation)
+        named = owner is not None and get_origin(field.annotation) is dict
     return owner, field
 
 

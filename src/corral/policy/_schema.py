@@ -18,7 +18,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -291,6 +293,31 @@ class Limits(_Model):
     )
 
 
+_PHASE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def _phase_name(name: str) -> str:
+    if not _PHASE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{show_value(name)} is not a phase name (a-z, 0-9, _ and -, starting with a letter, up to 32 "
+            "characters); use e.g. setup"
+        )
+    return name
+
+
+class NetworkPhase(_Model):
+    """One network phase: what the sandbox may reach, on top of network.egress, while the caller keeps
+    it in this phase (`Sandbox.phase(name)` switches; nothing inside the sandbox can)."""
+
+    egress: tuple[EgressRule, ...] = Field(
+        (),
+        description="Destinations the sandbox may connect to during this phase, on top of network.egress, "
+        "each {host or cidr, ports, protocols} as in network.egress. When the sandbox leaves the phase, "
+        "every open connection the next phase does not allow is cut. Default: none (network.egress only).",
+        examples=[[{"host": "pypi.example.internal", "ports": [443]}]],
+    )
+
+
 class Network(_Model):
     """The network fence: nothing leaves the sandbox except what egress allows."""
 
@@ -322,6 +349,43 @@ class Network(_Model):
         description="Rate limits on outgoing traffic. Default: 120 connections and 50MiB per minute.",
         examples=[{"connections_per_minute": 120, "bytes_out_per_minute": "50MiB"}],
     )
+    phases: dict[Annotated[str, AfterValidator(_phase_name)], NetworkPhase] = Field(
+        {},
+        description="Named phases of the sandbox's life, in order, each with egress rules of its own that "
+        "hold, on top of network.egress, only while the sandbox is in that phase: e.g. setup with the "
+        "package index, then agent and verify with nothing more. The caller moves the sandbox from one to "
+        "another (Sandbox.phase); each switch is a phase event, and connections the new phase does not "
+        "allow are cut. Default: none (network.egress holds for the sandbox's whole life).",
+        examples=[{"setup": {"egress": [{"host": "pypi.example.internal", "ports": [443]}]}, "agent": {}}],
+    )
+    start_phase: str | None = Field(
+        None,
+        description="The phase a sandbox starts in: one of phases. Default: the first phase listed, or "
+        "none when there are no phases.",
+        examples=["setup"],
+    )
+
+    @field_validator("start_phase")
+    @classmethod
+    def _known_phase(cls, name: str | None, info: ValidationInfo) -> str | None:
+        phases = info.data.get("phases")
+        if name is None or phases is None:  # phases invalid: reported on their own
+            return name
+        if not phases:
+            raise ValueError(f"{show_value(name)} names a phase, but network.phases lists none; add it there")
+        if name not in phases:
+            listed = ", ".join(phases)
+            raise ValueError(f"{show_value(name)} is not one of network.phases; use one of {listed}")
+        return name
+
+    @property
+    def initial_phase(self) -> str | None:
+        """The phase a sandbox starts in: start_phase, else the first listed; None without phases."""
+        return self.start_phase or next(iter(self.phases), None)
+
+    def egress_in(self, phase: str | None) -> tuple[EgressRule, ...]:
+        """The rules in force in `phase` (None: no phase): network.egress, then the phase's own."""
+        return self.egress if phase is None else self.egress + self.phases[phase].egress
 
 
 class Resources(_Model):
@@ -422,7 +486,8 @@ class Policy(_Model):
     )
     network: Network = Field(
         Network(),
-        description="Egress allowlist, fixed host names and traffic limits. Default: offline.",
+        description="Egress allowlist, fixed host names, traffic limits and network phases. "
+        "Default: offline.",
         examples=[{"egress": []}],
     )
     resources: Resources = Field(

@@ -1,4 +1,5 @@
-"""The timeline: one line per command, connection, DNS query, denial, alert and sandbox start/stop."""
+"""The timeline: one line per command, connection, DNS query, denial, alert, network phase switch and
+sandbox start/stop."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def _stop(body: Body, limit: int) -> str:
     if error:
         line += f"; error: {f.clip(error, limit)}"
     return line
+
+
+def _phase(body: Body, limit: int) -> str:
+    previous = f.clip(f.text(body, "previous", "-"), limit)
+    return f"network phase {previous} -> {f.clip(f.text(body, 'phase', '?'), limit)}"
 
 
 def _exec_start(body: Body, limit: int) -> str:
@@ -115,6 +121,7 @@ def _alert(body: Body, limit: int) -> str:
 _SUMMARIES: dict[str, Callable[[Body, int], str]] = {
     "sandbox.start": _start,
     "sandbox.stop": _stop,
+    "phase": _phase,
     "exec.start": _exec_start,
     "exec.exit": _exec_exit,
     "net.connect": _connect,

@@ -73,6 +73,15 @@ class AsyncSandbox:
         assert run.result is not None
         yield run.result
 
+    @property
+    def current_phase(self) -> str | None:
+        """The network phase in force; None when the policy has none (see `Sandbox.phase`)."""
+        return self.sandbox.current_phase
+
+    async def phase(self, name: str) -> None:
+        """Switch to network phase `name`, live (see `Sandbox.phase`); a command may be running."""
+        await asyncio.to_thread(self.sandbox.phase, name)
+
     async def write_file(self, path: str, data: bytes | str) -> None:
         await asyncio.to_thread(self.sandbox.write_file, path, data)
 

@@ -28,6 +28,7 @@ from corral.events import (
     Alert,
     Deny,
     Evidence,
+    PhaseChange,
     ProcessRef,
     SandboxStart,
     SandboxStop,
@@ -119,6 +120,8 @@ class Sandbox:
         self._state_dir = f"{_hostfiles.STATE_ROOT}/{self.id}"
         self._lifetime_timer: int | None = None
         self._tripwires: _tripwires.Tripwires | None = None
+        self._phase = policy.network.initial_phase
+        self._phase_lock = threading.Lock()  # one switch at a time; never the commands' lock
         self._start()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -252,6 +255,7 @@ class Sandbox:
                 degraded=degraded,
                 workspace=self.workspace,
                 labels=self.labels,
+                phase=self._phase,
             )
         )
 
@@ -370,6 +374,48 @@ class Sandbox:
             )
         )
         self._terminate("tripwire", f"control channel: {reason}")
+
+    # --- network phases ------------------------------------------------------------------------
+
+    @property
+    def current_phase(self) -> str | None:
+        """The network phase in force (see the policy's `network.phases`); None when it has none."""
+        return self._phase
+
+    def phase(self, name: str) -> None:
+        """Switch the sandbox to network phase `name`, live: its egress rules (`network.egress` plus
+        the phase's own) are in force when this returns, for new connections and DNS queries at once.
+        Every open connection they do not allow has been cut (recorded as its `net.connect`, allowed,
+        with a reason saying the switch cut it, and a `deny`), and one still being decided is judged
+        again under them. A `phase` event records the switch. Callable while a command runs (from
+        another thread), so a trainer can end set-up under a download that is still going.
+
+        Only the caller switches phases: nothing in the sandbox reaches this, and a looser phase comes
+        back only when the caller enters it again. ValueError names the policy's phases when `name` is
+        not one of them; SandboxClosedError once the sandbox is closed."""
+        phases = self.policy.network.phases
+        if name not in phases:
+            listed = ", ".join(phases) if phases else "none"
+            raise ValueError(
+                f"phase {name!r}: not a network phase of policy {self.policy.source} (its phases: {listed})"
+            )
+        with self._phase_lock:
+            fence = self._fence
+            if fence is None or self._life.ending:
+                raise SandboxClosedError(f"sandbox {self.id} is closed: it has no phase to switch")
+            previous = self._phase
+            # Recorded first: the connections cut by the switch follow it in the sandbox's events.
+            current = self._commands.current
+            self._emit(PhaseChange(sandbox=self.id, previous=previous, phase=name, exec=current))
+            try:
+                fence.enter_phase(name)
+            except Exception as e:
+                # The egress loop is gone or stopping (a closing sandbox, a host shutting down): the
+                # sandbox has no network at all then, in no phase.
+                if self._life.ending:
+                    raise SandboxClosedError(f"sandbox {self.id} closed during the switch to {name}") from e
+                raise
+            self._phase = name
 
     def alerts(self) -> list[Alert]:
         """The alerts raised so far (rules that fired with a response other than `log`), oldest first."""

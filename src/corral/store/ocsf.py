@@ -116,6 +116,14 @@ MAPPING: tuple[Row, ...] = (
     Row("deny", OTHER_LAYERS, PROCESS_ACTIVITY, 99, "a refusal with no activity of its own"),
     Row("alert", "", DETECTION_FINDING, 1, "a rule fired: MITRE ATT&CK in `finding_info.attacks`"),
     Row(
+        "phase",
+        "",
+        None,
+        None,
+        "the caller switched the sandbox's egress rules: a change of policy, not an activity of the "
+        "sandbox's; the connections the switch cut are exported as their net.connect and deny",
+    ),
+    Row(
         "resource.sample",
         "",
         None,
@@ -247,7 +255,7 @@ _COMMON = {"v", "time", "sandbox", "type"}
 
 def to_ocsf(event: StoredEvent, sandbox: SandboxInfo | None) -> dict[str, Any] | None:
     """The OCSF record for one stored event, or None for a type that is not exported
-    (`resource.sample`: see MAPPING for why). `sandbox` (None when the store has no record of it)
+    (`resource.sample`, `phase`: see MAPPING for why). `sandbox` (None when the store has no record of it)
     gives the labels and the host."""
     body = event.body
     row = _ROWS.get((event.type, _case(body)))

@@ -28,6 +28,7 @@ MAX_DENIALS = 500
 TYPES = (
     "sandbox.start",
     "sandbox.stop",
+    "phase",
     "exec.start",
     "exec.exit",
     "proc.exec",
@@ -168,6 +169,8 @@ def summarize(body: dict[str, Any]) -> str:
     if kind == "sandbox.stop":
         extra = f", {body['error']}" if body.get("error") else ""
         return f"{body.get('reason')} after {_secs(body.get('duration'))}{extra}"
+    if kind == "phase":
+        return f"network phase {body.get('previous') or '-'} -> {body.get('phase')}"
     if kind == "exec.start":
         return f"#{body.get('exec')} $ {_cmd(body.get('command'))}"
     if kind == "exec.exit":
