@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:
         SandboxError,
         SandboxStartError,
         StoreError,
+        TrajectoryError,
     )
     from corral.events import (
         SCHEMA_VERSION,
@@ -36,6 +37,7 @@ if _typing.TYPE_CHECKING:
         SandboxStop,
     )
     from corral.policy import Policy
+    from corral.rl import Verdict
     from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
     from corral.store import Filters, SandboxInfo, Store, StoredEvent
 
@@ -51,6 +53,7 @@ _HOME = {
         "SandboxError",
         "SandboxStartError",
         "StoreError",
+        "TrajectoryError",
     ],
     "corral.events": [
         "SCHEMA_VERSION",
@@ -67,6 +70,7 @@ _HOME = {
         "SandboxStop",
     ],
     "corral.policy": ["Policy"],
+    "corral.rl": ["Verdict"],
     "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
     "corral.store": ["Filters", "SandboxInfo", "Store", "StoredEvent"],
 }
@@ -105,6 +109,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredEvent",
+    "TrajectoryError",
+    "Verdict",
     "__version__",
 ]
 
