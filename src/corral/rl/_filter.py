@@ -73,7 +73,10 @@ class FilterSummary:
     flagged: int = 0
     dropped: int = 0
     set_aside: int = 0
-    statuses: dict[str, Tally] = field(default_factory=dict)  # clean, violated, infra_error, open
+    # clean, violated, infra_error (always there), open (when some episode was still running)
+    statuses: dict[str, Tally] = field(
+        default_factory=lambda: {status: Tally() for status in ("clean", "violated", "infra_error")}
+    )
     categories: dict[str, Tally] = field(default_factory=dict)  # violated episodes by category
     worst: dict[str, str] = field(default_factory=dict)  # category -> worst severity seen
     examples: list[tuple[str, str]] = field(default_factory=list)  # (episode, why set aside)
