@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:
         SandboxError,
         SandboxStartError,
         StoreError,
+        TrajectoryError,
     )
     from corral.events import (
         SCHEMA_VERSION,
@@ -37,6 +38,7 @@ if _typing.TYPE_CHECKING:
         SandboxStop,
     )
     from corral.policy import Policy
+    from corral.rl import Verdict
     from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
     from corral.store import Filters, SandboxInfo, Store, StoredEvent
 
@@ -52,6 +54,7 @@ _HOME = {
         "SandboxError",
         "SandboxStartError",
         "StoreError",
+        "TrajectoryError",
     ],
     "corral.events": [
         "SCHEMA_VERSION",
@@ -69,6 +72,7 @@ _HOME = {
         "SandboxStop",
     ],
     "corral.policy": ["Policy"],
+    "corral.rl": ["Verdict"],
     "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
     "corral.store": ["Filters", "SandboxInfo", "Store", "StoredEvent"],
 }
@@ -108,6 +112,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoredEvent",
+    "TrajectoryError",
+    "Verdict",
     "__version__",
 ]
 

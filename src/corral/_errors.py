@@ -6,6 +6,8 @@
     │                            not root, missing device); the policy may allow degrading some features
     ├── StoreError               the audit store can't be opened, read or written (names the store
     │                            and why); sandboxes take no commands while it can't be written
+    ├── TrajectoryError          a trajectory file given to `corral filter` can't be read, or a line
+    │                            of it is not JSON or lacks the episode's field (names file and line)
     └── SandboxError             a sandbox failed at run time
         ├── SandboxStartError    setting the sandbox up failed; nothing was left running
         ├── SandboxClosedError   the sandbox is closed (by the user, its lifetime, or a failure)
@@ -49,6 +51,12 @@ class StoreError(CorralError):
     memory, bounded); fix the store (disk space, the lock's holder, the database server) and they
     resume, every event written.
     """
+
+
+class TrajectoryError(CorralError):
+    """A trajectory file (`corral filter`, `corral.rl.filter_trajectories`) can't be read, or one of
+    its lines is not a JSON object or lacks the episode's field. The message names the file and the
+    line (``FILE:LINE: what``); nothing was written. Fix the file, or name the right field."""
 
 
 class SandboxError(CorralError):

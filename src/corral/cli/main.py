@@ -22,7 +22,7 @@ from types import FrameType
 
 from corral import __version__
 from corral._errors import CorralError, PolicyError
-from corral.cli import _record
+from corral.cli import _filter, _record
 from corral.detect import rules as detect_rules
 from corral.events import Alert, Deny, event_json_schema
 from corral.isolation import plan as planning
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     rlist.add_argument("--rules", metavar="FILE", action="append", default=[], help="extra rule file")
 
     _record.add_parsers(sub)
+    _filter.add_parser(sub)
     return p
 
 
@@ -353,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(args)
         if args.command == "rules":
             return _rules(args)
+        if args.command == "filter":
+            return _filter.run(args)
         if args.command == "events" and args.what == "schema":
             print(json.dumps(event_json_schema(), indent=2))
             return 0

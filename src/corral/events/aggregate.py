@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
-from corral.events.model import Deny
+from corral.events.model import Alert, Deny
 
 _Key = tuple[str, str, int | None, str | None]
 
@@ -80,3 +80,71 @@ class DenyRepeats:
         out = [e for w in self._open.values() if (e := w.aggregate()) is not None]
         self._open.clear()
         return out
+
+
+ALERTS_KEPT = 100  # alerts a verdict lists one by one (all are counted)
+_MESSAGE_KEPT = 500  # characters of an alert's message a verdict keeps
+
+
+@dataclass(frozen=True)
+class AlertEntry:
+    """One alert as a verdict lists it: what fired, what was done, and where it is in the chain."""
+
+    seq: int  # the alert's place in its sandbox's chain (the store's `seq`)
+    rule: str
+    category: str
+    severity: str
+    action: str
+    outcome: str
+    exec: int | None
+    message: str
+
+
+class AlertTally:
+    """A sandbox's alerts as a verdict needs them, built the same way from the running sandbox's
+    events and from the store's: every alert whose response is not `log` counted by (category,
+    severity, action, rule), and the first `ALERTS_KEPT` listed. Bounded whatever an agent makes the
+    rules fire: the counts by the rules that exist, the list by `ALERTS_KEPT`.
+
+    Not thread-safe: the owner adds under the lock that orders its events."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str, str], int] = {}
+        self.first: list[AlertEntry] = []
+
+    def add(self, seq: int, body: Alert | dict[str, object]) -> None:
+        """Count one alert (an `Alert`, or its JSON as stored); `log` ones are not alerts here (the
+        policy said to record them only)."""
+        if isinstance(body, Alert):
+            entry = AlertEntry(
+                seq,
+                body.rule,
+                body.category,
+                body.severity,
+                body.action,
+                body.outcome,
+                body.exec,
+                body.message[:_MESSAGE_KEPT],
+            )
+        else:
+            exec_id = body.get("exec")
+            entry = AlertEntry(
+                seq,
+                str(body.get("rule", "")),
+                str(body.get("category", "")),
+                str(body.get("severity", "")),
+                str(body.get("action", "")),
+                str(body.get("outcome", "")),
+                exec_id if isinstance(exec_id, int) else None,
+                str(body.get("message", ""))[:_MESSAGE_KEPT],
+            )
+        if entry.action == "log":
+            return
+        key = (entry.category, entry.severity, entry.action, entry.rule)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if len(self.first) < ALERTS_KEPT:
+            self.first.append(entry)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -77,7 +77,7 @@ class ExecContext:
     emit: Callable[[Event], None]
     flush: Callable[[], None]  # record the denials still being counted
     settle: Callable[[int], None]  # wait until the fence has recorded this command's attempts
-    end: Callable[[StopReason], None]  # end the sandbox (init wedged)
+    end: Callable[[StopReason, str], None]  # end the sandbox, and why (init wedged or gone)
     tampered: Callable[[int, str], None]  # the control channel carried something init did not send
 
 
@@ -224,6 +224,7 @@ class Run:
         try:
             protocol.send(self.ctx.launched.control, request, io.child_fds)
         except OSError as e:
+            self.ctx.end("failed", f"init is gone ({e})")
             raise ExecError(
                 f"sandbox {self.ctx.sandbox_id}: cannot start {self.argv[0]}: its init is gone ({e})"
             ) from None
@@ -245,7 +246,7 @@ class Run:
             wait = (p.drain_until if p.status is not None else p.deadline) - now  # type: ignore[operator]
             if wait <= 0 and p.status is None:
                 if p.timed_out:  # killed and still no exit: init is wedged, the sandbox is unusable
-                    ctx.end("failed")
+                    ctx.end("failed", f"init did not end command {request.id} {KILL_GRACE:g}s after its kill")
                     p.terminated = "failed"
                     return
                 p.timed_out = True
@@ -298,11 +299,18 @@ class Run:
         data, fds = protocol.recv(ctx.launched.control)
         for fd in fds:
             os.close(fd)
-        if data is None:  # init is gone: the sandbox was closed under us
-            if not ctx.life.ending and not exchange.started:
-                # Gone before it took the request (its last thread may still have held the socket
-                # when the request went out): nothing was started.
-                raise ExecError(f"sandbox {ctx.sandbox_id}: cannot start {self.argv[0]}: its init is gone")
+        if data is None:  # init is gone: the sandbox was closed under us, or init died
+            if not ctx.life.ending:
+                # Nothing closed it: init died (corral's or the host's failure: nothing in the
+                # sandbox can signal its PID 1). The sandbox is ended as failed, so its verdict and
+                # the store's say so, and never read as the agent's doing.
+                ctx.end("failed", f"init is gone (while command {request.id} ran)")
+                if not exchange.started:
+                    # Gone before it took the request (its last thread may still have held the
+                    # socket when the request went out): nothing was started.
+                    raise ExecError(
+                        f"sandbox {ctx.sandbox_id}: cannot start {self.argv[0]}: its init is gone"
+                    )
             sel.unregister(ctx.launched.control)
             p.terminated = ctx.life.stop_reason or "failed"
             p.status = signal.SIGKILL

@@ -14,9 +14,10 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from corral.events import Deny, JsonlSink
-from corral.events.aggregate import DenyRepeats
+from corral.events import Alert, Deny, JsonlSink, SandboxStop
+from corral.events.aggregate import AlertTally, DenyRepeats
 from corral.events.model import Event
 from corral.store.writer import AuditWriter
 
@@ -26,6 +27,17 @@ log = logging.getLogger("corral")
 # a tenth at a time and counted in `elided`. The JSONL file, when there is one, has every event.
 # Repeated denials are aggregated first (see `DenyRepeats`), so ordinary work never comes near it.
 EVENTS_KEPT = 10_000
+
+
+@dataclass(frozen=True)
+class Record:
+    """A sandbox's record as its verdict reads it: the alerts, the stop (None while it runs), how
+    many events are chained and the hash of the last ('' before the first)."""
+
+    alerts: AlertTally
+    stop: SandboxStop | None
+    events: int
+    head: str
 
 
 class EventLog:
@@ -44,6 +56,9 @@ class EventLog:
         self._repeats = DenyRepeats()
         self.elided = 0  # events dropped from `events()` (not from the store or file) to bound memory
         self._sink = JsonlSink(path) if path is not None else None
+        # What a verdict reads, kept apart from `_events` (which drops the oldest): every alert, the stop.
+        self._alerts = AlertTally()
+        self._stop: SandboxStop | None = None
 
     def add(self, event: Event) -> list[Event]:
         """Record `event` (a denial may be held back, to be counted with its repeats); what was
@@ -71,6 +86,10 @@ class EventLog:
                 continue
             event, body = chained
             recorded.append(event)
+            if isinstance(event, Alert):
+                self._alerts.add(self._chain.seq, event)
+            elif isinstance(event, SandboxStop):
+                self._stop = event
             self._events.append(event)
             if self._sink is not None:
                 self._sink.write_json(body)
@@ -91,6 +110,13 @@ class EventLog:
     def seq(self) -> int:
         """Events in the sandbox's chain so far."""
         return self._chain.seq
+
+    def record(self) -> Record:
+        """What the sandbox's verdict is made of, as of now (one consistent view)."""
+        with self._lock:
+            tally = AlertTally()
+            tally.counts, tally.first = dict(self._alerts.counts), list(self._alerts.first)
+            return Record(tally, self._stop, self._chain.seq, self._chain.head if self._chain.seq else "")
 
     def events(self) -> list[Event]:
         with self._lock:

@@ -176,6 +176,12 @@ class Host:
             self._state = HostState.RUNNING
             return self
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Host:
+        # A Host is corral on this machine (threads, sockets, the store's writer): there is no second
+        # one to copy it into. Deep copies of settings that name it (Gymnasium copies an env's
+        # arguments to make another) share it.
+        return self
+
     def shutdown(self, timeout: float = _DRAIN_TIMEOUT) -> None:
         """Close every open sandbox, finish their teardown, then stop the helpers in order (see the
         module's docstring). Idempotent; later sandboxes on this host are refused."""

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from corral._errors import HostError, PolicyError, SandboxClosedError, SandboxStartError, StoreError
 from corral.egress.service import Fence, FenceContext, Upstream
@@ -42,6 +43,9 @@ from corral.runtime import _commands, _eventlog, _hostfiles, _notifications, _pr
 from corral.runtime.host import Host, default_host
 from corral.runtime.lifecycle import Lifecycle, State, StopReason
 from corral.runtime.results import ExecResult, Output, with_output
+
+if TYPE_CHECKING:
+    from corral.rl import Verdict
 
 __all__ = ["CONTROL_TAMPER_RULE", "WORKSPACE_ROOT", "ExecResult", "Output", "Sandbox"]
 
@@ -420,6 +424,34 @@ class Sandbox:
     def alerts(self) -> list[Alert]:
         """The alerts raised so far (rules that fired with a response other than `log`), oldest first."""
         return [e for e in self.events() if isinstance(e, Alert) and e.action != "log"]
+
+    def verdict(self) -> Verdict:
+        """The episode's verdict so far (`corral.Verdict`): `clean`, `violated` (alerts whose
+        response is not `log`: by category with the worst severity, what was done, and where each is
+        in the store) or `infra_error` (corral or the host failed this sandbox: a failed monitor,
+        init gone, the audit store not taking writes, a failed save at close). `final` is True once
+        the sandbox stopped. Read from what corral recorded on the host, never from the sandbox.
+
+        Once `close()` has returned (without a StoreError), this equals
+        `corral.rl.verdict_from_store(store, sb.id)`. The rules are in `corral.rl.Verdict`.
+        """
+        from corral.rl import _verdict  # not at import: corral.rl registers its Gymnasium env
+
+        record = self._log.record()
+        failing = self.host.audit.failure
+        return _verdict.build(
+            sandbox=self.id,
+            store=self.host.audit.where,
+            labels=self.labels,
+            alerts=record.alerts,
+            stop_reason=record.stop.reason if record.stop is not None else None,
+            stop_error=record.stop.error if record.stop is not None else "",
+            events=record.events,
+            head=record.head,
+            running=record.stop is None,
+            # Events not yet in the store while it fails: the record is incomplete, not the agent's doing.
+            failures=[f"the audit store can't be written: {failing}"] if failing is not None else [],
+        )
 
     @property
     def frozen(self) -> str | None:
