@@ -16,6 +16,7 @@ if _typing.TYPE_CHECKING:
         ExecError,
         HostError,
         PolicyError,
+        PoolError,
         SandboxClosedError,
         SandboxError,
         SandboxStartError,
@@ -32,11 +33,12 @@ if _typing.TYPE_CHECKING:
         ProcExit,
         ProcSeccomp,
         ResourceSample,
+        SandboxLabel,
         SandboxStart,
         SandboxStop,
     )
     from corral.policy import Policy
-    from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
+    from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Pool, Sandbox, State
     from corral.store import Filters, SandboxInfo, Store, StoredEvent
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ _HOME = {
         "ExecError",
         "HostError",
         "PolicyError",
+        "PoolError",
         "SandboxClosedError",
         "SandboxError",
         "SandboxStartError",
@@ -63,11 +66,21 @@ _HOME = {
         "ProcSeccomp",
         "ProcessRef",
         "ResourceSample",
+        "SandboxLabel",
         "SandboxStart",
         "SandboxStop",
     ],
     "corral.policy": ["Policy"],
-    "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
+    "corral.runtime": [
+        "AsyncSandbox",
+        "ExecResult",
+        "Host",
+        "HostState",
+        "Output",
+        "Pool",
+        "Sandbox",
+        "State",
+    ],
     "corral.store": ["Filters", "SandboxInfo", "Store", "StoredEvent"],
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
@@ -89,6 +102,8 @@ __all__ = [
     "Output",
     "Policy",
     "PolicyError",
+    "Pool",
+    "PoolError",
     "ProcExec",
     "ProcExit",
     "ProcSeccomp",
@@ -98,6 +113,7 @@ __all__ = [
     "SandboxClosedError",
     "SandboxError",
     "SandboxInfo",
+    "SandboxLabel",
     "SandboxStart",
     "SandboxStartError",
     "SandboxStop",

@@ -8,6 +8,7 @@
     │                            and why); sandboxes take no commands while it can't be written
     └── SandboxError             a sandbox failed at run time
         ├── SandboxStartError    setting the sandbox up failed; nothing was left running
+        │   └── PoolError        a pool stopped starting sandboxes after repeated failures (names the last)
         ├── SandboxClosedError   the sandbox is closed (by the user, its lifetime, or a failure)
         └── ExecError            a command could not be started (not: it exited non-zero)
 
@@ -57,6 +58,12 @@ class SandboxError(CorralError):
 
 class SandboxStartError(SandboxError):
     """Setting up the sandbox failed at a named step; everything created so far was torn down."""
+
+
+class PoolError(SandboxStartError):
+    """A `Pool` has no sandbox to hand out and starts no more: its last starts failed one after
+    another (`Pool.max_failures` in a row), and the message names the last failure. An
+    infrastructure failure, not the agent's doing. Fix the cause, then `Pool.resume()`."""
 
 
 class SandboxClosedError(SandboxError):

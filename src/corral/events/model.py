@@ -70,6 +70,15 @@ class SandboxStop(_Base):
     )
 
 
+class SandboxLabel(_Base):
+    """Labels given to a running sandbox after its start (a pool hands out a sandbox it started
+    ahead, and its episode's labels arrive then). Labels are only ever added: a key once set keeps
+    its value, so a sandbox is never filed under two episodes."""
+
+    type: Literal["sandbox.label"] = "sandbox.label"
+    labels: dict[str, str] = Field(description="the labels added (the sandbox's labels are now all of them)")
+
+
 class ExecStart(_Base):
     type: Literal["exec.start"] = "exec.start"
     exec: int = Field(description="command number within the sandbox")
@@ -264,6 +273,7 @@ class Alert(_Base):
 Event = Annotated[
     SandboxStart
     | SandboxStop
+    | SandboxLabel
     | ExecStart
     | ExecExit
     | Deny

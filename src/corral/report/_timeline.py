@@ -104,6 +104,11 @@ def _deny(body: Body, limit: int) -> str:
     return line + _by(body, limit)
 
 
+def _label(body: Body, limit: int) -> str:
+    labels = f.mapping(body, "labels")
+    return "labelled " + f.clip(" ".join(f"{k}={v}" for k, v in sorted(labels.items())), limit)
+
+
 def _alert(body: Body, limit: int) -> str:
     return (
         f"{f.text(body, 'severity', '?').upper()} {f.text(body, 'category', '?')} "
@@ -114,6 +119,7 @@ def _alert(body: Body, limit: int) -> str:
 
 _SUMMARIES: dict[str, Callable[[Body, int], str]] = {
     "sandbox.start": _start,
+    "sandbox.label": _label,
     "sandbox.stop": _stop,
     "exec.start": _exec_start,
     "exec.exit": _exec_exit,
