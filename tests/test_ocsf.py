@@ -43,6 +43,7 @@ from corral.events import (
     ProcExit,
     ProcSeccomp,
     ResourceSample,
+    SandboxLabel,
     SandboxStart,
     SandboxStop,
 )
@@ -307,7 +308,8 @@ def test_every_event_maps_to_valid_ocsf_of_its_class(event: Any) -> None:
 def test_every_event_type_has_a_decision_in_the_table() -> None:
     types = {m.model_fields["type"].default for m in get_args(get_args(Event)[0])}
     assert {r.type for r in MAPPING} == types
-    assert {e.type for e in EVENTS} | {"resource.sample"} == types
+    # Not exported (see MAPPING): resource samples, and labels added after the start.
+    assert {e.type for e in EVENTS} | {"resource.sample", "sandbox.label"} == types
 
 
 def test_without_the_sandbox_record_the_event_still_maps() -> None:
@@ -320,6 +322,10 @@ def test_without_the_sandbox_record_the_event_still_maps() -> None:
 
 def test_resource_samples_are_not_exported() -> None:
     assert to_ocsf(stored(RESOURCE), INFO) is None
+
+
+def test_labels_added_after_the_start_are_not_exported() -> None:
+    assert to_ocsf(stored(SandboxLabel(sandbox=SANDBOX, labels={"episode": "17"})), INFO) is None
 
 
 # --- what the records say -------------------------------------------------------------------------

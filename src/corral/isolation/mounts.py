@@ -14,6 +14,7 @@ mounts (/proc, /sys, /run with its runtime sockets) are never reachable undernea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -250,6 +251,8 @@ def _idmap_namespace(proc: str, plan: Plan) -> int:
             f.write(f"{plan.template_gid} {plan.gid} 1\n")
         return os.open(f"{proc}/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(done_w)
+        os.close(done_w)  # the child exits
         os.close(ready_r)
-        os.waitpid(pid, 0)
+        # Where SIGCHLD is ignored (inherited from the zygote) the kernel reaps it itself.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
