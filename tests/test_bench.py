@@ -37,6 +37,9 @@ ROWS = {
     "store_query",
     "store_verify",
     "dashboard_page",
+    "pool_acquire",
+    "template_start_empty",
+    "template_start_50mib",  # and template_start_500mib, left out of --quick
 }
 
 

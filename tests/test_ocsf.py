@@ -44,6 +44,7 @@ from corral.events import (
     ProcExit,
     ProcSeccomp,
     ResourceSample,
+    SandboxLabel,
     SandboxStart,
     SandboxStop,
 )
@@ -326,6 +327,10 @@ def test_resource_samples_are_not_exported() -> None:
 def test_phase_switches_are_not_exported() -> None:
     switch = PhaseChange(**common(), previous="setup", phase="agent", exec=2)
     assert to_ocsf(stored(switch), INFO) is None
+
+
+def test_labels_added_after_the_start_are_not_exported() -> None:
+    assert to_ocsf(stored(SandboxLabel(sandbox=SANDBOX, labels={"episode": "17"})), INFO) is None
 
 
 # --- what the records say -------------------------------------------------------------------------

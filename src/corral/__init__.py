@@ -16,6 +16,7 @@ if _typing.TYPE_CHECKING:
         ExecError,
         HostError,
         PolicyError,
+        PoolError,
         SandboxClosedError,
         SandboxError,
         SandboxStartError,
@@ -34,12 +35,13 @@ if _typing.TYPE_CHECKING:
         ProcExit,
         ProcSeccomp,
         ResourceSample,
+        SandboxLabel,
         SandboxStart,
         SandboxStop,
     )
     from corral.policy import Policy
     from corral.rl import Verdict
-    from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Sandbox, State
+    from corral.runtime import AsyncSandbox, ExecResult, Host, HostState, Output, Pool, Sandbox, State
     from corral.store import Filters, SandboxInfo, Store, StoredEvent
 
 __version__ = "0.1.0"
@@ -50,6 +52,7 @@ _HOME = {
         "ExecError",
         "HostError",
         "PolicyError",
+        "PoolError",
         "SandboxClosedError",
         "SandboxError",
         "SandboxStartError",
@@ -68,12 +71,22 @@ _HOME = {
         "ProcSeccomp",
         "ProcessRef",
         "ResourceSample",
+        "SandboxLabel",
         "SandboxStart",
         "SandboxStop",
     ],
     "corral.policy": ["Policy"],
     "corral.rl": ["Verdict"],
-    "corral.runtime": ["AsyncSandbox", "ExecResult", "Host", "HostState", "Output", "Sandbox", "State"],
+    "corral.runtime": [
+        "AsyncSandbox",
+        "ExecResult",
+        "Host",
+        "HostState",
+        "Output",
+        "Pool",
+        "Sandbox",
+        "State",
+    ],
     "corral.store": ["Filters", "SandboxInfo", "Store", "StoredEvent"],
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
@@ -96,6 +109,8 @@ __all__ = [
     "PhaseChange",
     "Policy",
     "PolicyError",
+    "Pool",
+    "PoolError",
     "ProcExec",
     "ProcExit",
     "ProcSeccomp",
@@ -105,6 +120,7 @@ __all__ = [
     "SandboxClosedError",
     "SandboxError",
     "SandboxInfo",
+    "SandboxLabel",
     "SandboxStart",
     "SandboxStartError",
     "SandboxStop",

@@ -10,6 +10,7 @@
     │                            of it is not JSON or lacks the episode's field (names file and line)
     └── SandboxError             a sandbox failed at run time
         ├── SandboxStartError    setting the sandbox up failed; nothing was left running
+        │   └── PoolError        a pool stopped starting sandboxes after repeated failures (names the last)
         ├── SandboxClosedError   the sandbox is closed (by the user, its lifetime, or a failure)
         └── ExecError            a command could not be started (not: it exited non-zero)
 
@@ -65,6 +66,12 @@ class SandboxError(CorralError):
 
 class SandboxStartError(SandboxError):
     """Setting up the sandbox failed at a named step; everything created so far was torn down."""
+
+
+class PoolError(SandboxStartError):
+    """A `Pool` has no sandbox to hand out and starts no more: its last starts failed one after
+    another (`Pool.max_failures` in a row), and the message names the last failure. An
+    infrastructure failure, not the agent's doing. Fix the cause, then `Pool.resume()`."""
 
 
 class SandboxClosedError(SandboxError):

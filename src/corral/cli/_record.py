@@ -221,6 +221,8 @@ def line(e: StoredEvent) -> str:
     elif e.type == "sandbox.start":
         labels = " ".join(f"{k}={v}" for k, v in sorted((b.get("labels") or {}).items()))
         gist = f"policy {b.get('policy')} {labels}".rstrip()
+    elif e.type == "sandbox.label":
+        gist = " ".join(f"{k}={v}" for k, v in sorted((b.get("labels") or {}).items()))
     elif e.type == "sandbox.stop":
         gist = f"{b.get('reason')} after {b.get('duration', 0):.1f}s {b.get('error', '')}".rstrip()
     elif e.type == "resource.sample":

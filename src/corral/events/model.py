@@ -81,6 +81,15 @@ class PhaseChange(_Base):
     exec: int | None = Field(None, description="the command running at the switch, if any")
 
 
+class SandboxLabel(_Base):
+    """Labels given to a running sandbox after its start (a pool hands out a sandbox it started
+    ahead, and its episode's labels arrive then). Labels are only ever added: a key once set keeps
+    its value, so a sandbox is never filed under two episodes."""
+
+    type: Literal["sandbox.label"] = "sandbox.label"
+    labels: dict[str, str] = Field(description="the labels added (the sandbox's labels are now all of them)")
+
+
 class ExecStart(_Base):
     type: Literal["exec.start"] = "exec.start"
     exec: int = Field(description="command number within the sandbox")
@@ -276,6 +285,7 @@ Event = Annotated[
     SandboxStart
     | SandboxStop
     | PhaseChange
+    | SandboxLabel
     | ExecStart
     | ExecExit
     | Deny

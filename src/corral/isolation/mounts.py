@@ -14,11 +14,23 @@ mounts (/proc, /sys, /run with its runtime sockets) are never reachable undernea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
 from corral.isolation import _linux as L
-from corral.isolation.plan import Bind, HideDir, HideFile, Mkdir, Plan, ReplaceFile, Symlink, Touch
+from corral.isolation.plan import (
+    CHANGES,
+    WORKSPACE,
+    Bind,
+    HideDir,
+    HideFile,
+    Mkdir,
+    Plan,
+    ReplaceFile,
+    Symlink,
+    Touch,
+)
 
 _RO_ATTRS = L.MOUNT_ATTR_RDONLY | L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
 # Written by `prepare_host`, bound over their /etc namesakes by ReplaceFile steps.
@@ -166,5 +178,81 @@ def _mount_storage(plan: Plan, root: str, staging: str) -> None:
             raise OSError(
                 errno.ENOENT, f"writable path {path}: no such directory in the sandbox to mount over"
             )
-        L.mount(sub, target, None, L.MS_BIND)
+        if path == WORKSPACE and plan.template is not None:
+            _mount_template(plan, root, staging, sub)
+        else:
+            L.mount(sub, target, None, L.MS_BIND)
     L.umount2(staging, L.MNT_DETACH)
+
+
+def _mount_template(plan: Plan, root: str, staging: str, upper: str) -> None:
+    """/workspace as an overlay: the template, read-only, below; `upper` (on the sandbox's storage
+    tmpfs) above, taking every change. Nothing is copied at the start, whatever the template's size,
+    and the disk budget counts only what the agent writes (a changed file is copied up whole).
+
+    Why the template can't be changed from inside: overlayfs never writes to a lower layer, and that
+    layer is a read-only mount besides. Its symlinks resolve in the sandbox's own root, like any
+    other (they name paths inside, never the host's). Why it is idmapped: the template's files
+    belong to a host user (often root); seen through a mount that shows them as the agent's, the
+    agent may change them, and a change is copied up with the agent as owner. Files of other owners
+    keep their host ids (shown as nobody when unmapped) and their mode bits.
+
+    The upper layer is also bound at CHANGES (root's, mode 0700: the agent can't enter it), where
+    the supervisor reads what the agent changed when it saves the workspace."""
+    assert plan.template is not None
+    lower, work = f"{staging}/lower", f"{staging}/work"
+    os.mkdir(lower)
+    os.mkdir(work)
+    userns = _idmap_namespace(f"{root}/proc", plan)
+    try:
+        tree = L.idmapped_clone(plan.template, userns, _RO_ATTRS)
+    finally:
+        os.close(userns)
+    try:
+        L.move_mount_fd(tree, lower)
+    finally:
+        os.close(tree)
+    # The layers are named by paths on the staging tmpfs, which holds no option separator whatever
+    # the template's own path is.
+    L.mount(
+        "corral-workspace",
+        root + WORKSPACE,
+        "overlay",
+        L.MS_NOSUID | L.MS_NODEV,
+        f"lowerdir={lower},upperdir={upper},workdir={work}",
+    )
+    L.mount(upper, root + CHANGES, None, L.MS_BIND)
+    L.mount(None, root + CHANGES, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV)
+
+
+def _idmap_namespace(proc: str, plan: Plan) -> int:
+    """A user namespace whose maps show the template's owner as the agent (for `idmapped_clone`):
+    made by a child that unshares it and waits while its maps are written; a descriptor of it."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    done_r, done_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            L.unshare(L.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(done_r, 1)  # returns when the parent closes its end
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise OSError(errno.ECHILD, "template: the child making the idmap's user namespace failed")
+        with open(f"{proc}/{pid}/uid_map", "w") as f:
+            f.write(f"{plan.template_uid} {plan.uid} 1\n")
+        with open(f"{proc}/{pid}/gid_map", "w") as f:
+            f.write(f"{plan.template_gid} {plan.gid} 1\n")
+        return os.open(f"{proc}/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(done_w)  # the child exits
+        os.close(ready_r)
+        # Where SIGCHLD is ignored (inherited from the zygote) the kernel reaps it itself.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from corral.policy import Policy
 
 WORKSPACE = "/workspace"
+# With a template, the upper layer of /workspace's overlay (what the agent changed) is bound here
+# too, in a directory only root may enter: the supervisor saves the workspace from it.
+CHANGES = "/.corral/changes"
 
 # What every program needs to run: the system's binaries, libraries and configuration (the secrets in
 # /etc are hidden by DEFAULT_HIDDEN). The rest of the host (data, checkouts, other jobs' directories,
@@ -150,6 +153,12 @@ class Plan:
     degrade: frozenset[str] = field(default_factory=frozenset)
     watch_exec: bool = False  # report every execve to the process monitor (tripwires)
     watch_connect: bool = False  # report every IPv4 connect to the egress fence (attribution)
+    # A host directory shown as /workspace without copying it: the read-only lower layer of an
+    # overlay whose upper layer is the sandbox's storage (see `mounts`). Its owner's files are seen
+    # as the agent's (an idmapped mount), so the agent can change them, in its upper layer only.
+    template: str | None = None
+    template_uid: int = 0  # the template's owner on the host: shown as `uid` inside
+    template_gid: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data, to hand the plan to the zygote process that forks the sandbox."""
@@ -196,6 +205,11 @@ class Plan:
         lines.append("dev: tmpfs with " + ", ".join(d.path for d in self.devices) + ", pts, shm")
         lines.append("proc: fresh procfs for the new PID namespace; sys: fresh sysfs, read-only; run: empty")
         lines.append(f"storage: tmpfs of {self.storage_bytes} bytes at " + ", ".join(self.writable))
+        if self.template is not None:
+            lines.append(
+                f"workspace: overlay of {self.template} (read-only, never copied; files of uid "
+                f"{self.template_uid} shown as the agent's) below the storage, which takes every change"
+            )
         lines.append(
             f"hostname: {self.hostname}; network: loopback, every TCP connection to corral's proxy and "
             "every DNS query to its resolver, everything else dropped"
@@ -287,9 +301,12 @@ def build(
     sandbox_id: str,
     host_root: str = "",
     never_shown: Sequence[str] = (),
+    template: str | None = None,
 ) -> Plan:
     """Turn a validated policy into a plan. `host_root` lets tests run this on a fake host tree.
-    `never_shown`: host files hidden whatever the policy lists (the host's audit key and store)."""
+    `never_shown`: host files hidden whatever the policy lists (the host's audit key and store).
+    `template`: a host directory to show as /workspace through an overlay (see `Plan.template`)."""
+    template_path, template_uid, template_gid = _template(template, host_root, never_shown)
     readable = policy.filesystem.readable
     # A path the policy lists explicitly is shown even where a built-in secret location covers it.
     hidden = [
@@ -345,6 +362,8 @@ def build(
         if not _below(path, bound) and path not in bound and not _below(path, list(SANDBOX_OWN)):
             parents(path, itself=True)
     ops.extend(_hidden_ops(hidden, host_root, bound))
+    if template_path is not None:
+        ops.extend((Mkdir(os.path.dirname(CHANGES), 0o700), Mkdir(CHANGES, 0o700)))
     # The agent's user must resolve to a name (whoami, ssh, pip and git look it up).
     ops.append(ReplaceFile("/etc/passwd", "passwd"))
     ops.append(ReplaceFile("/etc/group", "group"))
@@ -375,7 +394,27 @@ def build(
         degrade=frozenset(policy.degrade),
         watch_exec=policy.tripwires.enabled and "seccomp_notify" not in policy.degrade,
         watch_connect="seccomp_notify" not in policy.degrade,
+        template=template_path,
+        template_uid=template_uid,
+        template_gid=template_gid,
     )
+
+
+def _template(path: str | None, host_root: str, never_shown: Sequence[str]) -> tuple[str | None, int, int]:
+    """The template's real path on the host and its owner; a HostError naming what is wrong."""
+    if path is None:
+        return None, 0, 0
+    real = os.path.realpath(host_root + path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise HostError(f"template: {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise HostError(f"template: {path} is not a directory")
+    for secret in never_shown:
+        if real == secret or secret.startswith(real + "/") or real.startswith(secret + "/"):
+            raise HostError(f"template: {real} holds {secret}, which no sandbox may see")
+    return real, st.st_uid, st.st_gid
 
 
 def gpu_devices(indices: list[int] | tuple[int, ...], host_root: str = "") -> list[Device]:

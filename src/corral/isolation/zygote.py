@@ -63,6 +63,16 @@ class LaunchError(Exception):
 NETWORKS_AHEAD = 2
 
 
+# The zygote runs the very corral this process imported (a checkout on PYTHONPATH, say, rather than
+# the installed one): the two speak `protocol` and share `Plan`, so they must be the same code. `-I`
+# still keeps the environment, the user's site-packages and the working directory out of its path.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = (
+    "import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); "
+    "runpy.run_module('corral.isolation.zygote', run_name='__main__', alter_sys=True)"
+)
+
+
 class Zygote:
     """One zygote process and the socket to it: `launch` starts sandboxes, `close` ends the process.
 
@@ -85,7 +95,7 @@ class Zygote:
             proc = subprocess.Popen(
                 [
                     sys.executable,
-                    *("-I", "-m", "corral.isolation.zygote"),
+                    *("-I", "-c", _BOOT, _PACKAGE_ROOT),
                     *(str(theirs.fileno()), str(self.networks_ahead)),
                 ],
                 pass_fds=[theirs.fileno()],

@@ -110,6 +110,11 @@ def _deny(body: Body, limit: int) -> str:
     return line + _by(body, limit)
 
 
+def _label(body: Body, limit: int) -> str:
+    labels = f.mapping(body, "labels")
+    return "labelled " + f.clip(" ".join(f"{k}={v}" for k, v in sorted(labels.items())), limit)
+
+
 def _alert(body: Body, limit: int) -> str:
     return (
         f"{f.text(body, 'severity', '?').upper()} {f.text(body, 'category', '?')} "
@@ -120,6 +125,7 @@ def _alert(body: Body, limit: int) -> str:
 
 _SUMMARIES: dict[str, Callable[[Body, int], str]] = {
     "sandbox.start": _start,
+    "sandbox.label": _label,
     "sandbox.stop": _stop,
     "phase": _phase,
     "exec.start": _exec_start,

@@ -23,6 +23,21 @@ class AsyncSandbox:
         self._args = (policy, kwargs)
         self._sb: Sandbox | None = None
 
+    @classmethod
+    def adopt(cls, sandbox: Sandbox) -> AsyncSandbox:
+        """The asyncio face of a sandbox already started (a pool's); closing it closes `sandbox`."""
+        asb = cls(sandbox.policy)
+        asb._sb = sandbox
+        return asb
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.sandbox.labels
+
+    async def label(self, labels: Mapping[str, str]) -> None:
+        """See `Sandbox.label`."""
+        self.sandbox.label(labels)
+
     async def start(self) -> AsyncSandbox:
         policy, kwargs = self._args
         self._sb = await asyncio.to_thread(Sandbox, policy, **kwargs)

@@ -31,6 +31,7 @@ from corral.events import (
     Evidence,
     PhaseChange,
     ProcessRef,
+    SandboxLabel,
     SandboxStart,
     SandboxStop,
 )
@@ -76,6 +77,12 @@ class Sandbox:
     workspace: a host directory copied into /workspace at start and written back at close. Without
         it, the workspace is saved to /var/lib/corral/workspaces/<id> at close (unless
         keep_workspace=False).
+    template: a host directory shown as /workspace without being copied: the read-only lower layer
+        of an overlay whose upper layer is the sandbox's own storage, so starting on a large
+        repository costs what starting on an empty one does, `resources.disk` counts only what the
+        agent changes, and the directory itself is never modified. Its owner's files are the
+        agent's inside. At close, what the agent added or changed (the upper layer; deletions are
+        not marked) is saved as without a template. Not with `workspace`.
     events: a path; every event is appended to it as a JSON line the moment it happens.
     upstream: how the egress proxy resolves names and connects on the host
         (`corral.egress.service.Upstream`); tests map names and ports to local servers with it.
@@ -94,6 +101,7 @@ class Sandbox:
         upstream: Upstream | None = None,
         host: Host | None = None,
         labels: Mapping[str, str] | None = None,
+        template: str | os.PathLike[str] | None = None,
     ) -> None:
         if os.geteuid() != 0:
             raise HostError("corral must run as root to create sandboxes (namespaces, cgroups, mounts)")
@@ -114,6 +122,16 @@ class Sandbox:
         self._workspace_src = os.fspath(workspace) if workspace is not None else None
         if self._workspace_src is not None and not os.path.isdir(self._workspace_src):
             raise SandboxStartError(f"workspace: {self._workspace_src} is not a directory")
+        self.template = os.fspath(template) if template is not None else None
+        if self.template is not None:
+            if self._workspace_src is not None:
+                raise SandboxStartError(
+                    "template and workspace: give one (a template is shown, never copied in; a workspace "
+                    "is copied in and saved back)"
+                )
+            if not os.path.isdir(self.template):
+                raise SandboxStartError(f"template: {self.template} is not a directory")
+        self._label_lock = threading.Lock()
         self.workspace = self._workspace_src or f"{WORKSPACE_ROOT}/{self.id}"
         self._keep_workspace = keep_workspace or workspace is not None
         self._upstream = upstream
@@ -146,7 +164,12 @@ class Sandbox:
         step = "plan"
         try:
             plan = planning.build(
-                self.policy, uid=uid, gid=uid, sandbox_id=self.id, never_shown=host.audit.private_paths()
+                self.policy,
+                uid=uid,
+                gid=uid,
+                sandbox_id=self.id,
+                never_shown=host.audit.private_paths(),
+                template=self.template,
             )
             step = "state directory"
             os.makedirs(_hostfiles.STATE_ROOT, mode=0o700, exist_ok=True)
@@ -170,8 +193,10 @@ class Sandbox:
             # Held open, the workspace outlives the sandbox's mount namespace: it can be saved even
             # if init dies first (and with it every path into the sandbox). Opened before any
             # command has run, so nothing in the sandbox chose what it names.
+            # With a template, what is saved is the overlay's upper layer: what the agent changed.
             self._workspace_fd = os.open(
-                self._sandbox_path(planning.WORKSPACE), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                self._sandbox_path(planning.CHANGES if self.template is not None else planning.WORKSPACE),
+                os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
             )
             if self._launched.notify_fd is None:
                 degraded.append("seccomp_notify")
@@ -639,6 +664,45 @@ class Sandbox:
     def closed(self) -> bool:
         return self._life.ending
 
+    # --- labels ------------------------------------------------------------------------------
+
+    def label(self, labels: Mapping[str, str]) -> None:
+        """Add labels to the running sandbox (a pool gives a sandbox it started ahead its episode's
+        labels when it hands it out). Recorded as a `sandbox.label` event in the sandbox's chain and
+        filed with the sandbox in the audit store, so readers filter by them as by those given at
+        creation, and `corral audit verify` checks the two agree.
+
+        Labels are only ever added: a key already set to another value is a ValueError (a sandbox
+        is never filed under two episodes); one set to the same value is left as is. The same limits
+        as at creation (32 labels in all). SandboxClosedError once the sandbox is closing."""
+        with self._label_lock:
+            clash = sorted(k for k, v in labels.items() if k in self.labels and self.labels[k] != v)
+            if clash:
+                raise ValueError(
+                    f"labels: sandbox {self.id} already has "
+                    + ", ".join(f"{k}={self.labels[k]!r}" for k in clash)
+                    + "; labels are only added, never changed"
+                )
+            new = {k: v for k, v in labels.items() if k not in self.labels}
+            if not new:
+                return
+            merged = _checked_labels({**self.labels, **new}, ValueError)
+            if self._exec_ctx is None or self._life.ending:
+                raise SandboxClosedError(f"sandbox {self.id} is closed: it takes no labels")
+            self._emit(SandboxLabel(sandbox=self.id, labels=new))
+            self.labels = merged
+
+    def _rearm_lifetime(self) -> None:
+        """Count `resources.lifetime` from now: a pool hands out a sandbox it started ahead, and the
+        episode gets the whole lifetime, not what its wait in the pool left of it."""
+        with self._label_lock:
+            if self._life.ending or self._lifetime_timer is None:
+                return
+            self.host.supervisor.cancel(self._lifetime_timer)
+            self._lifetime_timer = self.host.supervisor.call_at(
+                time.monotonic() + self.policy.resources.lifetime, self._expire
+            )
+
     # --- workspace ---------------------------------------------------------------------------
 
     def _sandbox_path(self, path: str) -> str:
@@ -792,16 +856,14 @@ _LABELS_MAX = 32
 _LABEL_VALUE_MAX = 256
 
 
-def _checked_labels(labels: Mapping[str, str]) -> dict[str, str]:
+def _checked_labels(labels: Mapping[str, str], error: type[Exception] = SandboxStartError) -> dict[str, str]:
     if len(labels) > _LABELS_MAX:
-        raise SandboxStartError(f"labels: {len(labels)} given; at most {_LABELS_MAX} are accepted")
+        raise error(f"labels: {len(labels)} given; at most {_LABELS_MAX} are accepted")
     for k, v in labels.items():
         if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
-            raise SandboxStartError(
-                f"labels: key {k!r}: 1-64 characters of letters, digits and _ . : / - are accepted"
-            )
+            raise error(f"labels: key {k!r}: 1-64 characters of letters, digits and _ . : / - are accepted")
         if not isinstance(v, str) or len(v) > _LABEL_VALUE_MAX:
-            raise SandboxStartError(
+            raise error(
                 f"labels: {k}: value {v!r}: a string of at most {_LABEL_VALUE_MAX} characters is accepted"
             )
     return dict(labels)

@@ -63,6 +63,7 @@ class Chained:
     category: str | None = None  # an alert's category, a denial's layer
     severity: str | None = None  # an alert's severity
     stop_reason: str | None = None  # sandbox.stop's reason
+    labels: dict[str, str] | None = None  # sandbox.label's labels
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,17 @@ class Tally:
     alerts: int = 0
     worst: str | None = None
     categories: dict[str, int] = field(default_factory=dict)
+    relabeled: bool = False  # these events added labels: the labels table needs them
 
     def advanced(self, events: Sequence[Chained], policy: str | None) -> Tally:
         alerts, worst, categories = self.alerts, self.worst, dict(self.categories)
         stopped, reason = self.stopped, self.stop_reason
+        labels, relabeled = self.labels, False
         for e in events:
+            if e.labels is not None:
+                # Only ever added (`SandboxLabel`): a key already set keeps its value.
+                labels = {**e.labels, **labels}
+                relabeled = True
             if e.type == "alert" and e.category is not None:
                 alerts += 1
                 categories[e.category] = categories.get(e.category, 0) + 1
@@ -105,6 +112,8 @@ class Tally:
             alerts=alerts,
             worst=worst,
             categories=categories,
+            labels=labels,
+            relabeled=relabeled,
         )
 
 
@@ -320,6 +329,20 @@ class Store:
                     t.id,
                 ),
             )
+            if t.relabeled:
+                # Labels given after the start (`sandbox.label`): the row and the table readers
+                # filter by get them in the same transaction as the event that gave them.
+                self._db.run(
+                    self._conn,
+                    "UPDATE sandboxes SET labels = ? WHERE id = ?",
+                    (json.dumps(t.labels, sort_keys=True), t.id),
+                )
+                self._db.run(self._conn, "DELETE FROM labels WHERE sandbox = ?", (t.id,))
+                self._db.run_many(
+                    self._conn,
+                    "INSERT INTO labels (key, value, sandbox) VALUES (?, ?, ?)",
+                    [(k, v, t.id) for k, v in sorted(t.labels.items())],
+                )
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -88,6 +88,14 @@ OTHER_LAYERS = "any other layer (landlock, unix, storage, output)"
 MAPPING: tuple[Row, ...] = (
     Row("sandbox.start", "", PROCESS_ACTIVITY, 1, "the sandbox (`process.uid` = its id) starts"),
     Row("sandbox.stop", "", PROCESS_ACTIVITY, 2, "the sandbox ends; `status_detail` says why"),
+    Row(
+        "sandbox.label",
+        "",
+        None,
+        None,
+        "labels given after the start (a pool's episode): not an activity; every record of the sandbox "
+        "carries its labels",
+    ),
     Row("exec.start", "", PROCESS_ACTIVITY, 1, "a command (`process.uid` = `SANDBOX:exec:N`) starts"),
     Row("exec.exit", "", PROCESS_ACTIVITY, 2, "the command returns; `exit_code`, `duration`"),
     Row("proc.exec", "", PROCESS_ACTIVITY, 1, "a program started; the parent pid is the actor"),

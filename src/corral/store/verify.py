@@ -249,7 +249,7 @@ def _read_sandbox(store: Store, sid: str, result: Verification) -> tuple[list[_R
     ):
         result.events += 1
         intact = link(prev, body) == digest and _columns_agree(body, sid, typ, time_col)
-        if typ == "alert" or typ == "sandbox.start" or typ == "sandbox.stop":
+        if typ == "alert" or typ == "sandbox.start" or typ == "sandbox.stop" or typ == "sandbox.label":
             data = json.loads(body)
             if typ == "alert":
                 cat, sev = data.get("category"), data.get("severity")
@@ -261,7 +261,11 @@ def _read_sandbox(store: Store, sid: str, result: Verification) -> tuple[list[_R
                 ):
                     checks.worst = sev
             elif typ == "sandbox.start":
-                checks.labels = data.get("labels", {})
+                checks.labels = {**data.get("labels", {}), **(checks.labels or {})}
+            elif typ == "sandbox.label":
+                # Added after the start (a pool's episode); a key already set keeps its value, as
+                # the writer files them.
+                checks.labels = {**data.get("labels", {}), **(checks.labels or {})}
             else:
                 stop_seen = True
         # The common case, checked as the rows stream by: each row links to the one before it.
@@ -397,7 +401,9 @@ def _check_row(info: SandboxInfo, checks: _Checks, result: Verification) -> None
             f"(worst {checks.worst})"
         )
     if checks.labels is not None and checks.labels != info.labels:
-        problems.append(f"its labels say {info.labels}, its sandbox.start {checks.labels}")
+        problems.append(
+            f"its labels say {info.labels}, its sandbox.start and sandbox.label events {checks.labels}"
+        )
     for p in problems:
         result.findings.append(Finding("edited", f"sandbox {info.id}: its summary was edited: {p}", info.id))
 

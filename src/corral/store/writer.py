@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from corral._errors import StoreError
-from corral.events import Alert, Deny, SandboxStart, SandboxStop
+from corral.events import Alert, Deny, SandboxLabel, SandboxStart, SandboxStop
 from corral.events.model import Event
 from corral.store import chain
 from corral.store._store import Chained, Store, Tally, stamp, time_of
@@ -91,6 +91,7 @@ class SandboxChain:
                 else None,
                 severity=event.severity if isinstance(event, Alert) else None,
                 stop_reason=event.reason if isinstance(event, SandboxStop) else None,
+                labels=dict(event.labels) if isinstance(event, SandboxLabel) else None,
             ),
             policy=event.policy if isinstance(event, SandboxStart) else None,
         )
