@@ -2,10 +2,11 @@
 
 A toy policy picks shell commands from a small list (mostly benign, a few that a rogue agent would
 run: a miner's command line, a probe of an internal address, a reverse shell). N episodes run
-concurrently, at most --concurrency at a time (an asyncio semaphore), each in its own sandbox
-labelled run/episode. Every trajectory (episode label, commands, outputs, reward) is written as a
-JSON line; at the end each episode is looked up in the audit store by its labels and the violated
-ones are dropped from the training data, as ROME's report asks ("safety-aligned data filtering").
+concurrently, at most --concurrency at a time (an asyncio semaphore), each in a fresh sandbox from
+a warm pool, labelled run/episode. The reward is the task's, less corral's penalty for the episode's
+verdict. Every trajectory (episode label, commands, outputs, reward) is written as a JSON line; at
+the end `corral filter`'s function looks each episode up in the audit store and drops the violated
+ones from the training data, as ROME's report asks ("safety-aligned data filtering").
 
     sudo .venv/bin/python examples/rollout.py --episodes 20
 
@@ -23,13 +24,12 @@ import secrets
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from corral import AsyncSandbox, CorralError, Host, Policy, SandboxClosedError, Store
+from corral import CorralError, Host, Policy, Pool, SandboxClosedError
+from corral.rl import filter_trajectories, penalty
 
 # The toy policy's action space: (kind, command). The kind is for the reader; corral never sees it.
 BENIGN = [
@@ -66,23 +66,14 @@ def toy_policy(rng: random.Random, p_bad: float) -> str:
     return rng.choice(BAD) if rng.random() < p_bad else rng.choice(BENIGN)
 
 
-@contextlib.asynccontextmanager
-async def episode_sandbox(
-    policy: Policy, host: Host | None, labels: dict[str, str]
-) -> AsyncIterator[AsyncSandbox]:
-    """One episode's sandbox. With a warm pool (corral.Pool, being built) this is the one line to change:
-    `async with pool.episode(labels=labels) as sb: yield sb`."""
-    async with AsyncSandbox(policy, labels=labels, host=host, keep_workspace=False) as sb:
-        yield sb
-
-
-async def rollout(
-    policy: Policy, host: Host | None, run: str, episode: int, steps: int, p_bad: float, seed: int
-) -> Trajectory:
+async def rollout(pool: Pool, run: str, episode: int, steps: int, p_bad: float, seed: int) -> Trajectory:
     rng = random.Random(f"{seed}:{episode}")
     traj = Trajectory(run=run, episode=str(episode))
+    sandbox = None
     try:
-        async with episode_sandbox(policy, host, {"run": run, "episode": str(episode)}) as sb:
+        # A warm sandbox from the pool, labelled with the episode; closed (never reused) at the end.
+        async with pool.episode(labels={"episode": str(episode)}) as sb:
+            sandbox = sb.sandbox
             for _ in range(steps):
                 command = toy_policy(rng, p_bad)
                 traj.commands.append(command)
@@ -99,47 +90,23 @@ async def rollout(
                     break
     except CorralError as e:
         traj.error = f"{type(e).__name__}: {e}"
-    # The task's reward: the share of commands that succeeded. (A verdict-based penalty belongs here
-    # once `corral.rl`'s reward hook lands; this example drops violated episodes instead.)
+    # The task's reward: the share of commands that succeeded, less corral's penalty for what the
+    # agent did (the default table: 10 for a critical alert, 5 for a high one, ...). The sandbox is
+    # closed here, so its verdict is final. The filter below also drops violated episodes.
     traj.reward = sum(c == 0 for c in traj.exit_codes) / steps
+    if sandbox is not None:
+        traj.reward -= penalty(sandbox.verdict())
     return traj
 
 
-async def rollouts(args: argparse.Namespace, policy: Policy, host: Host | None, run: str) -> list[Trajectory]:
+async def rollouts(args: argparse.Namespace, pool: Pool, run: str) -> list[Trajectory]:
     bound = asyncio.Semaphore(args.concurrency)
 
     async def one(i: int) -> Trajectory:
         async with bound:
-            return await rollout(policy, host, run, i, args.steps, args.p_bad, args.seed)
+            return await rollout(pool, run, i, args.steps, args.p_bad, args.seed)
 
     return await asyncio.gather(*(one(i) for i in range(args.episodes)))
-
-
-def filter_trajectories(
-    rows: list[dict[str, Any]], store: Store
-) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Keep the trajectories whose episode the audit store calls clean.
-
-    A stand-in for `corral filter` (being built: the same, on JSON-lines files, with a summary by
-    category and a progress bar): switch to it when it lands. Violated episodes are dropped; an
-    episode the store doesn't know, or one corral failed to run, is set aside (counted, not kept).
-    """
-    kept: list[dict[str, Any]] = []
-    tally: Counter[str] = Counter()
-    for row in rows:
-        found = store.sandboxes(labels={"run": row["run"], "episode": row["episode"]})
-        if row.get("error") or not found:
-            tally["set aside (infra_error)"] += 1
-            continue
-        info = found[0]
-        if info.verdict == "clean":
-            kept.append(row)
-            tally["clean"] += 1
-        else:
-            tally["violated"] += 1
-            for category in info.categories:
-                tally[f"violated: {category}"] += 1
-    return kept, tally
 
 
 @contextlib.contextmanager
@@ -156,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=32, help="episodes at a time (default 32)")
+    ap.add_argument("--pool", type=int, default=16, help="sandboxes kept warm (default 16)")
     ap.add_argument("--steps", type=int, default=4, help="commands per episode (default 4)")
     ap.add_argument("--p-bad", type=float, default=0.08, help="chance a step is a bad command (default 0.08)")
     ap.add_argument("--seed", type=int, default=0)
@@ -172,27 +140,23 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     with host_for(args.store) as host:
-        trajectories = asyncio.run(rollouts(args, policy, host, run))
+        # A warm pool: `--pool` sandboxes kept started, each episode handed one in about a
+        # millisecond, and a fresh one started in its place when the episode ends.
+        with Pool(policy, size=args.pool, host=host, labels={"run": run}) as pool:
+            trajectories = asyncio.run(rollouts(args, pool, run))
         # Every sandbox is closed, so its events are committed: the store has each episode's verdict.
         where = host.audit.where if host is not None else None
         elapsed = time.monotonic() - started
         with out.open("w") as f:
             for t in trajectories:
                 f.write(json.dumps(asdict(t)) + "\n")
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-        with Store.open(where) as store:
-            kept, tally = filter_trajectories(rows, store)
-    with kept_path.open("w") as f:
-        for row in kept:
-            f.write(json.dumps(row) + "\n")
-
-    dropped = len(rows) - len(kept)
-    print(f"run {run}: episodes: {len(rows)} in {elapsed:.1f}s ({len(rows) / elapsed:.1f}/s)")
-    aside = tally["set aside (infra_error)"]
-    print(f"  clean {tally['clean']}, violated {tally['violated']}, set aside {aside}")
-    for key in sorted(k for k in tally if k.startswith("violated: ")):
-        print(f"    {key.removeprefix('violated: ')}: {tally[key]} episodes")
-    print(f"  dropped trajectories: {dropped} of {len(rows)}; kept {len(kept)}")
+        # `corral filter` as a function: clean episodes kept, violated ones dropped, infra_error ones
+        # (and any the store doesn't know) set aside, each looked up by the run and episode labels.
+        summary = filter_trajectories(
+            [out], store=where, field="episode", labels={"run": run}, output=kept_path, progress=False
+        )
+    print(f"run {run}: {len(trajectories)} episodes in {elapsed:.1f}s ({len(trajectories) / elapsed:.1f}/s)")
+    print("\n".join(summary.text()))
     print(f"  trajectories: {out}\n  kept: {kept_path}")
     return 0
 

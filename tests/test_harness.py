@@ -116,7 +116,8 @@ def test_minisweagent_episode_of_real_work_is_clean(host: Host, tmp_path: Path) 
     commands = [
         f"mkdir -p calc && cd calc && cat > calc.py <<'EOF'\n{CALC}EOF\n"
         f"cat > test_calc.py <<'EOF'\n{TEST_CALC}EOF",
-        "cd calc && python3 -m unittest -v",
+        # -B: no bytecode cache, which the same-size edit below, in the same second, would leave stale
+        "cd calc && python3 -B -m unittest -v",
         "cd calc && sed -i 's/a - b/a + b/' calc.py && python3 -m unittest -v",
         "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT && cat calc/calc.py",
     ]
@@ -134,9 +135,9 @@ def test_minisweagent_episode_of_real_work_is_clean(host: Host, tmp_path: Path) 
         assert "You run commands in /workspace on Linux." in a.messages[0]["content"]
     # The saved trajectory carries the verdict where mini keeps episode information.
     saved = json.loads((tmp_path / "trajectory.json").read_text())
-    assert saved["info"]["corral"]["verdict"] == "clean"
-    assert saved["info"]["corral"]["labels"] == labels
-    assert env.verdict()["verdict"] == "clean"
+    assert saved["info"]["corral"]["status"] == "clean"
+    assert saved["info"]["corral"]["sandboxes"][0]["labels"] == labels
+    assert env.verdict()["status"] == "clean"
     assert env.sandbox.closed
     assert stored(host, labels).verdict == "clean"
 
@@ -155,14 +156,14 @@ def test_minisweagent_episode_that_mines_and_probes_is_violated_and_ends(host: H
         assert mined["returncode"] == 128 + 9  # killed at exec, before it ran
         assert "mining" in {x["category"] for x in mined["corral"]["alerts"]}
         verdict = a.messages[-1]["extra"]["corral"]
-    assert verdict["verdict"] == "violated"
+    assert verdict["status"] == "violated"
     assert {"mining", "probe"} <= set(verdict["categories"])
     actions = {(x["category"], x["action"]) for x in verdict["alerts"]}
     assert ("mining", "kill") in actions and ("probe", "terminate") in actions
     assert env.sandbox.closed
     saved = json.loads((tmp_path / "trajectory.json").read_text())
     assert saved["info"]["exit_status"] == "SandboxTerminated"
-    assert saved["info"]["corral"]["verdict"] == "violated"
+    assert saved["info"]["corral"]["status"] == "violated"
     info = stored(host, labels)
     assert info.verdict == "critical"
     assert {"mining", "probe"} <= set(info.categories)
@@ -237,7 +238,8 @@ def test_swerex_episode_of_real_work_is_clean(host: Host, project: Path) -> None
     try:
         env.run(rt.upload(UploadRequest(source_path=str(project), target_path="/workspace/calc")))
         # The session keeps its state between commands: directory, variables, functions.
-        env.communicate("cd /workspace/calc && export ATTEMPT=1 && t() { python3 -m unittest -v; }")
+        # (-B: no bytecode cache, which a same-size edit within the same second would leave stale.)
+        env.communicate("cd /workspace/calc && export ATTEMPT=1 && t() { python3 -B -m unittest -v; }")
         assert env.communicate("pwd; echo $ATTEMPT $LANG").split() == ["/workspace/calc", "1", "C.UTF-8"]
         out = env.communicate("t")
         assert env.last_exit == 1 and "FAILED (failures=1)" in out
@@ -255,7 +257,7 @@ def test_swerex_episode_of_real_work_is_clean(host: Host, project: Path) -> None
         assert env.run(env.deployment.is_alive()).is_alive
     finally:
         env.close()
-    assert env.deployment.verdict()["verdict"] == "clean"
+    assert env.deployment.verdict()["status"] == "clean"
     assert env.deployment.sandbox.closed
     assert stored(host, labels).verdict == "clean"
 
@@ -278,7 +280,7 @@ def test_swerex_episode_that_mines_and_probes_is_violated(host: Host) -> None:
         assert env.run(rt.is_alive()).is_alive  # probes alert under the default policy
     finally:
         env.close()
-    assert verdict["verdict"] == "violated"
+    assert verdict["status"] == "violated"
     assert {"mining", "probe"} <= set(verdict["categories"])
     actions = {(x["category"], x["action"]) for x in verdict["alerts"]}
     assert ("mining", "kill") in actions and ("probe", "alert") in actions
@@ -395,7 +397,12 @@ def test_rollout_example_runs_and_filters(tmp_path: Path) -> None:
     assert all(len(row["commands"]) == len(row["outputs"]) for row in rows)
     kept_rows = [json.loads(line) for line in kept.read_text().splitlines()]
     with Store.open(str(tmp_path / "audit.db")) as store:
-        verdicts = {i.labels["episode"]: i.verdict for i in store.sandboxes(labels={"run": rows[0]["run"]})}
+        # (The pool's warm sandboxes never handed out are filed under the run too, with no episode.)
+        found = store.sandboxes(labels={"run": rows[0]["run"]})
+        verdicts = {i.labels["episode"]: i.verdict for i in found if "episode" in i.labels}
     assert len(verdicts) == 8
     assert {row["episode"] for row in kept_rows} == {e for e, v in verdicts.items() if v == "clean"}
-    assert "episodes: 8" in r.stdout and "dropped" in r.stdout
+    assert "8 episodes in" in r.stdout and "dropped" in r.stdout
+    # The reward hook: a violated episode's reward carries corral's penalty, a clean one's doesn't.
+    for row in rows:
+        assert (row["reward"] < 0) == (verdicts[row["episode"]] != "clean"), row

@@ -23,7 +23,7 @@ from corral.integrations.minisweagent import CorralEnvironment
 with CorralEnvironment(policy="examples/policies/offline.yaml", labels={"run": "r1", "episode": "7"}) as env:
     agent = DefaultAgent(model, env, **agent_config)
     result = agent.run("fix the failing test")
-    env.verdict()["verdict"]          # 'clean' or 'violated'
+    env.verdict()["status"]            # 'clean', 'violated' or 'infra_error'
 ```
 
 Or through mini's own config: `environment_class: corral.integrations.minisweagent.CorralEnvironment`.

@@ -30,7 +30,7 @@ await deployment.start()
 await deployment.runtime.create_session(CreateBashSessionRequest())
 obs = await deployment.runtime.run_in_session(BashAction(command="make test", check="silent"))
 await deployment.stop()
-deployment.verdict()["verdict"]       # 'clean' or 'violated'
+deployment.verdict()["status"]         # 'clean', 'violated' or 'infra_error'
 ```
 """
 
