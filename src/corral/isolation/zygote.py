@@ -233,7 +233,13 @@ def _serve(fd: int, networks_ahead: int) -> NoReturn:
     # pay for making networks it never uses, in the middle of its one start.
     networks = _Networks(networks_ahead, sock)
     while True:
-        readable, _, _ = select.select([sock, *networks.making], [], [])
+        # poll, not select: select refuses descriptors past 1,024, and nothing here should depend on
+        # how many the zygote happens to hold.
+        poller = select.poll()
+        by_fd = {s.fileno(): s for s in (sock, *networks.making)}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        readable = [by_fd[fd] for fd, _ in poller.poll()]  # a hang-up counts, as with select
         for helper in readable:
             if helper is not sock:
                 networks.collect(helper)
