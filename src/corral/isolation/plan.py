@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral._errors import HostError
 from corral.isolation import _linux
-from corral.policy._schema import SANDBOX_OWN
+from corral._sandbox_paths import SANDBOX_OWN
 
 if TYPE_CHECKING:
     from corral.policy import Policy
