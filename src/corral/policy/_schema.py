@@ -190,8 +190,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-
-
 def _host_readable(path: str) -> str:
     for own in SANDBOX_OWN:
         if path == own or path.startswith(own + "/"):
