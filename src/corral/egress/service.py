@@ -184,7 +184,9 @@ class Fence:
             self._egress.run(self._settle(exec_id, timeout), timeout + 1)
 
     def _idle(self) -> bool:
-        return not _any_readable(self.sockets.fds()) and self.proxy.deciding == 0 and self.resolver.pending == 0
+        return (
+            not _any_readable(self.sockets.fds()) and self.proxy.deciding == 0 and self.resolver.pending == 0
+        )
 
     async def _settle(self, exec_id: int | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
