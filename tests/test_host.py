@@ -134,7 +134,7 @@ def test_a_start_that_fails_part_way_leaves_nothing_started_and_can_be_tried_aga
 ) -> None:
     from corral.isolation import zygote
 
-    def no_zygote(networks_ahead: int) -> zygote.Zygote:
+    def no_zygote(networks_ahead: int, *, fd_limit: int | None = None) -> zygote.Zygote:
         raise zygote.LaunchError("zygote", "cannot start (test)")
 
     threads_before = set(threading.enumerate())
