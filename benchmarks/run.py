@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from benchmarks import egress, fairness, startup, store, tripwires
+from benchmarks import egress, fairness, scale, startup, store, tripwires
 from benchmarks.harness import MIB, BenchFn, Config, progress
 from benchmarks.results import Result, format_table
 
@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, BenchFn] = {
     "fairness": fairness.bench_fairness,
     "idle_memory": startup.bench_idle_memory,
     "store": store.bench_store,
+    "scale": scale.bench_scale,
 }
 
 

@@ -37,6 +37,10 @@ ROWS = {
     "store_query",
     "store_verify",
     "dashboard_page",
+    "scale_starts",
+    "scale_exec",
+    "scale_exec_p99",
+    "scale_memory",
 }
 
 
