@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from benchmarks import egress, fairness, pool, startup, store, tripwires
+from benchmarks import egress, fairness, pool, scale, startup, store, tripwires
 from benchmarks.harness import MIB, BenchFn, Config, progress
 from benchmarks.results import Result, format_table
 
@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, BenchFn] = {
     "store": store.bench_store,
     "pool": pool.bench_pool,
     "templates": pool.bench_templates,
+    "scale": scale.bench_scale,
 }
 
 

@@ -40,6 +40,10 @@ ROWS = {
     "pool_acquire",
     "template_start_empty",
     "template_start_50mib",  # and template_start_500mib, left out of --quick
+    "scale_starts",
+    "scale_exec",
+    "scale_exec_p99",
+    "scale_memory",
 }
 
 

@@ -4,6 +4,7 @@ refuses sandboxes, and what a sandboxed agent can do to the state its host share
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 from corral import Deny, Host, HostError, HostState, Policy, Sandbox, State
+from corral.runtime import host as host_module
 from helpers import own_host, wait_until
 
 pytestmark = pytest.mark.root
@@ -134,7 +136,7 @@ def test_a_start_that_fails_part_way_leaves_nothing_started_and_can_be_tried_aga
 ) -> None:
     from corral.isolation import zygote
 
-    def no_zygote(networks_ahead: int) -> zygote.Zygote:
+    def no_zygote(networks_ahead: int, *, fd_limit: int | None = None) -> zygote.Zygote:
         raise zygote.LaunchError("zygote", "cannot start (test)")
 
     threads_before = set(threading.enumerate())
@@ -254,3 +256,31 @@ def test_a_handler_failing_for_one_sandbox_leaves_the_supervisor_serving_the_oth
         assert r.stdout.strip() != "0"
         assert any(isinstance(e, Deny) and e.what == "unshare" for e in r.denials)
         victim.close(wait=True)
+
+
+def test_a_host_raises_its_descriptor_limit_and_sandboxes_keep_the_one_the_process_had() -> None:
+    with own_host() as host, Sandbox(offline(), keep_workspace=False, host=host) as sb:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert soft == hard
+        r = sb.exec("ulimit -Sn", text=True)
+        assert r.ok and int(r.stdout) == min(host_module._SANDBOX_NOFILE, hard), r.stdout
+
+
+def test_a_sandbox_the_descriptor_limit_cant_hold_is_refused_with_a_message_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A limit that holds two sandboxes and the host's own reserve.
+    monkeypatch.setattr(host_module, "raise_fd_limit", lambda: 2 * host_module.FDS_PER_SANDBOX + 256)
+    with own_host() as host:
+        first = Sandbox(offline(), keep_workspace=False, host=host)
+        second = Sandbox(offline(), keep_workspace=False, host=host)
+        with pytest.raises(HostError) as refused:
+            Sandbox(offline(), keep_workspace=False, host=host)
+        assert str(refused.value).startswith(
+            "RLIMIT_NOFILE: 3 sandboxes need about 304 open files in this process; its limit is 288"
+        ), refused.value
+        assert first.exec("true").ok and second.exec("true").ok  # the others run on
+        first.close(wait=True)
+        with Sandbox(offline(), keep_workspace=False, host=host) as third:  # room again
+            assert third.exec("true").ok
+        second.close()

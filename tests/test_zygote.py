@@ -38,7 +38,7 @@ def start(tmp_path: Path) -> Iterator[types.SimpleNamespace]:
     def launch(zygote: Zygote, name: str) -> Launched:
         plan = planning.build(Policy.from_dict({"version": 1}), uid=_NOBODY, gid=_NOBODY, sandbox_id=name)
         state = str(tmp_path / name)
-        mounts.prepare_host(state, _NOBODY, _NOBODY, plan.hostname)
+        mounts.prepare_host(state)
         launched = zygote.launch(plan, join_files=[], state_dir=state, landlock_abi=0, notify=False)
         started.append(launched)
         return launched

@@ -206,8 +206,9 @@ class Fence:
             self._egress.run(self._settle(exec_id, timeout), timeout + 1)
 
     def _idle(self) -> bool:
-        queued, _, _ = select.select(self.sockets.fds(), [], [], 0)
-        return not queued and self.proxy.deciding == 0 and self.resolver.pending == 0
+        return (
+            not _any_readable(self.sockets.fds()) and self.proxy.deciding == 0 and self.resolver.pending == 0
+        )
 
     async def _settle(self, exec_id: int | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -254,6 +255,14 @@ class Fence:
                         "leave a sandbox",
                     )
                 )
+
+
+def _any_readable(fds: list[int]) -> bool:
+    # poll, not select: with hundreds of sandboxes a host's descriptors run past select's 1,024.
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _report_failure(done: concurrent.futures.Future[None]) -> None:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from corral._errors import HostError
+from corral._sandbox_paths import SANDBOX_OWN
 from corral.isolation import _linux
-from corral.policy._schema import SANDBOX_OWN
 
 if TYPE_CHECKING:
     from corral.policy import Policy

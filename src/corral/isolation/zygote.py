@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib
 import os
+import resource  # also what os.wait4 loads when it first returns: about 1 ms of each init's first command
 import select
 import signal
 import socket
@@ -58,19 +58,16 @@ class LaunchError(Exception):
         super().__init__(f"{step}: {message}")
 
 
+# The zygote runs the very corral this process imported, wherever that is (a checkout on PYTHONPATH,
+# say): the two speak `protocol` and share `Plan`, so they must be the same code. `-I` keeps the
+# environment's PYTHONPATH and user site out, so `-m corral.isolation.zygote` would find whichever
+# corral the interpreter has installed instead (a checkout's tests then ran another tree's zygote).
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from corral.isolation.zygote import main; main()"
+
 # Fenced network namespaces a zygote keeps made ahead by default; a process that starts a single
 # sandbox asks for 0.
 NETWORKS_AHEAD = 2
-
-
-# The zygote runs the very corral this process imported (a checkout on PYTHONPATH, say, rather than
-# the installed one): the two speak `protocol` and share `Plan`, so they must be the same code. `-I`
-# still keeps the environment, the user's site-packages and the working directory out of its path.
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = (
-    "import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); "
-    "runpy.run_module('corral.isolation.zygote', run_name='__main__', alter_sys=True)"
-)
 
 
 class Zygote:
@@ -83,8 +80,10 @@ class Zygote:
     a socket of its own.
     """
 
-    def __init__(self, networks_ahead: int = NETWORKS_AHEAD) -> None:
+    def __init__(self, networks_ahead: int = NETWORKS_AHEAD, *, fd_limit: int | None = None) -> None:
         self.networks_ahead = networks_ahead
+        # The soft RLIMIT_NOFILE sandboxes get: a supervisor raises its own for its many descriptors.
+        self.fd_limit = fd_limit
         self._lock = threading.Lock()
         self._closed = False
         self._sock, self._proc = self._start()
@@ -97,6 +96,7 @@ class Zygote:
                     sys.executable,
                     *("-I", "-c", _BOOT, _PACKAGE_ROOT),
                     *(str(theirs.fileno()), str(self.networks_ahead)),
+                    str(-1 if self.fd_limit is None else self.fd_limit),
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
@@ -225,17 +225,18 @@ def _read_setup(sock: socket.socket, timeout: float, received: list[int]) -> Lau
 # --- the zygote process ---------------------------------------------------------------------------
 
 
-def _serve(fd: int, networks_ahead: int) -> NoReturn:
+def _serve(fd: int, networks_ahead: int, fd_limit: int) -> NoReturn:
     sock = socket.socket(fileno=fd)
+    if fd_limit >= 0:
+        # Sandboxes get the limit their supervisor had before it raised its own (see `Zygote`).
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(fd_limit, hard), hard))
     # Each sandbox's init is orphaned when its parent (A) exits. As a subreaper the zygote inherits
     # and reaps them, instead of relying on the host's PID 1 to (a container's PID 1 often doesn't).
     L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGCHLD, _reap_all)
     seccomp._lib()  # load libseccomp and libnftables once, before any fork: children must not dlopen
     netns.preload()
-    # os.wait4 loads this C extension the first time it returns; loaded in init, it cost about 1 ms of
-    # every sandbox's first command.
-    importlib.import_module("resource")
     rules = seccomp.default_rules()
     programs: dict[tuple[bool, bool, bool], bytes] = {}  # seccomp filters built, by (notify, exec, connect)
     gc.freeze()
@@ -243,7 +244,13 @@ def _serve(fd: int, networks_ahead: int) -> NoReturn:
     # pay for making networks it never uses, in the middle of its one start.
     networks = _Networks(networks_ahead, sock)
     while True:
-        readable, _, _ = select.select([sock, *networks.making], [], [])
+        # poll, not select: select refuses descriptors past 1,024, and nothing here should depend on
+        # how many the zygote happens to hold.
+        poller = select.poll()
+        by_fd = {s.fileno(): s for s in (sock, *networks.making)}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        readable = [by_fd[fd] for fd, _ in poller.poll()]  # a hang-up counts, as with select
         for helper in readable:
             if helper is not sock:
                 networks.collect(helper)
@@ -426,5 +433,11 @@ def _watched(plan: Plan) -> list[seccomp.Rule]:
     return [*watch, *seccomp.WATCHED_ADDRESS, *seccomp.WATCHED_FILTER_INSTALL]
 
 
+def main() -> NoReturn:
+    """The zygote process: `argv` is its socket's descriptor, the networks to make ahead and the
+    sandboxes' soft RLIMIT_NOFILE (-1: as inherited)."""
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    main()

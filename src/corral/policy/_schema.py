@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from corral._sandbox_paths import SANDBOX_OWN
 from corral.events.model import Response
 
 from ._load import read_yaml, validate
@@ -189,10 +190,6 @@ Feature = Literal["landlock", "seccomp_notify", "cgroup_cpu", "process_events"]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# Top-level paths that are the sandbox's own (fresh, private mounts): no host path can be read there.
-SANDBOX_OWN = ("/proc", "/sys", "/dev", "/run", "/tmp", "/workspace")
 
 
 def _host_readable(path: str) -> str:

@@ -28,6 +28,7 @@ import selectors
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from corral._lanes import CpuMeter
 from corral.isolation import seccomp
@@ -55,8 +56,13 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.RLock()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._cancelled: set[int] = set()
+        # Heap entries are [deadline, handle, fn]; a cancelled one has fn None until the heap is
+        # pruned. Dropping the callback at once matters: a sandbox's lifetime timer holds the whole
+        # sandbox, and a closed sandbox's timer would otherwise keep it until its lifetime ran out
+        # (two hours by default: hundreds of thousands of dead sandboxes on a training host).
+        self._timers: list[list[Any]] = []
+        self._pending: dict[int, list[Any]] = {}  # handle -> its heap entry, until it fires or is cancelled
+        self._dead = 0  # cancelled entries still in the heap
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._epoll = select.epoll()
@@ -105,14 +111,24 @@ class Supervisor:
             handle = next(self._seq)
             if self._stopping:
                 return handle  # never fires: the host is shutting down
-            heapq.heappush(self._timers, (deadline, handle, fn))
+            entry: list[Any] = [deadline, handle, fn]
+            heapq.heappush(self._timers, entry)
+            self._pending[handle] = entry
             self._ensure_thread()
         self._wake()
         return handle
 
     def cancel(self, handle: int) -> None:
         with self._lock:
-            self._cancelled.add(handle)
+            entry = self._pending.pop(handle, None)
+            if entry is None:
+                return  # fired already, or cancelled
+            entry[2] = None
+            self._dead += 1
+            if self._dead > 64 and self._dead > len(self._timers) // 2:
+                self._timers = [e for e in self._timers if e[2] is not None]
+                heapq.heapify(self._timers)
+                self._dead = 0
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the timer and answering threads and close what they used. Every sandbox was closed
@@ -189,8 +205,9 @@ class Supervisor:
     def _run(self) -> None:
         while not self._stopping:
             with self._lock:
-                while self._timers and self._timers[0][1] in self._cancelled:
-                    self._cancelled.discard(heapq.heappop(self._timers)[1])
+                while self._timers and self._timers[0][2] is None:
+                    heapq.heappop(self._timers)
+                    self._dead -= 1
                 timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
@@ -203,9 +220,10 @@ class Supervisor:
                 now = time.monotonic()
                 while self._timers and self._timers[0][0] <= now:
                     _, handle, fn = heapq.heappop(self._timers)
-                    if handle in self._cancelled:
-                        self._cancelled.discard(handle)
+                    if fn is None:
+                        self._dead -= 1
                     else:
+                        del self._pending[handle]
                         due.append(fn)
             for fn in due:
                 try:

@@ -27,6 +27,14 @@ environment variable, else /var/lib/corral/audit.db), its checkpoints signed wit
 `audit_key` (default: CORRAL_AUDIT_KEY, else /etc/corral/audit.key; made on first use). A host whose
 store can't be opened doesn't start; one whose store stops taking writes refuses new commands until
 it takes them again (see `corral.store.writer`).
+
+Descriptors: the supervisor holds about `FDS_PER_SANDBOX` per open sandbox (its init's pidfd, the
+control socket, the seccomp listener, the workspace, the fence's five sockets, a command's pipes and
+relayed connections), so 1,000 sandboxes need more than the usual soft RLIMIT_NOFILE of 1,024. A
+host raises its process's soft limit to the hard limit when it starts; sandboxes still get the soft
+limit the process had before (the zygote puts it back), so nothing inside one changes. A sandbox the
+limit can't hold is refused at its start with a HostError that names the limit, instead of failing
+somewhere inside the start with EMFILE.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import enum
 import logging
 import os
 import queue
+import resource
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -57,6 +66,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("corral")
 
 _DRAIN_TIMEOUT = 30.0
+FDS_PER_SANDBOX = 16  # descriptors the supervisor holds for one sandbox, with a command running
+_FDS_RESERVE = 256  # for the host itself: its threads, the store, the zygote, the caller's own files
+# The soft limit before any host raised it: what sandboxes get (see the module's docstring).
+_SANDBOX_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:  # an infinite hard limit past fs.nr_open
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, e)
+    return soft
 
 
 class HostState(enum.Enum):
@@ -128,7 +153,8 @@ class Host:
         self._lock = threading.RLock()
         self._state = HostState.NEW
         self._hierarchy: cgroups.Hierarchy | None = None
-        self._uids: set[int] = set()
+        self._uids: set[int] = set()  # one per sandbox from its start until its teardown ends
+        self._fd_limit = 0  # the soft RLIMIT_NOFILE once started
         self._open: set[Sandbox] = set()
         self._reaper = _Reaper()
         self._zygote: zygote.Zygote | None = None
@@ -156,11 +182,12 @@ class Host:
             connector, sampler = self._given
             # First: without a store to record into, no sandbox may start.
             audit = AuditWriter(self.store_location, self.audit_key, on_overflow=self._store_overflow)
+            self._fd_limit = raise_fd_limit()
             supervisor = Supervisor()
             egress: EgressLoop | None = None
             try:
                 egress = EgressLoop()
-                made = zygote.Zygote(self.networks_ahead)
+                made = zygote.Zygote(self.networks_ahead, fd_limit=_SANDBOX_NOFILE)
             except BaseException:
                 # Nothing half-started stays behind: a later start() makes them all again.
                 if egress is not None:
@@ -305,6 +332,16 @@ class Host:
     def claim_uid(self, sandbox_id: str) -> int:
         with self._lock:
             self._refuse_if_shut_down()
+            # Every sandbox holds a uid claim from its start to the end of its teardown, as long as
+            # it holds descriptors here.
+            needed = (len(self._uids) + 1) * FDS_PER_SANDBOX + _FDS_RESERVE
+            if needed > self._fd_limit:
+                raise HostError(
+                    f"RLIMIT_NOFILE: {len(self._uids) + 1} sandboxes need about {needed} open files in "
+                    f"this process; its limit is {self._fd_limit} (the hard limit: corral raised the "
+                    "soft one to it). Raise the hard limit (ulimit -Hn, systemd's LimitNOFILE=) or "
+                    "run fewer sandboxes at once"
+                )
             return _hostfiles.claim_uid(sandbox_id, self._uids)
 
     def release_uid(self, uid: int) -> None:

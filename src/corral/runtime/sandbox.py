@@ -173,7 +173,7 @@ class Sandbox:
             )
             step = "state directory"
             os.makedirs(_hostfiles.STATE_ROOT, mode=0o700, exist_ok=True)
-            mounts.prepare_host(self._state_dir, uid, uid, plan.hostname)
+            mounts.prepare_host(self._state_dir)
             # Before the cgroup exists: whoever finds it after this process died knows it is orphaned.
             _hostfiles.write_owner(self._state_dir)
             step = "cgroup"

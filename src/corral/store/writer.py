@@ -116,7 +116,7 @@ class AuditWriter:
         self._pending_bytes = 0
         self._tallies: dict[str, Tally] = {}  # sandboxes with events not all committed, or still open
         self._policies: dict[str, str] = {}
-        self._committed: dict[str, int] = {}  # sandbox -> last seq committed
+        self._committed: dict[str, int] = {}  # sandbox -> last seq committed, until its stop is
         self._urgent = False
         self._stopping = False
         self._give_up = float("inf")
@@ -248,6 +248,10 @@ class AuditWriter:
                 for sid, tally in tallies.items():
                     self._committed[sid] = tally.events
                     if tally.stopped is not None:
+                        # Its chain is sealed: nothing more of it comes, and a waiter that finds no
+                        # entry is told all is committed. (Kept, one entry per sandbox ever started
+                        # grew the writer by the hour on a training host.)
+                        self._committed.pop(sid, None)
                         self._tallies.pop(sid, None)
                         self._policies.pop(sid, None)
                     else:
