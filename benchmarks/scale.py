@@ -35,7 +35,7 @@ from benchmarks.harness import (
     progress,
 )
 from benchmarks.results import Measure, Result, Target
-from corral import AsyncSandbox, Host
+from corral import AsyncSandbox, Host, Pool
 
 # Short commands an agent's episode runs: shells and small programs, each judged at its exec.
 COMMANDS: tuple[str, ...] = (
@@ -240,6 +240,9 @@ def bench_scale(cfg: Config) -> list[Result]:
         run_corral(host, 1, 1)
         gc.collect()
         ours = run_corral(host, n, rounds)
+        gc.collect()
+        progress(f"scale: corral through a warm pool of {n}, {n} episodes at once, {rounds} each")
+        pooled = run_pool(host, n, rounds)
     if not ours.starts or not ours.execs:
         raise BenchError(f"no episode started: {ours.errors[:1]}")
     notes = _notes(ours)
@@ -297,15 +300,49 @@ def bench_scale(cfg: Config) -> list[Result]:
             notes={"mem_drop_max_mib": round(ours.mem_drop_max / MIB, 1)},
         ),
     ]
-    # Acquire P50/P99 from a warm pool: measured once `corral.Pool` exists, with `run_corral`'s opener
-    # swapped for `pool.episode` (rows `scale_acquire`, `scale_acquire_p99`, targets 2 ms and 50 ms).
-    rows += bench_pool_acquire(cfg)
+    rows += _pool_rows(n, rounds, pooled, ours)
     return rows
 
 
-def bench_pool_acquire(cfg: Config) -> list[Result]:
-    """Acquire P50/P99 from a warm `corral.Pool` at the same scale: a place kept for the Pool."""
-    return []
+def run_pool(host: Host, workers: int, rounds: int, commands: Sequence[str] = COMMANDS) -> Stats:
+    """As `run_corral`, each episode handed out by a `corral.Pool` of `workers` sandboxes, filled
+    before the clock starts; its `starts` are the hand-outs (a warm one, or one started on demand
+    when the refiller is behind)."""
+    with Pool(size=workers, host=host, labels={"bench": "scale-pool"}) as pool:
+        if not pool.wait_ready(timeout=600):
+            raise BenchError(f"scale: the pool of {workers} did not fill ({pool.failure or 'timeout'})")
+
+        def opener(i: int) -> AbstractAsyncContextManager[Episode]:
+            return pool.episode(labels={"episode": str(i)})
+
+        return asyncio.run(_episodes(opener, workers, rounds, commands))
+
+
+def _pool_rows(n: int, rounds: int, pooled: Stats, plain: Stats) -> list[Result]:
+    if pooled.errors or not pooled.starts:
+        raise BenchError(f"scale: pool episodes failed: {pooled.errors[:1]}")
+    what = f"acquire an episode from a warm pool, {n} live"
+    return [
+        Result(
+            key="scale_acquire",
+            what=what,
+            unit="ms",
+            corral=Measure.of(pooled.starts),
+            baseline=Measure.of(plain.starts),
+            baseline_name="AsyncSandbox start, same load",
+            target=Target("max", 2.0, "P50 < 2 ms"),
+            notes={"episodes_per_s": round(pooled.episodes_per_s(), 1), "rounds": rounds},
+        ),
+        Result(
+            key="scale_acquire_p99",
+            what=f"{what}, P99",
+            unit="ms",
+            corral=Measure.single(percentile(pooled.starts, 99)),
+            baseline=Measure.single(percentile(plain.starts, 99)),
+            baseline_name="AsyncSandbox start P99",
+            target=Target("max", 50.0, "P99 < 50 ms"),
+        ),
+    ]
 
 
 def main(argv: Sequence[str]) -> int:

@@ -44,6 +44,8 @@ ROWS = {
     "scale_exec",
     "scale_exec_p99",
     "scale_memory",
+    "scale_acquire",
+    "scale_acquire_p99",
 }
 
 
