@@ -227,8 +227,9 @@ def _notes(s: Stats) -> dict[str, float | int | str]:
 def bench_scale(cfg: Config) -> list[Result]:
     n = QUICK if cfg.quick else FULL
     rounds = 2  # the second round's starts come as episodes end: the rate is sustained, not a burst
-    ensure_fds(16 * n + 1024)
-    ensure_pids(4 * n + 64)
+    # A warm pool of n beside n episodes live: up to 2n sandboxes at once.
+    ensure_fds(2 * 16 * n + 1024)
+    ensure_pids(2 * 4 * n + 64)
     progress(f"scale: bwrap per command, {n} episodes at once, {rounds} each")
     base = run_bwrap(n, rounds)
     progress(f"scale: corral, {n} episodes at once, {rounds} each")
@@ -350,8 +351,9 @@ def main(argv: Sequence[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     n = int(args[0]) if args else 100
     rounds = int(args[1]) if len(args) > 1 else 1
-    ensure_fds(16 * n + 1024)
-    ensure_pids(4 * n + 64)
+    # A warm pool of n beside n episodes live: up to 2n sandboxes at once.
+    ensure_fds(2 * 16 * n + 1024)
+    ensure_pids(2 * 4 * n + 64)
     runs: list[tuple[str, Callable[[], Stats]]] = []
     if "--no-bwrap" not in argv:
         runs.append(("bwrap", lambda: run_bwrap(n, rounds)))
