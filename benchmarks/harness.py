@@ -126,21 +126,12 @@ def run_ok(argv: list[str]) -> None:
 
 
 def ensure_fds(needed: int) -> None:
-    """Raise RLIMIT_NOFILE to `needed`: the soft limit up to the hard one, and the hard one too if
-    it is lower (root may, up to fs.nr_open)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-            return
-        except (OSError, ValueError):
-            pass
-    new = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    if new < needed:
-        raise BenchError(f"needs {needed} open files, RLIMIT_NOFILE hard limit is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < needed:
+            raise BenchError(f"needs {needed} open files, RLIMIT_NOFILE hard limit is {hard}")
 
 
 def ensure_pids(needed: int) -> None:

@@ -227,9 +227,11 @@ def _notes(s: Stats) -> dict[str, float | int | str]:
 def bench_scale(cfg: Config) -> list[Result]:
     n = QUICK if cfg.quick else FULL
     rounds = 2  # the second round's starts come as episodes end: the rate is sustained, not a burst
-    # A warm pool of n beside n episodes live: up to 2n sandboxes at once.
-    ensure_fds(2 * 16 * n + 1024)
-    ensure_pids(2 * 4 * n + 64)
+    # A warm pool of a fifth of n beside the n episodes live (a process holds about 16 descriptors a
+    # sandbox, and 1,200 is about what a hard limit of 20,000 holds).
+    warm = max(1, n // 5)
+    ensure_fds(16 * (n + warm) + 1024)
+    ensure_pids(4 * (n + warm) + 64)
     progress(f"scale: bwrap per command, {n} episodes at once, {rounds} each")
     base = run_bwrap(n, rounds)
     progress(f"scale: corral, {n} episodes at once, {rounds} each")
@@ -242,8 +244,8 @@ def bench_scale(cfg: Config) -> list[Result]:
         gc.collect()
         ours = run_corral(host, n, rounds)
         gc.collect()
-        progress(f"scale: corral through a warm pool of {n}, {n} episodes at once, {rounds} each")
-        pooled = run_pool(host, n, rounds)
+        progress(f"scale: corral through a warm pool of {warm}, {n} episodes at once, {rounds} each")
+        pooled = run_pool(host, n, rounds, warm)
     if not ours.starts or not ours.execs:
         raise BenchError(f"no episode started: {ours.errors[:1]}")
     notes = _notes(ours)
@@ -301,17 +303,17 @@ def bench_scale(cfg: Config) -> list[Result]:
             notes={"mem_drop_max_mib": round(ours.mem_drop_max / MIB, 1)},
         ),
     ]
-    rows += _pool_rows(n, rounds, pooled, ours)
+    rows += _pool_rows(n, warm, rounds, pooled, ours)
     return rows
 
 
-def run_pool(host: Host, workers: int, rounds: int, commands: Sequence[str] = COMMANDS) -> Stats:
-    """As `run_corral`, each episode handed out by a `corral.Pool` of `workers` sandboxes, filled
+def run_pool(host: Host, workers: int, rounds: int, warm: int, commands: Sequence[str] = COMMANDS) -> Stats:
+    """As `run_corral`, each episode handed out by a `corral.Pool` of `warm` sandboxes, filled
     before the clock starts; its `starts` are the hand-outs (a warm one, or one started on demand
     when the refiller is behind)."""
-    with Pool(size=workers, host=host, labels={"bench": "scale-pool"}) as pool:
+    with Pool(size=warm, host=host, labels={"bench": "scale-pool"}) as pool:
         if not pool.wait_ready(timeout=600):
-            raise BenchError(f"scale: the pool of {workers} did not fill ({pool.failure or 'timeout'})")
+            raise BenchError(f"scale: the pool of {warm} did not fill ({pool.failure or 'timeout'})")
 
         def opener(i: int) -> AbstractAsyncContextManager[Episode]:
             return pool.episode(labels={"episode": str(i)})
@@ -319,10 +321,10 @@ def run_pool(host: Host, workers: int, rounds: int, commands: Sequence[str] = CO
         return asyncio.run(_episodes(opener, workers, rounds, commands))
 
 
-def _pool_rows(n: int, rounds: int, pooled: Stats, plain: Stats) -> list[Result]:
+def _pool_rows(n: int, warm: int, rounds: int, pooled: Stats, plain: Stats) -> list[Result]:
     if pooled.errors or not pooled.starts:
         raise BenchError(f"scale: pool episodes failed: {pooled.errors[:1]}")
-    what = f"acquire an episode from a warm pool, {n} live"
+    what = f"acquire an episode from a pool of {warm} kept warm, {n} live"
     return [
         Result(
             key="scale_acquire",
@@ -351,9 +353,11 @@ def main(argv: Sequence[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     n = int(args[0]) if args else 100
     rounds = int(args[1]) if len(args) > 1 else 1
-    # A warm pool of n beside n episodes live: up to 2n sandboxes at once.
-    ensure_fds(2 * 16 * n + 1024)
-    ensure_pids(2 * 4 * n + 64)
+    # A warm pool of a fifth of n beside the n episodes live (a process holds about 16 descriptors a
+    # sandbox, and 1,200 is about what a hard limit of 20,000 holds).
+    warm = max(1, n // 5)
+    ensure_fds(16 * (n + warm) + 1024)
+    ensure_pids(4 * (n + warm) + 64)
     runs: list[tuple[str, Callable[[], Stats]]] = []
     if "--no-bwrap" not in argv:
         runs.append(("bwrap", lambda: run_bwrap(n, rounds)))
