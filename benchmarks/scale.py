@@ -227,9 +227,9 @@ def _notes(s: Stats) -> dict[str, float | int | str]:
 def bench_scale(cfg: Config) -> list[Result]:
     n = QUICK if cfg.quick else FULL
     rounds = 2  # the second round's starts come as episodes end: the rate is sustained, not a burst
-    # A warm pool of a fifth of n beside the n episodes live (a process holds about 16 descriptors a
-    # sandbox, and 1,200 is about what a hard limit of 20,000 holds).
-    warm = max(1, n // 5)
+    # A warm pool of an eighth of n beside the n episodes live (a process holds about 16 descriptors
+    # a sandbox, and about 1,200 sandboxes is what this machine's hard limit of 20,000 holds).
+    warm = max(1, n // 8)
     ensure_fds(16 * (n + warm) + 1024)
     ensure_pids(4 * (n + warm) + 64)
     progress(f"scale: bwrap per command, {n} episodes at once, {rounds} each")
@@ -353,9 +353,9 @@ def main(argv: Sequence[str]) -> int:
     args = [a for a in argv if not a.startswith("--")]
     n = int(args[0]) if args else 100
     rounds = int(args[1]) if len(args) > 1 else 1
-    # A warm pool of a fifth of n beside the n episodes live (a process holds about 16 descriptors a
-    # sandbox, and 1,200 is about what a hard limit of 20,000 holds).
-    warm = max(1, n // 5)
+    # A warm pool of an eighth of n beside the n episodes live (a process holds about 16 descriptors
+    # a sandbox, and about 1,200 sandboxes is what this machine's hard limit of 20,000 holds).
+    warm = max(1, n // 8)
     ensure_fds(16 * (n + warm) + 1024)
     ensure_pids(4 * (n + warm) + 64)
     runs: list[tuple[str, Callable[[], Stats]]] = []
