@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import psutil
 
 from corral import ExecResult, Host, Policy
 
@@ -53,3 +56,15 @@ def policy(**sections: Any) -> Policy:
 def tripwire_policy(**tripwires: Any) -> Policy:
     """The default policy with these `tripwires` settings (enabled, responses, rules, ...)."""
     return policy(tripwires=tripwires)
+
+
+def net_namespaces() -> set[int]:
+    """The network namespaces (inode numbers) the machine's processes are in now: for checking that
+    a test left none of its own behind."""
+    found = set()
+    for pid in psutil.pids():
+        try:
+            found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        except OSError:
+            continue
+    return found

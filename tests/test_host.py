@@ -14,7 +14,7 @@ import pytest
 
 from corral import Deny, Host, HostError, HostState, Policy, Sandbox, State
 from corral.runtime import host as host_module
-from helpers import own_host, wait_until
+from helpers import net_namespaces, own_host, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -35,16 +35,6 @@ def _zygotes() -> set[int]:
 
 def _nft_tables() -> str:
     return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False).stdout
-
-
-def _net_namespaces() -> set[int]:
-    found = set()
-    for pid in psutil.pids():
-        try:
-            found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-        except OSError:
-            continue
-    return found
 
 
 def test_two_hosts_run_sandboxes_side_by_side_and_one_shutting_down_leaves_the_other_running() -> None:
@@ -98,7 +88,7 @@ def test_shutdown_closes_every_sandbox_and_leaves_nothing_behind(
             assert cgroup_dirs(sid) == [], "cgroup left behind"  # type: ignore[operator]
         for uid in uids:
             assert not os.path.lexists(f"{STATE_ROOT}/uid-{uid}"), "uid claim left behind"
-        assert wait_until(lambda: not namespaces & _net_namespaces()), "network namespace left behind"
+        assert wait_until(lambda: not namespaces & net_namespaces()), "network namespace left behind"
         assert _nft_tables() == tables_before
         assert _zygotes() <= zygotes_before, "the host's zygote outlived it"
         # The host's own threads are gone (the process-event connector's ends at the next event

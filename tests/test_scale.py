@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from corral import AsyncSandbox, Host, Policy
-from helpers import own_host, wait_until
+from helpers import net_namespaces, own_host, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -95,16 +95,6 @@ async def _episodes(host: Host, n: int) -> _Run:
     return run
 
 
-def _net_namespaces() -> set[int]:
-    found = set()
-    for pid in psutil.pids():
-        try:
-            found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-        except OSError:
-            continue
-    return found
-
-
 def _live(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -146,7 +136,7 @@ def test_hundreds_of_concurrent_episodes_run_clean_and_leave_nothing_behind(
     for uid in run.uids:
         assert not os.path.lexists(f"{STATE_ROOT}/uid-{uid}"), f"uid claim {uid} left behind"
     assert not any(_live(pid) for pid in run.inits), "a sandbox's init outlived its close"
-    assert wait_until(lambda: not run.namespaces & _net_namespaces()), "network namespaces left behind"
+    assert wait_until(lambda: not run.namespaces & net_namespaces()), "network namespaces left behind"
     assert wait_until(lambda: {p.pid for p in me.children(recursive=True)} <= children_before), (
         "processes left behind"
     )
